@@ -1,0 +1,517 @@
+"""Train LeNet5 with BatchNorm on MNIST and save a self-describing checkpoint for conversion.
+
+The model is chosen on a validation split carved from the 60,000 training images (the test set
+only reports). Every saved checkpoint also holds the activation percentiles (99, 99.9, 99.99 and
+100) of each ReLU and of the output layer, recorded with forward hooks on a fixed calibration
+subset of the training split: `lenet_convert.py` scales the spiking network with them.
+
+Example:
+    python lenet5.py                       # defaults: about 3 minutes on 2 CPU cores
+    python lenet5.py --epochs 1 --limit-train 2000   # a quick smoke run
+
+Writes:
+    checkpoints/lenet5_best.pt            best weights (by validation accuracy), percentiles, args
+    checkpoints/lenet5_best_history.json  one record per epoch: loss, accuracies, time
+    data/MNIST/raw/*-ubyte                the shipped .gz files, extracted and MD5-checked once
+"""
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+# The extracted MNIST files, as published by torchvision and others (see data/MNIST/raw/MD5SUMS.*).
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+PERCENTILES = (99.0, 99.9, 99.99, 100.0)  # recorded for every hooked layer
+CALIBRATION_IMAGES = 2048  # training images the percentiles are measured on
+QUANTILE_MAX_VALUES = 2**24  # torch.quantile refuses larger inputs: subsample (seeded) above this
+ARCH = "LeNet5-BN"
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad file, bad value); `main` prints it as one line."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class LeNet5(nn.Sequential):
+    """LeNet5 with BatchNorm after each convolution, for 1x32x32 inputs (conversion.md §1).
+
+    A flat sequence of named layers, so that hooks and the conversion can find each one:
+    c1 bn1 act1 s2 | c3 bn3 act3 s4 | flatten | c5 act5 | f6 act6 | out.
+    """
+
+    def __init__(self):
+        super().__init__(OrderedDict([
+            ("c1", nn.Conv2d(1, 6, 5)), ("bn1", nn.BatchNorm2d(6)), ("act1", nn.ReLU()),
+            ("s2", nn.MaxPool2d(2)),
+            ("c3", nn.Conv2d(6, 16, 5)), ("bn3", nn.BatchNorm2d(16)), ("act3", nn.ReLU()),
+            ("s4", nn.MaxPool2d(2)),
+            ("flatten", nn.Flatten()),
+            ("c5", nn.Linear(400, 120)), ("act5", nn.ReLU()),
+            ("f6", nn.Linear(120, 84)), ("act6", nn.ReLU()),
+            ("out", nn.Linear(84, 10)),
+        ]))
+
+
+def hooked_layers(model):
+    """The layers whose outputs are recorded: every activation, then the output layer."""
+    names = [name for name, m in model.named_children() if isinstance(m, nn.ReLU)]
+    return names + ["out"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def set_seed(seed):
+    """Seed random, numpy and torch; return a torch.Generator for shuffling and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name):
+    """'auto' -> the GPU when there is one, else the CPU; otherwise check that `name` is usable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    So an interrupted write never leaves a half-written file, and the previous one stays intact.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def check_writable_dir(directory):
+    """Create `directory` if needed and make sure a file can be written there, before long work."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {directory}: {e.strerror or e}") from None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def md5sum(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def extract_checked(gz_path, target, expected_md5):
+    """Extract `gz_path` to `target` through a temporary file; rename only if the MD5 matches."""
+    digest = hashlib.md5()
+    with atomic_path(target) as tmp:
+        try:
+            with gzip.open(gz_path, "rb") as src, open(tmp, "wb") as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(block)
+                    dst.write(block)
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{gz_path} is corrupt or truncated ({e}); restore it "
+                            "(git checkout -- data/) and run again") from None
+        if digest.hexdigest() != expected_md5:
+            raise UserError(f"{gz_path} does not extract to the official {target.name} "
+                            "(MD5 mismatch); restore it (git checkout -- data/) and run again")
+
+
+def prepare_mnist(data_dir):
+    """Make sure `data_dir`/MNIST/raw holds the four extracted, MD5-checked MNIST files.
+
+    Each shipped .gz is extracted on first use. Without the shipped files, torchvision's download
+    is tried (it needs internet); if that fails too, the error says what is missing and where.
+    """
+    raw = Path(data_dir) / "MNIST" / "raw"
+    missing = []
+    for name, md5 in MNIST_MD5.items():
+        target, gz = raw / name, raw / f"{name}.gz"
+        if target.exists() and md5sum(target) == md5:
+            continue
+        if gz.exists():
+            extract_checked(gz, target, md5)
+        elif target.exists():
+            raise UserError(f"{target} is corrupt (MD5 mismatch) and {gz.name} is not there to "
+                            "restore it from; restore data/ (git checkout -- data/)")
+        else:
+            missing.append(gz.name)
+    if missing:
+        try:
+            torchvision.datasets.MNIST(data_dir, train=True, download=True)
+            torchvision.datasets.MNIST(data_dir, train=False, download=True)
+        except Exception:  # no internet, or a mirror failed: say what to put where
+            raise UserError(f"MNIST files missing from {raw}: {', '.join(missing)} (download "
+                            "failed too); restore them with git checkout -- data/") from None
+
+
+def load_mnist(data_dir, train):
+    """MNIST images padded to 32x32 (uint8, [N, 32, 32]) and labels (int64, [N])."""
+    prepare_mnist(data_dir)
+    dataset = torchvision.datasets.MNIST(data_dir, train=train, download=False)
+    return F.pad(dataset.data, (2, 2, 2, 2)), dataset.targets.long()
+
+
+def split_train_val(n, val_size, seed):
+    """A seeded split of range(n): (train indices, validation indices)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:], order[:val_size]
+
+
+def random_shift(images, max_shift, generator):
+    """Shift each uint8 image [N, H, W] by up to `max_shift` pixels each way, zero-filled."""
+    n, h, w = images.shape
+    padded = F.pad(images, (max_shift,) * 4)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator)
+    rows = (dy + torch.arange(h))[:, :, None]
+    cols = (dx + torch.arange(w))[:, None, :]
+    return padded[torch.arange(n)[:, None, None], rows, cols]
+
+
+class Batches:
+    """Mini-batches (float images in [0, 1] of shape [B, 1, 32, 32], labels) from memory.
+
+    Much faster than a per-image DataLoader on a small dataset held whole in memory. Shuffling
+    and shifts draw from `generator`, so the sequence of batches is reproducible.
+    """
+
+    def __init__(self, images, labels, batch_size, shuffle=False, max_shift=0, generator=None):
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.max_shift = batch_size, shuffle, max_shift
+        self.generator = generator
+
+    def __len__(self):
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            index = order[start:start + self.batch_size]
+            images = self.images[index]
+            if self.max_shift:
+                images = random_shift(images, self.max_shift, self.generator)
+            yield images.unsqueeze(1).float().div_(255), self.labels[index]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_epoch(model, batches, optimizer, scheduler, device, desc="train"):
+    """One epoch; returns (mean loss, accuracy) over the epoch's samples."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(batches, desc=desc, leave=False, disable=None)
+    for images, labels in bar:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+    return total_loss / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate(model, batches, device):
+    """Accuracy (fraction) of `model` over all samples of `batches`."""
+    model.eval()
+    correct, seen = 0, 0
+    for images, labels in batches:
+        correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
+        seen += len(labels)
+    return correct / seen
+
+
+# ----------------------------------------------------------------------------- the hook
+
+
+def percentile_key(p):
+    """The checkpoint's key for percentile p: 99 -> '99', 99.9 -> '99.9', 100 -> '100'."""
+    return f"{float(p):g}"
+
+
+@torch.no_grad()
+def record_activations(model, batches, device, names):
+    """Every value output by each layer in `names` over `batches`: {name: 1-D tensor}.
+
+    Forward hooks collect the outputs in eval mode; they are removed before returning.
+    """
+    values = {name: [] for name in names}
+    modules = dict(model.named_children())
+    handles = [modules[name].register_forward_hook(
+        lambda _module, _input, output, name=name: values[name].append(output.flatten().cpu()))
+        for name in names]
+    try:
+        model.eval()
+        for images, _ in batches:
+            model(images.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(chunks) for name, chunks in values.items()}
+
+
+def percentiles_of(values, percentiles, generator):
+    """The given percentiles of a 1-D tensor (a seeded subsample if it is too large)."""
+    if values.numel() > QUANTILE_MAX_VALUES:
+        values = values[torch.randint(values.numel(), (QUANTILE_MAX_VALUES,), generator=generator)]
+    q = torch.tensor([p / 100 for p in percentiles], dtype=values.dtype)
+    return torch.quantile(values, q).tolist()
+
+
+def percentile_activations(model, batches, device, percentiles=PERCENTILES, seed=0):
+    """{layer: {percentile key: value}} for each activation layer and the output layer."""
+    values = record_activations(model, batches, device, hooked_layers(model))
+    generator = torch.Generator().manual_seed(seed)
+    keys = [percentile_key(p) for p in percentiles]
+    return {name: dict(zip(keys, percentiles_of(v, percentiles, generator), strict=True))
+            for name, v in values.items()}
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def first_line(error):
+    """An exception's first line without terminal colour codes, for a one-line message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0].rstrip(" .,:") if text else type(error).__name__
+
+
+def save_checkpoint(checkpoint, path):
+    """Write atomically: Ctrl-C at any moment leaves the previous file intact."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by this script, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}: train one first with `python lenet5.py`")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise UserError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
+    if not isinstance(checkpoint, dict) or "model_state" not in checkpoint:
+        raise UserError(f"{path} is not a checkpoint of lenet5.py (no model_state)")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint, path="checkpoint"):
+    """Rebuild the ANN from a checkpoint's weights; a clear error if they are not LeNet5's."""
+    model = LeNet5()
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: its weights do not fit {ARCH} ({first_line(e)})") from None
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument gives one line on stderr (exit 2) instead of the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def percentile(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentile, got {text!r}") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(
+        description="Train LeNet5-BN on MNIST; save the best checkpoint (chosen on a validation "
+                    "split) with activation percentiles for ANN->SNN conversion.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--epochs", type=positive_int, default=10, help="training epochs")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
+    parser.add_argument("--lr", type=positive_float, default=4e-3,
+                        help="peak learning rate of AdamW's one-cycle schedule")
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay")
+    parser.add_argument("--max-shift", type=int, default=2, choices=range(0, 5), metavar="{0..4}",
+                        help="augmentation: random shift of each training image, in pixels")
+    parser.add_argument("--seed", type=int, default=1, help="seed for everything")
+    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="folder holding MNIST/raw (the shipped .gz files)")
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/lenet5_best.pt"),
+                        help="where the best checkpoint goes (history JSON beside it)")
+    parser.add_argument("--percentile", type=percentile, default=99.0,
+                        help="the activation percentile the conversion uses by default "
+                             f"(recorded always: {', '.join(map(percentile_key, PERCENTILES))})")
+    parser.add_argument("--val-size", type=positive_int, default=5000,
+                        help="validation images carved from the 60,000 training images")
+    parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
+                        help="train on the first N training images only (quick runs, tests)")
+    args = parser.parse_args(argv)
+    if args.val_size >= 60000:
+        parser.error(f"argument --val-size: must be below 60000, got {args.val_size}")
+    return args
+
+
+def history_path(checkpoint_path):
+    return checkpoint_path.with_name(f"{checkpoint_path.stem}_history.json")
+
+
+def train(args):
+    """Train, keep the checkpoint with the best validation accuracy; return that checkpoint."""
+    device = resolve_device(args.device)
+    check_writable_dir(args.checkpoint.parent)
+    generator = set_seed(args.seed)
+    images, labels = load_mnist(args.data_dir, train=True)
+    test = Batches(*load_mnist(args.data_dir, train=False), batch_size=1000)
+    train_index, val_index = split_train_val(len(labels), args.val_size, args.seed)
+    train_index = train_index[:args.limit_train]
+    train_batches = Batches(images[train_index], labels[train_index], args.batch_size,
+                            shuffle=True, max_shift=args.max_shift, generator=generator)
+    val = Batches(images[val_index], labels[val_index], batch_size=1000)
+    calibration_index = train_index[:CALIBRATION_IMAGES]
+    calibration = Batches(images[calibration_index], labels[calibration_index], batch_size=1000)
+    model = LeNet5().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train_batches))
+    print(f"training on {len(train_index)} images, validating on {len(val_index)}, device {device}")
+    best, history = None, []
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        loss, train_acc = train_epoch(model, train_batches, optimizer, scheduler, device,
+                                      desc=f"epoch {epoch}/{args.epochs}")
+        val_acc, test_acc = evaluate(model, val, device), evaluate(model, test, device)
+        improved = best is None or val_acc > best["val_accuracy"]
+        if improved:
+            best = make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc)
+            save_checkpoint(best, args.checkpoint)
+        seconds = time.perf_counter() - start
+        history.append({"epoch": epoch, "train_loss": loss, "train_accuracy": train_acc,
+                        "val_accuracy": val_acc, "test_accuracy": test_acc,
+                        "seconds": round(seconds, 2), "saved": improved})
+        write_json(history_path(args.checkpoint), history)
+        print(f"epoch {epoch:2d}  loss {loss:.4f}  train {train_acc:.2%}  val {val_acc:.2%}  "
+              f"test {test_acc:.2%}  {seconds:5.1f}s{'  saved' if improved else ''}")
+    return best
+
+
+def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
+    """A self-describing checkpoint of `model` with its activation percentiles."""
+    percentiles = sorted(set(PERCENTILES) | {args.percentile})
+    return {
+        "arch": ARCH,
+        "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "percentiles": percentile_activations(model, calibration, device, percentiles, args.seed),
+        "percentile": percentile_key(args.percentile),
+        "epoch": epoch,
+        "val_accuracy": val_acc,
+        "test_accuracy": test_acc,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "seed": args.seed,
+        "torch_version": str(torch.__version__),
+        "torchvision_version": str(torchvision.__version__),
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        best = train(args)
+    except UserError as e:
+        sys.exit(f"lenet5.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"lenet5.py: interrupted; the best checkpoint so far (if any): {args.checkpoint}")
+    print(f"best epoch {best['epoch']}: val {best['val_accuracy']:.2%}, "
+          f"test {best['test_accuracy']:.2%}; saved {args.checkpoint} "
+          f"({time.perf_counter() - start:.0f}s in all)")
+    return best
+
+
+if __name__ == "__main__":
+    main()

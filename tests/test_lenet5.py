@@ -1,0 +1,289 @@
+import gzip
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lenet5
+from lenet5 import (
+    Batches,
+    LeNet5,
+    UserError,
+    load_checkpoint,
+    load_mnist,
+    main,
+    model_from_checkpoint,
+    percentile_activations,
+    prepare_mnist,
+    random_shift,
+    record_activations,
+    save_checkpoint,
+    split_train_val,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_lenet5_layer_shapes():
+    model = LeNet5().eval()
+    x = torch.zeros(3, 1, 32, 32)
+    shapes = {}
+    for name, layer in model.named_children():
+        x = layer(x)
+        shapes[name] = tuple(x.shape[1:])
+    assert shapes["act1"] == (6, 28, 28) and shapes["s2"] == (6, 14, 14)
+    assert shapes["act3"] == (16, 10, 10) and shapes["s4"] == (16, 5, 5)
+    assert shapes["flatten"] == (400,) and shapes["act5"] == (120,) and shapes["act6"] == (84,)
+    assert shapes["out"] == (10,)
+    assert lenet5.hooked_layers(model) == ["act1", "act3", "act5", "act6", "out"]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_md5_constants_match_the_shipped_list():
+    listed = dict(line.split()[::-1] for line in
+                  (DATA / "MNIST/raw/MD5SUMS.extracted").read_text().splitlines() if line.strip())
+    assert listed == lenet5.MNIST_MD5
+
+
+def test_shipped_mnist_loads_padded_to_32():
+    images, labels = load_mnist(DATA, train=False)
+    assert images.shape == (10000, 32, 32) and images.dtype == torch.uint8
+    assert labels.shape == (10000,) and set(labels.tolist()) == set(range(10))
+    assert images[:, :2].sum() == 0 and images[:, :, -2:].sum() == 0  # the 2-pixel zero border
+
+
+@pytest.fixture
+def fake_mnist(tmp_path, monkeypatch):
+    """A data folder with one small fake 'MNIST' file, so extraction is tested in milliseconds."""
+    content = bytes(range(256)) * 64
+    monkeypatch.setattr(lenet5, "MNIST_MD5", {"fake-ubyte": hashlib.md5(content).hexdigest()})
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "fake-ubyte.gz").write_bytes(gzip.compress(content))
+    return tmp_path, raw, content
+
+
+def test_prepare_mnist_extracts_and_checks(fake_mnist):
+    data_dir, raw, content = fake_mnist
+    prepare_mnist(data_dir)
+    assert (raw / "fake-ubyte").read_bytes() == content
+    assert sorted(p.name for p in raw.iterdir()) == ["fake-ubyte", "fake-ubyte.gz"]  # no temp left
+
+
+def test_prepare_mnist_repairs_a_corrupt_extracted_file(fake_mnist):
+    data_dir, raw, content = fake_mnist
+    (raw / "fake-ubyte").write_bytes(content[:-1] + b"x")
+    prepare_mnist(data_dir)
+    assert (raw / "fake-ubyte").read_bytes() == content
+
+
+def test_truncated_gz_is_named_and_leaves_nothing(fake_mnist):
+    data_dir, raw, _ = fake_mnist
+    gz = raw / "fake-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:-20])
+    with pytest.raises(UserError, match="fake-ubyte.gz is corrupt or truncated"):
+        prepare_mnist(data_dir)
+    assert sorted(p.name for p in raw.iterdir()) == ["fake-ubyte.gz"]
+
+
+def test_altered_gz_fails_the_md5_check(fake_mnist):
+    data_dir, raw, content = fake_mnist
+    (raw / "fake-ubyte.gz").write_bytes(gzip.compress(content[::-1]))
+    with pytest.raises(UserError, match="fake-ubyte.gz does not extract.*MD5"):
+        prepare_mnist(data_dir)
+    assert not (raw / "fake-ubyte").exists()
+
+
+def test_missing_files_say_what_and_where(fake_mnist, monkeypatch):
+    data_dir, raw, _ = fake_mnist
+    (raw / "fake-ubyte.gz").unlink()
+
+    def no_network(*args, **kwargs):
+        raise RuntimeError("no internet")
+
+    monkeypatch.setattr(lenet5.torchvision.datasets, "MNIST", no_network)
+    with pytest.raises(UserError, match=r"missing from .*raw: fake-ubyte.gz"):
+        prepare_mnist(data_dir)
+
+
+def test_split_is_seeded_and_disjoint():
+    train, val = split_train_val(100, 10, seed=3)
+    assert len(train) == 90 and len(val) == 10
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert torch.equal(val, split_train_val(100, 10, seed=3)[1])
+    assert not torch.equal(val, split_train_val(100, 10, seed=4)[1])
+
+
+def test_random_shift_moves_whole_images():
+    images = torch.zeros(50, 32, 32, dtype=torch.uint8)
+    images[:, 10:20, 12:18] = torch.randint(1, 255, (50, 10, 6), dtype=torch.uint8)
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(shifted.sum((1, 2)), images.sum((1, 2)))  # nothing falls off the edge
+    assert not torch.equal(shifted, images)
+    for original, moved in zip(images, shifted, strict=True):  # each one purely translated
+        assert any(torch.equal(torch.roll(original, (dy, dx), (0, 1)), moved)
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+
+
+def test_batches_cover_every_sample_once_in_float():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1).expand(10, 32, 32).contiguous()
+    labels = torch.arange(10)
+    batches = Batches(images, labels, 4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert len(batches) == 3
+    seen = torch.cat([y for _, y in batches])
+    assert sorted(seen.tolist()) == list(range(10))
+    x, y = next(iter(Batches(images, labels, 4)))
+    assert x.shape == (4, 1, 32, 32) and x.dtype == torch.float32
+    assert torch.allclose(x[:, 0, 0, 0], y.float() / 255)
+
+
+# ----------------------------------------------------------------------------- the hook
+
+
+def _trained_looking_model():
+    torch.manual_seed(0)
+    model = LeNet5()
+    for bn in (model.bn1, model.bn3):  # non-trivial running statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def test_percentiles_match_torch_quantile_on_the_same_activations():
+    model = _trained_looking_model()
+    images = torch.rand(40, 1, 32, 32)
+    batches = [(images[:25], None), (images[25:], None)]  # two batches, one partial
+    recorded = percentile_activations(model, batches, "cpu")
+    with torch.no_grad():
+        act1 = F.relu(model.bn1(model.c1(images)))
+        logits = model(images)
+    for p in ("99", "99.9", "99.99"):
+        expected = torch.quantile(act1.flatten(), float(p) / 100).item()
+        assert recorded["act1"][p] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert recorded["act1"]["100"] == pytest.approx(act1.max().item())
+    assert recorded["out"]["99"] == pytest.approx(torch.quantile(logits.flatten(), 0.99).item())
+    assert set(recorded) == {"act1", "act3", "act5", "act6", "out"}
+
+
+def test_hooks_are_removed_afterwards():
+    model = _trained_looking_model()
+    record_activations(model, [(torch.rand(2, 1, 32, 32), None)], "cpu", ["act1", "out"])
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint({"model_state": {"w": torch.ones(2)}}, path)
+
+    def dies_halfway(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model_state": {"w": torch.zeros(2)}}, path)
+    assert torch.equal(load_checkpoint(path)["model_state"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no checkpoint at .*python lenet5.py"),
+    (b"not a checkpoint at all", "not a readable checkpoint"),
+    ({"weights": 1}, "not a checkpoint of lenet5.py"),
+])
+def test_load_checkpoint_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "ck.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(path)
+
+
+def test_weights_of_another_architecture_are_refused():
+    state = LeNet5().state_dict()
+    state["c1.weight"] = torch.zeros(8, 1, 5, 5)
+    with pytest.raises(UserError, match="do not fit LeNet5"):
+        model_from_checkpoint({"model_state": state})
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _quick_run(tmp_path, name="ck.pt", *extra):
+    checkpoint = tmp_path / name
+    main(["--epochs", "1", "--limit-train", "600", "--val-size", "500", "--batch-size", "100",
+          "--device", "cpu", "--data-dir", str(DATA), "--checkpoint", str(checkpoint), *extra])
+    return checkpoint
+
+
+def test_cli_smoke_run_writes_a_self_describing_checkpoint(tmp_path):
+    path = _quick_run(tmp_path, "ck.pt", "--percentile", "99.5")
+    ck = torch.load(path, weights_only=True)
+    for key in ("model_state", "percentiles", "percentile", "epoch", "val_accuracy",
+                "test_accuracy", "args", "seed", "torch_version", "torchvision_version"):
+        assert key in ck
+    assert ck["percentile"] == "99.5" and ck["epoch"] == 1
+    assert set(ck["percentiles"]["act3"]) == {"99", "99.5", "99.9", "99.99", "100"}
+    assert 0 < ck["val_accuracy"] <= 1 and 0 < ck["test_accuracy"] <= 1
+    model_from_checkpoint(ck)
+    history = json.loads((tmp_path / "ck_history.json").read_text())
+    assert [h["epoch"] for h in history] == [1] and history[0]["saved"]
+
+
+def test_same_seed_gives_the_same_weights(tmp_path):
+    first = torch.load(_quick_run(tmp_path, "a.pt"), weights_only=True)["model_state"]
+    second = torch.load(_quick_run(tmp_path, "b.pt"), weights_only=True)["model_state"]
+    other = torch.load(_quick_run(tmp_path, "c.pt", "--seed", "7"), weights_only=True)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["c1.weight"], other["model_state"]["c1.weight"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--batch-size", "-4"], "--batch-size: must be at least 1"),
+    (["--lr", "nan"], "--lr: must be a positive number"),
+    (["--percentile", "0"], r"--percentile: must be in \(0, 100\]"),
+    (["--percentile", "100.5"], r"--percentile: must be in \(0, 100\]"),
+    (["--val-size", "60000"], "--val-size: must be below 60000"),
+    (["--limit-train", "many"], "--limit-train: expected a positive integer"),
+])
+def test_bad_arguments_give_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--checkpoint", "{file}/sub/ck.pt"], "cannot write to"),
+])
+def test_bad_device_or_folder_fails_before_training(tmp_path, argv, message):
+    (tmp_path / "file").write_text("a file, not a folder")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--data-dir", str(tmp_path / "nowhere")])
+    assert message in str(exit_info.value.code)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu_is_refused():
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        lenet5.resolve_device("cuda")

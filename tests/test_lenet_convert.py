@@ -1,0 +1,288 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lenet5
+import lenet_convert
+from lenet5 import LeNet5, UserError, percentile_activations
+from lenet_convert import (
+    SMaxPool,
+    SpikeNode,
+    activation_scales,
+    clean_mem_spike,
+    evaluate_snn,
+    first_step_within,
+    fuse,
+    fuse_norm_replace,
+    predict,
+    report_steps,
+    simulate,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+
+
+def _random_lenet(seed=0):
+    torch.manual_seed(seed)
+    model = LeNet5()
+    for bn in (model.bn1, model.bn3):
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LeNet5 trained briefly on 4,000 images by lenet5.py's own command line."""
+    path = tmp_path_factory.mktemp("trained") / "ck.pt"
+    lenet5.main(["--epochs", "3", "--limit-train", "4000", "--val-size", "1000", "--device", "cpu",
+                 "--data-dir", str(DATA), "--checkpoint", str(path)])
+    return path
+
+
+# ----------------------------------------------------------------------------- conversion steps
+
+
+def test_fuse_equals_conv_then_batchnorm():
+    torch.manual_seed(0)
+    model = _random_lenet()
+    x = torch.randn(4, 6, 14, 14)
+    with torch.no_grad():
+        expected = model.bn3(model.c3(x))
+        assert torch.allclose(fuse(model.c3, model.bn3)(x), expected, atol=1e-5)
+
+
+def test_normalised_ann_predicts_exactly_as_the_ann():
+    model = _random_lenet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.rand(64, 1, 32, 32)
+    scales = {name: p["99"] for name, p in percentile_activations(model, [(images, None)],
+                                                                     "cpu").items()}
+    with torch.no_grad():
+        logits = model(images)
+        normalised = fuse_norm_replace(model, scales, spiking=False)(images)
+        spiking_readout = fuse_norm_replace(model, scales, spiking=False, readout="spikes")(images)
+    assert torch.allclose(normalised, logits, atol=1e-4)
+    assert torch.equal(normalised.argmax(1), logits.argmax(1))
+    assert torch.allclose(spiking_readout * scales["out"], logits, atol=1e-4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # ANN untouched
+
+
+def test_spiking_model_replaces_activations_and_pools():
+    model = _random_lenet()
+    scales = {"act1": 2.0, "act3": 3.0, "act5": 4.0, "act6": 5.0, "out": 6.0}
+    snn = fuse_norm_replace(model, scales, gamma=2, v0=0.0, lateral_inhibition=False,
+                            readout="spikes")
+    kinds = {name: type(m).__name__ for name, m in snn.named_children()}
+    assert kinds == {"c1": "Conv2d", "act1": "SpikeNode", "s2": "SMaxPool", "c3": "Conv2d",
+                     "act3": "SpikeNode", "s4": "SMaxPool", "flatten": "Flatten",
+                     "c5": "Linear", "act5": "SpikeNode", "f6": "Linear", "act6": "SpikeNode",
+                     "out": "Linear", "readout": "SpikeNode"}
+    assert snn.act3.gamma == 2 and snn.act3.v0 == 0.0 and not snn.s2.lateral_inhibition
+    # C3 is scaled by lambda(act1) / lambda(act3), the output layer by lambda(act6) / lambda(out)
+    assert torch.allclose(snn.c5.weight, model.c5.weight * 3.0 / 4.0)
+    assert torch.allclose(snn.out.weight, model.out.weight * 5.0 / 6.0)
+    assert torch.allclose(snn.out.bias, model.out.bias / 6.0)
+
+
+def test_activation_scales_come_from_the_chosen_percentile():
+    checkpoint = {"percentile": "99", "percentiles": {"act1": {"99": 1.5, "99.9": 2.5}}}
+    assert activation_scales(checkpoint) == {"act1": 1.5}
+    assert activation_scales(checkpoint, "99.9") == {"act1": 2.5}
+    with pytest.raises(UserError, match=r"no 95th percentile \(it has: 99, 99.9\)"):
+        activation_scales(checkpoint, "95")
+    with pytest.raises(UserError, match="no activation percentiles"):
+        activation_scales({"model_state": {}})
+
+
+# ----------------------------------------------------------------------------- spiking modules
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.7])
+@pytest.mark.parametrize("gamma", [1, 2])
+def test_spike_rate_tends_to_the_clipped_activation(threshold, gamma):
+    steps = 50
+    a = torch.linspace(-0.5, 2.5 * threshold * gamma, 301)
+    expected = torch.clamp(a / threshold, 0, gamma)
+    for v0, bound in ((0.5, 1 / (2 * steps)), (0.0, 1 / steps)):
+        node = SpikeNode(threshold=threshold, gamma=gamma, v0=v0)
+        rate = sum(node(a) for _ in range(steps)) / steps
+        assert (rate - expected).abs().max() <= bound + 1e-6
+        if v0 == 0:
+            assert (rate <= expected + 1e-6).all()  # V0 = 0 floors the rate
+        assert node.spike_count == pytest.approx(rate.sum().item() * steps)
+
+
+def test_spike_node_resets_by_subtraction():
+    node = SpikeNode(threshold=1.0, gamma=1, v0=0.0)
+    spikes = [node(torch.tensor([0.6])).item() for _ in range(5)]
+    assert spikes == [0, 1, 0, 1, 1]  # 0.6, 1.2->0.2, 0.8, 1.4->0.4, 1.0->0.0
+    assert node.mem.item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 3])
+def test_lateral_inhibition_pool_is_exact(gamma):
+    torch.manual_seed(gamma)
+    spikes = torch.randint(0, gamma + 1, (20, 3, 4, 8, 8)).float()
+    pool = SMaxPool(2, lateral_inhibition=True)
+    out = torch.stack([pool(x) for x in spikes])
+    assert torch.equal(out.sum(0), F.max_pool2d(spikes.sum(0), 2))
+    assert torch.equal(out, out.round()) and out.min() >= 0 and out.max() <= gamma
+
+
+def test_pool_without_inhibition_over_estimates_where_inhibition_is_exact():
+    # one 2x2 window; a different unit spikes at each step: the true max count is 1
+    steps = [torch.tensor(x).float() for x in ([1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1])]
+    outputs = {}
+    for inhibition in (False, True):
+        pool = SMaxPool(2, lateral_inhibition=inhibition)
+        outputs[inhibition] = [pool(x.view(1, 1, 2, 2)).item() for x in steps]
+    # without inhibition each step passes the input of the unit with the most input so far
+    # (ties to the one spiking now): every spike gets through
+    assert outputs[False] == [1, 1, 1]
+    assert outputs[True] == [1, 0, 0]
+
+
+def test_clean_mem_spike_makes_runs_repeatable():
+    snn = fuse_norm_replace(_random_lenet(), {n: 1.0 for n in
+                                              ("act1", "act3", "act5", "act6", "out")})
+    images = torch.rand(8, 1, 32, 32)
+    with torch.no_grad():
+        first = torch.stack(list(simulate(snn, images, 10)))
+        assert snn.act1.mem is not None and snn.s2.acc is not None and snn.act3.spike_count > 0
+        clean_mem_spike(snn)
+        assert snn.act1.mem is None and snn.s2.acc is None and snn.act3.spike_count == 0
+        second = torch.stack(list(simulate(snn, images, 10)))
+    assert torch.equal(first, second)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_evaluate_snn_weights_a_partial_last_batch_by_its_size():
+    # the "network" passes the image through: image [1, 0] predicts class 0
+    snn = nn.Sequential(nn.Flatten(), nn.Identity())
+    images = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]).view(3, 1, 1, 2)
+    labels = torch.tensor([0, 0, 0])  # wrong, wrong | right
+    batches = [(images[:2], labels[:2]), (images[2:], labels[2:])]
+    accuracy = evaluate_snn(snn, batches, 3, "cpu")
+    assert accuracy == pytest.approx([1 / 3] * 3)  # not the mean of batch accuracies, 0.5
+
+
+def test_spiking_readout_breaks_ties_by_potential():
+    readout = SpikeNode()
+    readout.mem = torch.tensor([[0.1, 0.9, 0.5], [0.2, 0.1, 0.0]])
+    counts = torch.tensor([[2.0, 1.0, 2.0], [1.0, 1.0, 0.0]])
+    assert predict(counts, readout).tolist() == [2, 0]
+    assert predict(counts, None).tolist() == [0, 0]
+
+
+def test_first_step_within_and_report_steps():
+    assert first_step_within([0.5, 0.989, 0.991, 0.99], 0.9915) == 3
+    assert first_step_within([0.5, 0.6], 0.99) is None
+    assert report_steps(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert report_steps(10) == [1, 2, 4, 8, 10]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_converted_network_reaches_its_ann(trained, tmp_path):
+    result = lenet_convert.main(["--checkpoint", str(trained), "--limit", "1000",
+                                 "--timesteps", "64", "--device", "cpu",
+                                 "--data-dir", str(DATA), "--out-dir", str(tmp_path)])
+    assert result["ann_accuracy"] > 0.9
+    assert result["snn_accuracy"][-1] >= result["ann_accuracy"] - 0.01
+    saved = json.loads((tmp_path / "snn_accuracy.json").read_text())
+    assert saved["snn_accuracy"] == result["snn_accuracy"] and len(saved["snn_accuracy"]) == 64
+    for key in ("ann_accuracy", "timesteps", "first_step_within_0.1pp", "settings", "checkpoint"):
+        assert key in saved
+    assert saved["settings"] == {"percentile": "99", "gamma": 1, "v0": 0.5,
+                                 "lateral_inhibition": True, "readout": "analog"}
+    assert (tmp_path / "snn_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_spiking_readout_and_reference_setting_run(trained, tmp_path):
+    result = lenet_convert.main(["--checkpoint", str(trained), "--limit", "300", "--timesteps",
+                                 "32", "--readout", "spikes", "--v0", "0", "--gamma", "2",
+                                 "--percentile", "99.9", "--no-lateral-inhibition",
+                                 "--data-dir", str(DATA), "--out-dir", str(tmp_path)])
+    assert result["settings"]["readout"] == "spikes"
+    assert result["snn_accuracy"][-1] >= result["ann_accuracy"] - 0.05
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _corrupt(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _other_arch(path):
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model_state"]["c5.weight"] = torch.zeros(100, 400)
+    torch.save(checkpoint, path)
+
+
+def _no_percentiles(path):
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["percentiles"]
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("spoil, argv, message", [
+    (Path.unlink, [], "no checkpoint at .*: train one first with `python lenet5.py`"),
+    (lambda p: p.write_text("hello"), [], "is not a readable checkpoint"),
+    (_corrupt, [], "is not a readable checkpoint"),
+    (lambda p: torch.save([1, 2], p), [], "not a checkpoint of lenet5.py"),
+    (_other_arch, [], "weights do not fit LeNet5"),
+    (_no_percentiles, [], "holds no activation percentiles"),
+    (None, ["--percentile", "95"], "no 95th percentile"),
+    (None, ["--limit", "20000"], "the test set has only 10000 images"),
+])
+def test_bad_input_gives_one_line_and_keeps_old_results(trained, tmp_path, spoil, argv, message):
+    checkpoint = tmp_path / "ck.pt"
+    checkpoint.write_bytes(trained.read_bytes())
+    if spoil:
+        spoil(checkpoint)
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "snn_accuracy.json").write_text('{"from": "an earlier run"}')
+    with pytest.raises(SystemExit) as exit_info:
+        lenet_convert.main(["--checkpoint", str(checkpoint), "--out-dir", str(out),
+                            "--data-dir", str(DATA), *argv])
+    text = str(exit_info.value.code)
+    assert text.startswith("lenet_convert.py: error:") and "\n" not in text
+    assert re.search(message, text)
+    assert (out / "snn_accuracy.json").read_text() == '{"from": "an earlier run"}'
+    assert sorted(p.name for p in out.iterdir()) == ["snn_accuracy.json"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--timesteps", "0"], "--timesteps: must be at least 1"),
+    (["--v0", "0.3"], "--v0: must be 0 or 0.5"),
+    (["--gamma", "0"], "--gamma: must be at least 1"),
+    (["--limit", "0"], "--limit: must be at least 1"),
+    (["--readout", "votes"], "--readout: invalid choice"),
+    (["--percentile", "-1"], r"--percentile: must be in \(0, 100\]"),
+])
+def test_bad_arguments_give_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lenet_convert.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err)
+
+
+def test_unwritable_out_dir_fails_before_simulating(trained, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit, match="cannot write to"):
+        lenet_convert.main(["--checkpoint", str(trained), "--out-dir", str(tmp_path / "file/x")])

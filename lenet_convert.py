@@ -25,6 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -291,6 +292,8 @@ def plot_accuracy(result, path):
         ax.plot(steps, snn, marker=".", label="SNN")
         ax.axhline(ann, color="tab:red", linestyle="--", label=f"ANN ({ann:.2f} %)")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(report_steps(result["timesteps"]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("time step t")
         ax.set_ylabel("test accuracy after t steps (%)")
         ax.grid(True, which="both", alpha=0.3)
@@ -338,8 +341,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(
         description="Convert the trained LeNet5 into a spiking network, simulate it on the MNIST "
                     "test set and plot its accuracy per time step against the ANN. "
-                    f"BrainCog's reference setting: {BRAINCOG_REFERENCE}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    f"BrainCog's reference setting: {BRAINCOG_REFERENCE}.")
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/lenet5_best.pt"),
                         help="checkpoint written by lenet5.py")
     parser.add_argument("--timesteps", type=positive_int, default=64, help="simulation steps T")
@@ -349,7 +351,7 @@ def parse_args(argv=None):
                         help="activation percentile that sets each layer's scale (one the "
                              "checkpoint recorded: 99, 99.9, 99.99, 100); default: the "
                              "checkpoint's own")
-    parser.add_argument("--gamma", type=positive_int, default=1,
+    parser.add_argument("--gamma", type=positive_int, default=2,
                         help="most spikes a neuron may fire per step (1: plain IF; 2: burst)")
     parser.add_argument("--v0", type=v0_value, default=0.5,
                         help="initial membrane potential in units of the threshold (0 or 0.5)")

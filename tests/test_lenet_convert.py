@@ -205,7 +205,7 @@ def test_converted_network_reaches_its_ann(trained, tmp_path):
     assert saved["snn_accuracy"] == result["snn_accuracy"] and len(saved["snn_accuracy"]) == 64
     for key in ("ann_accuracy", "timesteps", "first_step_within_0.1pp", "settings", "checkpoint"):
         assert key in saved
-    assert saved["settings"] == {"percentile": "99", "gamma": 1, "v0": 0.5,
+    assert saved["settings"] == {"percentile": "99", "gamma": 2, "v0": 0.5,
                                  "lateral_inhibition": True, "readout": "analog"}
     assert (tmp_path / "snn_accuracy.png").read_bytes()[:4] == b"\x89PNG"
 

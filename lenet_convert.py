@@ -28,7 +28,6 @@ import matplotlib
 import matplotlib.ticker
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from lenet5 import (
@@ -81,7 +80,7 @@ class SpikeNode(nn.Module):
         if self.mem is None:
             self.mem = torch.full_like(current, self.v0 * self.threshold)
         self.mem.add_(current)
-        spikes = torch.div(self.mem, self.threshold, rounding_mode="floor").clamp_(0, self.gamma)
+        spikes = (self.mem / self.threshold).floor_().clamp_(0, self.gamma)
         self.mem.sub_(spikes, alpha=self.threshold)
         self.spike_count = self.spike_count + spikes.sum()
         self.steps += 1
@@ -89,6 +88,22 @@ class SpikeNode(nn.Module):
 
     def extra_repr(self):
         return f"threshold={self.threshold}, gamma={self.gamma}, v0={self.v0}"
+
+
+def max_pool(x, k):
+    """k x k max-pooling with stride k over the last two dims: MaxPool2d(k)'s values.
+
+    Taken as element-wise maxima of strided slices: on the CPU several times faster than
+    F.max_pool2d, which also computes the argmax indices.
+    """
+    h, w = x.shape[-2] // k * k, x.shape[-1] // k * k
+    rows = x[..., 0:h:k, :w]
+    for i in range(1, k):
+        rows = torch.maximum(rows, x[..., i:h:k, :w])
+    out = rows[..., 0::k]
+    for j in range(1, k):
+        out = torch.maximum(out, rows[..., j::k])
+    return out
 
 
 class SMaxPool(nn.Module):
@@ -112,8 +127,8 @@ class SMaxPool(nn.Module):
         self.acc = x.clone() if self.acc is None else self.acc.add_(x)
         k = self.kernel_size
         if not self.lateral_inhibition:
-            return F.max_pool2d(x + self.k * self.acc, k) - F.max_pool2d(self.k * self.acc, k)
-        out = F.max_pool2d(self.acc, k)
+            return max_pool(x + self.k * self.acc, k) - max_pool(self.k * self.acc, k)
+        out = max_pool(self.acc, k)
         n, c, h, w = self.acc.shape  # subtract each window's output from all its units, in place
         self.acc.view(n, c, h // k, k, w // k, k).sub_(out[:, :, :, None, :, None])
         return out
@@ -230,6 +245,56 @@ def simulate(snn, images, timesteps):
         yield rest(current)
 
 
+def simulate_layerwise(snn, images, timesteps, chunk_elements=2**23):
+    """Yield the same outputs as `simulate`, computed layer by layer over all steps at once.
+
+    The network has no recurrence between layers, so each layer can take the whole [T, batch, ...]
+    output of the layer before: weighted layers run as one large batched call, SpikeNodes run
+    their own step-by-step update (the same arithmetic, so the same spikes), and max-pooling
+    works on cumulative spike counts (integers, so exact in float32). Images are taken in chunks
+    so that one layer's [T, chunk, ...] tensor stays near `chunk_elements` floats. A spiking
+    read-out is stepped last, as in `simulate`, so its potential is there for `predict`.
+    """
+    clean_mem_spike(snn)
+    readout = getattr(snn, "readout", None)
+    layers = list(snn)[:-1] if readout else list(snn)
+    widest = max(snn[0](images[:1]).numel(), 1)  # the first layer's output is the largest here
+    chunk = max(1, chunk_elements // (widest * timesteps))
+    currents = torch.cat([_layers_over_time(layers, part, timesteps)
+                          for part in images.split(chunk)], dim=1)
+    for current in currents:
+        yield readout(current) if readout else current
+
+
+def _layers_over_time(layers, images, timesteps):
+    """Outputs [T, batch, ...] of `layers` for a constant analog input (see simulate_layerwise)."""
+    x = layers[0](images).unsqueeze(0)  # the same current at every step: [1, batch, ...]
+    for layer in layers[1:]:
+        if isinstance(layer, SpikeNode):
+            layer.mem = None  # a fresh chunk of images; spike counts keep adding up
+            x = torch.stack([layer(x[min(t, len(x) - 1)]) for t in range(timesteps)])
+        elif isinstance(layer, SMaxPool):
+            x = _pool_over_time(layer, x)
+        else:  # stateless (weighted layers, flatten): one batched call over all steps
+            x = layer(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+    return x.expand(timesteps, *x.shape[1:])
+
+
+def _pool_over_time(pool, spikes):
+    """SMaxPool over all steps from the cumulative input counts C_t (conversion.md §6)."""
+    steps, k = spikes.shape[:2], pool.kernel_size
+    cumulative = spikes.cumsum(0).flatten(0, 1)
+    if pool.lateral_inhibition:  # o_t = MP(C_t) - MP(C_{t-1})
+        pooled = max_pool(cumulative, k).unflatten(0, steps)
+        return torch.diff(pooled, dim=0, prepend=torch.zeros_like(pooled[:1]))
+    current = spikes.flatten(0, 1)  # o_t = MP(x_t + K*C_t) - MP(K*C_t)
+    out = max_pool(current + pool.k * cumulative, k) - max_pool(pool.k * cumulative, k)
+    return out.unflatten(0, steps)
+
+
+SIMULATORS = {"step": simulate, "layerwise": simulate_layerwise}
+
+
 def predict(total, readout):
     """Class with the largest summed output; for a spiking read-out ties go to the potential."""
     if readout is None:
@@ -239,13 +304,14 @@ def predict(total, readout):
 
 
 @torch.no_grad()
-def evaluate_snn(snn, batches, timesteps, device):
+def evaluate_snn(snn, batches, timesteps, device, simulator=simulate):
     """Accuracy after each step t = 1..T over all samples (a list, element t-1 for step t).
 
-    Weighted by samples, so a partial last batch counts by its size.
+    Weighted by samples, so a partial last batch counts by its size. `simulator` is `simulate`
+    (step by step) or `simulate_layerwise`: both give the same outputs.
     """
     snn.eval()
-    readout = snn[-1] if isinstance(snn[-1], SpikeNode) else None
+    readout = getattr(snn, "readout", None)  # the spiking read-out's SpikeNode, if any
     correct = torch.zeros(timesteps, dtype=torch.float64, device=device)
     seen = 0
     with tqdm(total=len(batches) * timesteps, desc="simulating", unit="step", leave=False,
@@ -253,7 +319,7 @@ def evaluate_snn(snn, batches, timesteps, device):
         for images, labels in batches:
             images, labels = images.to(device), labels.to(device)
             total = 0
-            for t, output in enumerate(simulate(snn, images, timesteps)):
+            for t, output in enumerate(simulator(snn, images, timesteps)):
                 total = total + output
                 correct[t] += (predict(total, readout) == labels).sum()
                 bar.update()
@@ -360,6 +426,9 @@ def parse_args(argv=None):
                         "inhibition (the default pools exactly, with it)")
     parser.add_argument("--readout", choices=("analog", "spikes"), default="analog",
                         help="sum the output layer's currents, or count its spikes")
+    parser.add_argument("--simulator", choices=SIMULATORS, default="step",
+                        help="step: all layers one time step after another; layerwise: each "
+                             "layer over all steps at once (same results)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")
@@ -390,7 +459,7 @@ def convert_and_simulate(args):
     print(f"simulating {len(batches.labels)} test images for {args.timesteps} steps on {device}: "
           f"{settings_text(settings)}")
     start = time.perf_counter()
-    snn_accuracy = evaluate_snn(snn, batches, args.timesteps, device)
+    snn_accuracy = evaluate_snn(snn, batches, args.timesteps, device, SIMULATORS[args.simulator])
     ann_accuracy = evaluate(ann, batches, device)
     return {
         "ann_accuracy": ann_accuracy,

@@ -1,5 +1,7 @@
+import itertools
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from lenet_convert import (
     predict,
     report_steps,
     simulate,
+    simulate_layerwise,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,6 +165,69 @@ def test_clean_mem_spike_makes_runs_repeatable():
         assert snn.act1.mem is None and snn.s2.acc is None and snn.act3.spike_count == 0
         second = torch.stack(list(simulate(snn, images, 10)))
     assert torch.equal(first, second)
+
+
+# ------------------------------------------------------------------------- layer-wise simulation
+
+
+def _dyadic_snn(**settings):
+    """A converted network whose weights and biases are multiples of 1/64.
+
+    Every sum of spikes times weights is then exact in float32 whatever the order of the terms,
+    so two correct simulators must agree bit for bit.
+    """
+    scales = {name: 1.0 for name in ("act1", "act3", "act5", "act6", "out")}
+    snn = fuse_norm_replace(_random_lenet(), scales, **settings)
+    with torch.no_grad():
+        for layer in snn.modules():
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                layer.weight.copy_(torch.round(layer.weight * 192) / 64)
+                layer.bias.copy_(torch.round(layer.bias * 64) / 64)
+    return snn
+
+
+def _run(simulator, snn, images, steps, **kwargs):
+    with torch.no_grad():
+        outputs = torch.stack(list(simulator(snn, images, steps, **kwargs)))
+    counts = [m.spike_count.item() for m in snn.modules() if isinstance(m, SpikeNode)]
+    return outputs, counts
+
+
+@pytest.mark.parametrize("gamma, v0, inhibition, readout",
+                         itertools.product((1, 2), (0.0, 0.5), (True, False), ("analog", "spikes")))
+def test_layerwise_simulation_gives_identical_spikes(gamma, v0, inhibition, readout):
+    snn = _dyadic_snn(gamma=gamma, v0=v0, lateral_inhibition=inhibition, readout=readout)
+    images = torch.rand(13, 1, 32, 32)
+    step_outputs, step_counts = _run(simulate, snn, images, 12)
+    layer_outputs, layer_counts = _run(simulate_layerwise, snn, images, 12,
+                                       chunk_elements=12 * 4704 * 5)  # 5 images a chunk
+    assert sum(step_counts) > 0
+    assert step_counts == layer_counts  # every layer fired the same number of spikes
+    assert torch.equal(step_outputs, layer_outputs)
+
+
+def test_layerwise_gives_the_same_accuracy_on_a_trained_network(trained):
+    checkpoint = lenet5.load_checkpoint(trained)
+    snn = fuse_norm_replace(lenet5.model_from_checkpoint(checkpoint), activation_scales(checkpoint))
+    images, labels = lenet5.load_mnist(DATA, train=False)
+    batches = lenet5.Batches(images[:300], labels[:300], 128)
+    assert (evaluate_snn(snn, batches, 16, "cpu")
+            == evaluate_snn(snn, batches, 16, "cpu", simulate_layerwise))
+
+
+def test_benchmark_writes_its_table(trained, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_snn
+    out = tmp_path / "bench.json"
+    result = bench_snn.main(["--checkpoint", str(trained), "--limit", "40", "--timesteps", "2",
+                             "3", "--repeats", "1", "--memory-timesteps", "3",
+                             "--data-dir", str(DATA), "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert {(r["simulator"], r["timesteps"]) for r in result["rows"]} >= {
+        ("step", 2), ("layerwise", 2), ("step", 3), ("layerwise", 3)}
+    assert all(r["seconds"] > 0 and len(r["accuracy"]) == r["timesteps"] for r in result["rows"])
+    assert result["peak_memory"]["layerwise"]["peak_mb"] > 0
+    assert "x T*ANN" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -1,0 +1,188 @@
+"""Time the SNN simulation against the ANN (the dense unit) and against SpikingJelly, in one run.
+
+On one machine, with the same checkpoint, threads and batch size: the ANN's forward time over the
+test images; for each T, the step-by-step and layer-wise simulators' times, images x steps per
+second and the ratio to T ANN forward passes; their peak memory (a fresh process per simulator,
+so the figures don't mix); and, when `spikingjelly` is installed (`pip install spikingjelly`, not
+a requirement of the project), its ann2snn converter (mode "99.9%") on the same ANN, timed the
+same way, with its accuracy per step. Each time is the median of --repeats runs after a warm-up.
+
+Example:
+    python bench/bench_snn.py                                  # the full table (long: ~30 min)
+    python bench/bench_snn.py --timesteps 8 32 64 --repeats 3  # a shorter run
+
+Writes bench/results/bench_snn.json (--out).
+"""
+
+import functools
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/bench_snn.py
+
+from lenet5 import (  # noqa: E402
+    ArgumentParser,
+    Batches,
+    UserError,
+    evaluate,
+    load_checkpoint,
+    load_mnist,
+    model_from_checkpoint,
+    positive_int,
+    resolve_device,
+    write_json,
+)
+from lenet_convert import SIMULATORS, activation_scales, evaluate_snn, fuse_norm_replace  # noqa: E402
+
+
+def median_seconds(run, repeats):
+    """Median wall time of `run()` over `repeats` calls, after one untimed warm-up call."""
+    result = run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def spikingjelly_snn(ann, calibration, device):
+    """SpikingJelly's ann2snn conversion of `ann` (mode "99.9%"), or None if not installed."""
+    try:
+        from spikingjelly.activation_based import ann2snn
+    except ImportError:
+        return None
+    recipe = ann2snn.RateCodingRecipe(dataloader=calibration, mode="99.9%")
+    return ann2snn.FXConverter(recipe=recipe, device=device).convert(ann)
+
+
+def simulate_spikingjelly(snn, images, timesteps):
+    """SpikingJelly's own way to run its converted model: reset, then T forward calls."""
+    from spikingjelly.activation_based import functional
+    functional.reset_net(snn)
+    for _ in range(timesteps):
+        yield snn(images)
+
+
+def load(args):
+    device = resolve_device(args.device)
+    checkpoint = load_checkpoint(args.checkpoint)
+    ann = model_from_checkpoint(checkpoint, args.checkpoint).to(device)
+    snn = fuse_norm_replace(ann, activation_scales(checkpoint), gamma=2).to(device)
+    images, labels = load_mnist(args.data_dir, train=False)
+    batches = Batches(images[:args.limit], labels[:args.limit], args.batch_size)
+    return device, ann, snn, batches
+
+
+def peak_memory_mb(args, simulator, timesteps):
+    """Peak resident memory (MB) of a fresh process that simulates at `timesteps`."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return pool.submit(_measure_memory, args, simulator, timesteps).result()
+
+
+def _measure_memory(args, simulator, timesteps):
+    torch.set_num_threads(args.threads)
+    device, _, snn, batches = load(args)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    evaluate_snn(snn, batches, timesteps, device, SIMULATORS[simulator])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_mb": round(after), "increase_mb": round(after - before)}
+
+
+def run_benchmark(args):
+    torch.set_num_threads(args.threads)
+    device, ann, snn, batches = load(args)
+    n = len(batches.labels)
+    ann_seconds, ann_accuracy = median_seconds(lambda: evaluate(ann, batches, device), args.repeats)
+    train_images, train_labels = load_mnist(args.data_dir, train=True)  # calibrate on training data
+    calibration = [images for images, _ in Batches(train_images[:2000], train_labels[:2000],
+                                                   args.batch_size)]
+    jelly = spikingjelly_snn(ann, calibration, device)
+    simulators = dict(SIMULATORS, **({"spikingjelly": simulate_spikingjelly} if jelly else {}))
+    rows = []
+    for timesteps in args.timesteps:
+        for name, simulator in simulators.items():
+            model = jelly if name == "spikingjelly" else snn
+            run = functools.partial(evaluate_snn, model, batches, timesteps, device, simulator)
+            seconds, accuracy = median_seconds(run, args.repeats)
+            rows.append({"simulator": name, "timesteps": timesteps, "seconds": seconds,
+                         "image_steps_per_second": n * timesteps / seconds,
+                         "ratio_to_T_ann": seconds / (timesteps * ann_seconds),
+                         "accuracy": accuracy})
+            print(f"T={timesteps:4d} {name:13s} {seconds:8.2f}s  "
+                  f"{n * timesteps / seconds:10.0f} image-steps/s  "
+                  f"{seconds / (timesteps * ann_seconds):5.2f} x T*ANN  "
+                  f"acc(T) {accuracy[-1]:.2%}", flush=True)
+    memory = {name: peak_memory_mb(args, name, args.memory_timesteps) for name in SIMULATORS}
+    return {"machine": {"cores": os.cpu_count(), "threads": args.threads,
+                        "processor": platform.processor() or platform.machine(),
+                        "device": str(device), "torch": str(torch.__version__)},
+            "test_images": n, "batch_size": args.batch_size, "repeats": args.repeats,
+            "ann_seconds": ann_seconds, "ann_accuracy": ann_accuracy, "rows": rows,
+            "memory_timesteps": args.memory_timesteps, "peak_memory": memory,
+            "spikingjelly": jelly is not None}
+
+
+def print_summary(result):
+    print(f"\n{result['machine']['cores']} cores, {result['machine']['threads']} threads, "
+          f"{result['machine']['device']}; {result['test_images']} images, batch "
+          f"{result['batch_size']}; ANN forward {result['ann_seconds']:.3f}s "
+          f"(median of {result['repeats']})")
+    by = {(r["simulator"], r["timesteps"]): r for r in result["rows"]}
+    names = list(dict.fromkeys(r["simulator"] for r in result["rows"]))
+    print(f"{'T':>5} " + " ".join(f"{n + ' s':>16} {'x T*ANN':>8}" for n in names)
+          + ("   step/spikingjelly" if "spikingjelly" in names else ""))
+    for t in sorted({r["timesteps"] for r in result["rows"]}):
+        cells = " ".join(f"{by[n, t]['seconds']:16.2f} {by[n, t]['ratio_to_T_ann']:8.2f}"
+                         for n in names)
+        speedup = (f"   {by['spikingjelly', t]['seconds'] / by['step', t]['seconds']:.2f}x"
+                   if "spikingjelly" in names else "")
+        print(f"{t:5d} {cells}{speedup}")
+    for name, memory in result["peak_memory"].items():
+        print(f"peak memory, {name} at T={result['memory_timesteps']}: "
+              f"{memory['peak_mb']} MB ({memory['increase_mb']} MB for the simulation)")
+    if not result["spikingjelly"]:
+        print("spikingjelly is not installed: pip install spikingjelly to compare with it")
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/lenet5_best.pt"))
+    parser.add_argument("--timesteps", type=positive_int, nargs="+", default=[8, 32, 64, 128, 256])
+    parser.add_argument("--batch-size", type=positive_int, default=1000)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per figure")
+    parser.add_argument("--memory-timesteps", type=positive_int, default=256,
+                        help="T at which peak memory is measured")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    parser.add_argument("--limit", type=positive_int, default=None, help="first N test images")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/bench_snn.json"))
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result = run_benchmark(args)
+    except UserError as e:
+        sys.exit(f"bench_snn.py: error: {e}")
+    write_json(args.out, result)
+    print_summary(result)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

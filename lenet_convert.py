@@ -80,7 +80,8 @@ class SpikeNode(nn.Module):
         if self.mem is None:
             self.mem = torch.full_like(current, self.v0 * self.threshold)
         self.mem.add_(current)
-        spikes = (self.mem / self.threshold).floor_().clamp_(0, self.gamma)
+        scaled = self.mem if self.threshold == 1 else self.mem / self.threshold  # skip a pass
+        spikes = torch.floor(scaled).clamp_(0, self.gamma)
         self.mem.sub_(spikes, alpha=self.threshold)
         self.spike_count = self.spike_count + spikes.sum()
         self.steps += 1
@@ -107,12 +108,13 @@ def max_pool(x, k):
 
 
 class SMaxPool(nn.Module):
-    """Spiking max-pool over the accumulated input S of each unit (conversion.md §6).
+    """Spiking max-pool over the accumulated input C of each unit (conversion.md §6).
 
-    With lateral inhibition (exact): S <- S + x; out = maxpool(S); S <- S - upsample(out), so the
-    summed output equals the max-pool of the summed input. Without (BrainCog's form):
-    S <- S + x; out = maxpool(x + K*S) - maxpool(K*S), which passes the current input of the unit
-    that has received most, and slightly over-estimates the max.
+    With lateral inhibition (exact): out_t = maxpool(C_t) - maxpool(C_{t-1}), the same as passing
+    maxpool(S) and subtracting it from every unit of its window; the summed output equals the
+    max-pool of the summed input. Without (BrainCog's form): out_t = maxpool(x + K*C_t) -
+    maxpool(K*C_t), which passes the current input of the unit that has received most, and
+    slightly over-estimates the max.
     """
 
     def __init__(self, kernel_size=2, lateral_inhibition=True, k=1000.0):
@@ -121,16 +123,17 @@ class SMaxPool(nn.Module):
         self.reset()
 
     def reset(self):
-        self.acc = None
+        self.acc = None  # C_t, the input summed over the steps so far
+        self.pooled = None  # maxpool(C_{t-1})
 
     def forward(self, x):
         self.acc = x.clone() if self.acc is None else self.acc.add_(x)
         k = self.kernel_size
         if not self.lateral_inhibition:
             return max_pool(x + self.k * self.acc, k) - max_pool(self.k * self.acc, k)
-        out = max_pool(self.acc, k)
-        n, c, h, w = self.acc.shape  # subtract each window's output from all its units, in place
-        self.acc.view(n, c, h // k, k, w // k, k).sub_(out[:, :, :, None, :, None])
+        pooled = max_pool(self.acc, k)
+        out = pooled if self.pooled is None else pooled - self.pooled
+        self.pooled = pooled
         return out
 
     def extra_repr(self):
@@ -411,8 +414,9 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/lenet5_best.pt"),
                         help="checkpoint written by lenet5.py")
     parser.add_argument("--timesteps", type=positive_int, default=64, help="simulation steps T")
-    parser.add_argument("--batch-size", type=positive_int, default=1000,
-                        help="test images simulated at once")
+    parser.add_argument("--batch-size", type=positive_int, default=500,
+                        help="test images simulated at once (500 keeps a layer's state in the "
+                             "CPU's cache better than 1,000)")
     parser.add_argument("--percentile", type=percentile, default=None,
                         help="activation percentile that sets each layer's scale (one the "
                              "checkpoint recorded: 99, 99.9, 99.99, 100); default: the "

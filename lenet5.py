@@ -58,30 +58,64 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- model
 
 
+class QCFS(nn.Module):
+    """Quantisation-clip-floor-shift activation (Bu et al., ICLR 2022; conversion.md §9.5).
+
+    h(x) = lambda * clip(floor(x * L / lambda + 1/2) / L, 0, 1): L + 1 levels from 0 to lambda, the
+    values an integrate-and-fire neuron with threshold lambda and V0 = lambda/2 can average to in
+    L steps. lambda is trained (one per layer); floor passes the gradient straight through.
+    """
+
+    def __init__(self, levels=4, threshold=1.0):
+        super().__init__()
+        self.levels = levels
+        self.threshold = nn.Parameter(torch.tensor(float(threshold)))
+
+    def forward(self, x):
+        y = torch.clamp(x / self.threshold, 0, 1) * self.levels + 0.5
+        y = y + (torch.floor(y) - y).detach()  # floor forward, identity backward
+        return y * (self.threshold / self.levels)
+
+    def extra_repr(self):
+        return f"levels={self.levels}"
+
+
+ACTIVATIONS = ("relu", "qcfs")
+
+
 class LeNet5(nn.Sequential):
     """LeNet5 with BatchNorm after each convolution, for 1x32x32 inputs (conversion.md §1).
 
     A flat sequence of named layers, so that hooks and the conversion can find each one:
     c1 bn1 act1 s2 | c3 bn3 act3 s4 | flatten | c5 act5 | f6 act6 | out.
+    The activations are ReLU, or QCFS with `levels` levels for conversion-aware training.
     """
 
-    def __init__(self):
+    def __init__(self, activation="relu", levels=4):
+        def act():
+            return nn.ReLU() if activation == "relu" else QCFS(levels)
+
         super().__init__(OrderedDict([
-            ("c1", nn.Conv2d(1, 6, 5)), ("bn1", nn.BatchNorm2d(6)), ("act1", nn.ReLU()),
+            ("c1", nn.Conv2d(1, 6, 5)), ("bn1", nn.BatchNorm2d(6)), ("act1", act()),
             ("s2", nn.MaxPool2d(2)),
-            ("c3", nn.Conv2d(6, 16, 5)), ("bn3", nn.BatchNorm2d(16)), ("act3", nn.ReLU()),
+            ("c3", nn.Conv2d(6, 16, 5)), ("bn3", nn.BatchNorm2d(16)), ("act3", act()),
             ("s4", nn.MaxPool2d(2)),
             ("flatten", nn.Flatten()),
-            ("c5", nn.Linear(400, 120)), ("act5", nn.ReLU()),
-            ("f6", nn.Linear(120, 84)), ("act6", nn.ReLU()),
+            ("c5", nn.Linear(400, 120)), ("act5", act()),
+            ("f6", nn.Linear(120, 84)), ("act6", act()),
             ("out", nn.Linear(84, 10)),
         ]))
 
 
 def hooked_layers(model):
     """The layers whose outputs are recorded: every activation, then the output layer."""
-    names = [name for name, m in model.named_children() if isinstance(m, nn.ReLU)]
+    names = [name for name, m in model.named_children() if isinstance(m, (nn.ReLU, QCFS))]
     return names + ["out"]
+
+
+def thresholds(model):
+    """{activation layer: trained lambda} of a QCFS network (empty for ReLU)."""
+    return {name: m.threshold.item() for name, m in model.named_children() if isinstance(m, QCFS)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -357,8 +391,11 @@ def load_checkpoint(path):
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):
-    """Rebuild the ANN from a checkpoint's weights; a clear error if they are not LeNet5's."""
-    model = LeNet5()
+    """Rebuild the ANN (ReLU or QCFS) from a checkpoint; a clear error if it is not LeNet5's."""
+    activation, levels = checkpoint.get("activation", "relu"), checkpoint.get("levels", 4)
+    if activation not in ACTIVATIONS or not (isinstance(levels, int) and levels > 0):
+        raise UserError(f"{path}: unknown activation {activation!r} with levels {levels!r}")
+    model = LeNet5(activation, levels)
     try:
         model.load_state_dict(checkpoint["model_state"])
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -434,8 +471,18 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="folder holding MNIST/raw (the shipped .gz files)")
-    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/lenet5_best.pt"),
-                        help="where the best checkpoint goes (history JSON beside it)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="where the best checkpoint goes, history JSON beside it (default: "
+                             "checkpoints/lenet5_best.pt, or lenet5_qcfs_best.pt for QCFS)")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default="relu",
+                        help="relu, or qcfs: conversion-aware training with a trained "
+                             "quantised clip per layer (an SNN that needs only a few steps)")
+    parser.add_argument("--levels", type=positive_int, default=4,
+                        help="QCFS quantisation levels L (the SNN matches the ANN in "
+                             "expectation after L steps)")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                        help="start from this checkpoint's weights (fine-tuning); for QCFS each "
+                             "layer's lambda starts at its --percentile activation there")
     parser.add_argument("--percentile", type=percentile, default=99.0,
                         help="the activation percentile the conversion uses by default "
                              f"(recorded always: {', '.join(map(percentile_key, PERCENTILES))})")
@@ -446,6 +493,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.val_size >= 60000:
         parser.error(f"argument --val-size: must be below 60000, got {args.val_size}")
+    if args.checkpoint is None:
+        name = "lenet5_best.pt" if args.activation == "relu" else "lenet5_qcfs_best.pt"
+        args.checkpoint = Path("checkpoints") / name
+    if args.init_from and args.init_from.resolve() == args.checkpoint.resolve():
+        parser.error(f"--init-from and --checkpoint are the same file ({args.checkpoint}): "
+                     "training would overwrite its own starting point; choose another "
+                     "--checkpoint")
     return args
 
 
@@ -458,6 +512,10 @@ def train(args):
     device = resolve_device(args.device)
     check_writable_dir(args.checkpoint.parent)
     generator = set_seed(args.seed)
+    model = LeNet5(args.activation, args.levels)
+    if args.init_from:
+        init_from(model, args.init_from, percentile_key(args.percentile))
+    model = model.to(device)
     images, labels = load_mnist(args.data_dir, train=True)
     test = Batches(*load_mnist(args.data_dir, train=False), batch_size=1000)
     train_index, val_index = split_train_val(len(labels), args.val_size, args.seed)
@@ -467,7 +525,6 @@ def train(args):
     val = Batches(images[val_index], labels[val_index], batch_size=1000)
     calibration_index = train_index[:CALIBRATION_IMAGES]
     calibration = Batches(images[calibration_index], labels[calibration_index], batch_size=1000)
-    model = LeNet5().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -493,6 +550,20 @@ def train(args):
     return best
 
 
+def init_from(model, path, key):
+    """Load a checkpoint's weights into `model`; a QCFS layer new there gets lambda = percentile."""
+    checkpoint = load_checkpoint(path)
+    source = model_from_checkpoint(checkpoint, path)
+    missing, _ = model.load_state_dict(source.state_dict(), strict=False)
+    for name in {k.rsplit(".", 1)[0] for k in missing}:  # thresholds of a ReLU checkpoint
+        try:
+            value = float(checkpoint["percentiles"][name][key])
+        except (KeyError, TypeError):
+            raise UserError(f"{path} has no {key}th percentile of {name} to start its QCFS "
+                            "threshold from") from None
+        getattr(model, name).threshold.data.fill_(value)
+
+
 def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
     """A self-describing checkpoint of `model` with its activation percentiles."""
     percentiles = sorted(set(PERCENTILES) | {args.percentile})
@@ -501,6 +572,9 @@ def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
         "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "percentiles": percentile_activations(model, calibration, device, percentiles, args.seed),
         "percentile": percentile_key(args.percentile),
+        "activation": args.activation,
+        "levels": args.levels,
+        "thresholds": thresholds(model),
         "epoch": epoch,
         "val_accuracy": val_acc,
         "test_accuracy": test_acc,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import lenet5
 from lenet5 import (
+    QCFS,
     Batches,
     LeNet5,
     UserError,
@@ -44,6 +45,30 @@ def test_lenet5_layer_shapes():
     assert shapes["flatten"] == (400,) and shapes["act5"] == (120,) and shapes["act6"] == (84,)
     assert shapes["out"] == (10,)
     assert lenet5.hooked_layers(model) == ["act1", "act3", "act5", "act6", "out"]
+
+
+def test_qcfs_floors_clips_and_shifts():
+    qcfs = QCFS(levels=4, threshold=2.0)  # levels 0, 0.5, 1, 1.5, 2
+    x = torch.tensor([-1.0, 0.0, 0.24, 0.26, 0.74, 0.76, 1.9, 2.0, 3.0])
+    assert qcfs(x).tolist() == [0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 2.0, 2.0, 2.0]
+
+
+def test_qcfs_gradient_passes_floor_straight_through():
+    qcfs = QCFS(levels=4, threshold=2.0)
+    x = torch.tensor([-1.0, 0.3, 1.1, 3.0], requires_grad=True)
+    qcfs(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]  # clipped inputs get no gradient
+    # d/dlambda of lambda * q(x / lambda), q the clipped, quantised value in [0, 1], with floor's
+    # gradient taken as 1: q below and above the clip (0 and 1), q - x / lambda in between
+    expected = 0 + (0.25 - 0.15) + (0.5 - 0.55) + 1
+    assert qcfs.threshold.grad.item() == pytest.approx(expected)
+
+
+def test_qcfs_lenet_keeps_the_layer_names():
+    model = LeNet5("qcfs", levels=2)
+    assert lenet5.hooked_layers(model) == ["act1", "act3", "act5", "act6", "out"]
+    assert lenet5.thresholds(model) == {"act1": 1.0, "act3": 1.0, "act5": 1.0, "act6": 1.0}
+    assert model.act3.levels == 2 and lenet5.thresholds(LeNet5()) == {}
 
 
 # ----------------------------------------------------------------------------- data
@@ -245,6 +270,33 @@ def test_cli_smoke_run_writes_a_self_describing_checkpoint(tmp_path):
     assert [h["epoch"] for h in history] == [1] and history[0]["saved"]
 
 
+def test_qcfs_fine_tuning_starts_from_the_percentiles_and_records_lambda(tmp_path, monkeypatch):
+    relu = _quick_run(tmp_path, "relu.pt")
+    started = {}
+    original = lenet5.init_from
+
+    def spy(model, path, key):
+        original(model, path, key)
+        started.update(lenet5.thresholds(model))
+    monkeypatch.setattr(lenet5, "init_from", spy)
+    path = _quick_run(tmp_path, "qcfs.pt", "--activation", "qcfs", "--levels", "3",
+                      "--init-from", str(relu), "--percentile", "99.9")
+    relu_ck, ck = (torch.load(p, weights_only=True) for p in (relu, path))
+    assert started == {name: pytest.approx(values["99.9"])
+                       for name, values in relu_ck["percentiles"].items() if name != "out"}
+    assert ck["activation"] == "qcfs" and ck["levels"] == 3
+    model = model_from_checkpoint(ck)
+    assert isinstance(model.act5, QCFS) and model.act5.levels == 3
+    assert ck["thresholds"] == pytest.approx(lenet5.thresholds(model))
+    assert ck["thresholds"] != pytest.approx(started)  # lambda was trained
+
+
+def test_default_checkpoint_depends_on_the_activation():
+    assert lenet5.parse_args([]).checkpoint == Path("checkpoints/lenet5_best.pt")
+    assert (lenet5.parse_args(["--activation", "qcfs"]).checkpoint
+            == Path("checkpoints/lenet5_qcfs_best.pt"))
+
+
 def test_same_seed_gives_the_same_weights(tmp_path):
     first = torch.load(_quick_run(tmp_path, "a.pt"), weights_only=True)["model_state"]
     second = torch.load(_quick_run(tmp_path, "b.pt"), weights_only=True)["model_state"]
@@ -261,6 +313,9 @@ def test_same_seed_gives_the_same_weights(tmp_path):
     (["--percentile", "100.5"], r"--percentile: must be in \(0, 100\]"),
     (["--val-size", "60000"], "--val-size: must be below 60000"),
     (["--limit-train", "many"], "--limit-train: expected a positive integer"),
+    (["--activation", "tanh"], "--activation: invalid choice"),
+    (["--levels", "0"], "--levels: must be at least 1"),
+    (["--init-from", "checkpoints/lenet5_best.pt"], "are the same file"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -273,6 +328,7 @@ def test_bad_arguments_give_one_line(argv, message, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--init-from", "{file}"], "is not a readable checkpoint"),
     (["--checkpoint", "{file}/sub/ck.pt"], "cannot write to"),
 ])
 def test_bad_device_or_folder_fails_before_training(tmp_path, argv, message):

@@ -18,6 +18,7 @@ Writes (into --out-dir, default results/):
 
 import argparse
 import copy
+import csv
 import math
 import sys
 import time
@@ -31,6 +32,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from lenet5 import (
+    QCFS,
     ArgumentParser,
     Batches,
     UserError,
@@ -51,19 +53,47 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 BRAINCOG_REFERENCE = "--v0 0 --gamma 2 --percentile 99.9 --no-lateral-inhibition"
+BRAINCOG_SETTINGS = {"percentile": "99.9", "gamma": 2, "v0": 0.0, "lateral_inhibition": False,
+                     "readout": "analog"}
 WITHIN = 0.001  # "reached the ANN": accuracy at least the ANN's minus 0.1 percentage points
 
 
 # ----------------------------------------------------------------------------- spiking modules
 
 
-class SpikeNode(nn.Module):
+class Counting(nn.Module):
+    """A module with state across steps that counts the spikes it outputs, per step and unit.
+
+    `counts[t]` is the output at step t summed over the batch (shape: one sample's output) since
+    the last `reset`, for firing rates and synaptic operations. `step` is the next step's index.
+    """
+
+    def reset(self):
+        self.counts = []
+        self.step = 0
+
+    def count(self, out):
+        """Add `out` ([steps, batch, ...], from step `self.step` on) to the counts."""
+        for i, per_unit in enumerate(out.sum(1), self.step):
+            if i < len(self.counts):
+                self.counts[i] += per_unit  # another chunk of the batch (layer-wise simulation)
+            else:
+                self.counts.append(per_unit)
+        self.step += len(out)
+
+    @property
+    def spike_count(self):
+        """Spikes output since the last reset, over the batch and all units and steps."""
+        return sum(c.sum() for c in self.counts)
+
+
+class SpikeNode(Counting):
     """Integrate-and-fire neuron with reset by subtraction (conversion.md §5).
 
     Each step: V <- V + I;  s = clamp(floor(V / threshold), 0, gamma);  V <- V - s * threshold;
     output s. gamma = 1 is a plain IF neuron, gamma > 1 a burst neuron. The potential starts at
-    v0 * threshold (v0 = 0.5 turns the rate's floor into a rounding). Spikes are counted
-    (`spike_count`, over the batch since the last reset) so firing rates can be reported.
+    v0 * threshold (v0 = 0.5 turns the rate's floor into a rounding). Spikes are counted so
+    firing rates can be reported.
     """
 
     def __init__(self, threshold=1.0, gamma=1, v0=0.5):
@@ -72,9 +102,8 @@ class SpikeNode(nn.Module):
         self.reset()
 
     def reset(self):
+        super().reset()
         self.mem = None
-        self.spike_count = 0
-        self.steps = 0
 
     def forward(self, current):
         if self.mem is None:
@@ -83,8 +112,7 @@ class SpikeNode(nn.Module):
         scaled = self.mem if self.threshold == 1 else self.mem / self.threshold  # skip a pass
         spikes = torch.floor(scaled).clamp_(0, self.gamma)
         self.mem.sub_(spikes, alpha=self.threshold)
-        self.spike_count = self.spike_count + spikes.sum()
-        self.steps += 1
+        self.count(spikes.unsqueeze(0))
         return spikes
 
     def extra_repr(self):
@@ -107,7 +135,7 @@ def max_pool(x, k):
     return out
 
 
-class SMaxPool(nn.Module):
+class SMaxPool(Counting):
     """Spiking max-pool over the accumulated input C of each unit (conversion.md §6).
 
     With lateral inhibition (exact): out_t = maxpool(C_t) - maxpool(C_{t-1}), the same as passing
@@ -123,6 +151,7 @@ class SMaxPool(nn.Module):
         self.reset()
 
     def reset(self):
+        super().reset()
         self.acc = None  # C_t, the input summed over the steps so far
         self.pooled = None  # maxpool(C_{t-1})
 
@@ -130,10 +159,12 @@ class SMaxPool(nn.Module):
         self.acc = x.clone() if self.acc is None else self.acc.add_(x)
         k = self.kernel_size
         if not self.lateral_inhibition:
-            return max_pool(x + self.k * self.acc, k) - max_pool(self.k * self.acc, k)
-        pooled = max_pool(self.acc, k)
-        out = pooled if self.pooled is None else pooled - self.pooled
-        self.pooled = pooled
+            out = max_pool(x + self.k * self.acc, k) - max_pool(self.k * self.acc, k)
+        else:
+            pooled = max_pool(self.acc, k)
+            out = pooled if self.pooled is None else pooled - self.pooled
+            self.pooled = pooled
+        self.count(out.unsqueeze(0))
         return out
 
     def extra_repr(self):
@@ -143,7 +174,7 @@ class SMaxPool(nn.Module):
 def clean_mem_spike(model):
     """Reset every stateful module (potentials, spike counts, pooling sums) before a new batch."""
     for module in model.modules():
-        if isinstance(module, (SpikeNode, SMaxPool)):
+        if isinstance(module, Counting):
             module.reset()
 
 
@@ -163,11 +194,16 @@ def fuse(conv, bn):
 
 
 def activation_scales(checkpoint, key=None):
-    """{layer: lambda} at percentile `key` (default: the checkpoint's own) from a checkpoint."""
+    """{layer: lambda} from a checkpoint: the activation percentile `key`, or by default a QCFS
+    checkpoint's trained thresholds (theta = lambda) and otherwise the checkpoint's own percentile.
+
+    The output layer's scale (used by a spiking read-out) is always a percentile.
+    """
     recorded = checkpoint.get("percentiles")
     if not isinstance(recorded, dict) or not recorded:
         raise UserError("the checkpoint holds no activation percentiles; retrain it with "
                         "`python lenet5.py`")
+    trained = {} if key else checkpoint.get("thresholds") or {}
     key = key or checkpoint.get("percentile", "99")
     try:
         scales = {layer: float(values[key]) for layer, values in recorded.items()}
@@ -175,7 +211,7 @@ def activation_scales(checkpoint, key=None):
         available = ", ".join(next(iter(recorded.values()), {}))
         raise UserError(f"the checkpoint has no {key}th percentile (it has: {available}); "
                         f"choose one of those or retrain with `--percentile {key}`") from None
-    return scales
+    return scales | trained
 
 
 @torch.no_grad()
@@ -190,10 +226,10 @@ def fuse_norm_replace(model, scales, spiking=True, gamma=1, v0=0.5, lateral_inhi
     """Convert an ANN into a spiking copy; `model` itself is left untouched.
 
     Args:
-        model: a LeNet5 (an nn.Sequential of named layers) in eval mode.
+        model: a LeNet5 (an nn.Sequential of named layers, ReLU or QCFS) in eval mode.
         scales: {activation layer name: lambda, "out": lambda}, e.g. from `activation_scales`.
-        spiking: False keeps ReLU and MaxPool: the normalised ANN, whose outputs equal the ANN's
-            (divided by lambda_out with a spiking read-out).
+        spiking: False keeps the activations and MaxPool: the normalised ANN, whose outputs equal
+            the ANN's (divided by lambda_out with a spiking read-out).
         gamma, v0: the SpikeNodes' burst limit and initial potential (in units of threshold 1).
         lateral_inhibition: the SMaxPool variant.
         readout: "analog" (the output layer's currents are summed) or "spikes" (a SpikeNode after
@@ -213,13 +249,17 @@ def fuse_norm_replace(model, scales, spiking=True, gamma=1, v0=0.5, lateral_inhi
             layer, pending = fuse(layer, after), name
         elif isinstance(layer, (nn.Conv2d, nn.Linear)):
             layer, pending = copy.deepcopy(layer), name
-        elif isinstance(layer, nn.ReLU):
+        elif isinstance(layer, (nn.ReLU, QCFS)):
             if not scales.get(name, 0) > 0:
                 raise UserError(f"activation scale of {name} is {scales.get(name)}: cannot "
                                 "normalise by it (a dead layer?)")
             scale_layer(layers[pending], scale, scales[name])
             scale, pending = scales[name], None
-            layer = SpikeNode(gamma=gamma, v0=v0) if spiking else nn.ReLU()
+            if spiking:
+                layer = SpikeNode(gamma=gamma, v0=v0)
+            elif isinstance(layer, QCFS):  # the same function of the normalised input
+                layer = copy.deepcopy(layer)
+                layer.threshold.data.div_(scale)
         elif isinstance(layer, nn.MaxPool2d) and spiking:
             layer = SMaxPool(layer.kernel_size, lateral_inhibition)
         else:
@@ -274,7 +314,7 @@ def _layers_over_time(layers, images, timesteps):
     x = layers[0](images).unsqueeze(0)  # the same current at every step: [1, batch, ...]
     for layer in layers[1:]:
         if isinstance(layer, SpikeNode):
-            layer.mem = None  # a fresh chunk of images; spike counts keep adding up
+            layer.mem, layer.step = None, 0  # a fresh chunk of images; counts keep adding up
             x = torch.stack([layer(x[min(t, len(x) - 1)]) for t in range(timesteps)])
         elif isinstance(layer, SMaxPool):
             x = _pool_over_time(layer, x)
@@ -289,10 +329,14 @@ def _pool_over_time(pool, spikes):
     cumulative = spikes.cumsum(0).flatten(0, 1)
     if pool.lateral_inhibition:  # o_t = MP(C_t) - MP(C_{t-1})
         pooled = max_pool(cumulative, k).unflatten(0, steps)
-        return torch.diff(pooled, dim=0, prepend=torch.zeros_like(pooled[:1]))
-    current = spikes.flatten(0, 1)  # o_t = MP(x_t + K*C_t) - MP(K*C_t)
-    out = max_pool(current + pool.k * cumulative, k) - max_pool(pool.k * cumulative, k)
-    return out.unflatten(0, steps)
+        out = torch.diff(pooled, dim=0, prepend=torch.zeros_like(pooled[:1]))
+    else:  # o_t = MP(x_t + K*C_t) - MP(K*C_t)
+        current = spikes.flatten(0, 1)
+        out = max_pool(current + pool.k * cumulative, k) - max_pool(pool.k * cumulative, k)
+        out = out.unflatten(0, steps)
+    pool.step = 0  # a fresh chunk of images: its counts add to the same steps
+    pool.count(out)
+    return out
 
 
 SIMULATORS = {"step": simulate, "layerwise": simulate_layerwise}
@@ -307,14 +351,17 @@ def predict(total, readout):
 
 
 @torch.no_grad()
-def evaluate_snn(snn, batches, timesteps, device, simulator=simulate):
+def evaluate_snn(snn, batches, timesteps, device, simulator=simulate, counts=None):
     """Accuracy after each step t = 1..T over all samples (a list, element t-1 for step t).
 
     Weighted by samples, so a partial last batch counts by its size. `simulator` is `simulate`
-    (step by step) or `simulate_layerwise`: both give the same outputs.
+    (step by step) or `simulate_layerwise`: both give the same outputs. If `counts` is a dict,
+    each counting module's spikes per step and unit, summed over all samples, are added to it:
+    {module name: tensor [T, *unit shape]}.
     """
     snn.eval()
     readout = getattr(snn, "readout", None)  # the spiking read-out's SpikeNode, if any
+    counting = {name: m for name, m in snn.named_modules() if isinstance(m, Counting)}
     correct = torch.zeros(timesteps, dtype=torch.float64, device=device)
     seen = 0
     with tqdm(total=len(batches) * timesteps, desc="simulating", unit="step", leave=False,
@@ -327,6 +374,9 @@ def evaluate_snn(snn, batches, timesteps, device, simulator=simulate):
                 correct[t] += (predict(total, readout) == labels).sum()
                 bar.update()
             seen += len(labels)
+            if counts is not None:
+                for name, module in counting.items():
+                    counts[name] = counts.get(name, 0) + torch.stack(module.counts).cpu()
     return (correct / seen).tolist()
 
 
@@ -342,13 +392,110 @@ def report_steps(timesteps):
     return steps if steps[-1] == timesteps else steps + [timesteps]
 
 
+# ----------------------------------------------------------------------------- efficiency
+
+PJ_PER_MAC, PJ_PER_AC = 4.6, 0.9  # 32-bit float at 45 nm (Horowitz, ISSCC 2014)
+ENERGY_MODEL = ("45 nm: 4.6 pJ per MAC, 0.9 pJ per accumulate (AC). The first layer's analog "
+                "input costs MACs, counted once since the image is constant; every spike costs one "
+                "AC per synapse it crosses (SynOps). Memory traffic and membrane updates are "
+                "ignored.")
+
+
+@torch.no_grad()
+def input_shapes(model, image_shape=(1, 32, 32)):
+    """{Conv2d/Linear layer name: the shape of one sample's input to it}, from a dummy pass."""
+    shapes, x = {}, torch.zeros(1, *image_shape, device=next(model.parameters()).device)
+    for name, layer in model.named_children():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            shapes[name] = tuple(x.shape[1:])
+        x = layer(x)
+    clean_mem_spike(model)
+    return shapes
+
+
+def fan_out(layer, input_shape):
+    """Synapses leaving each input unit of a Conv2d or Linear layer: a tensor of `input_shape`.
+
+    The gradient of the summed output with every weight set to 1, so border effects, strides and
+    groups count exactly. Summed over the units, it is the layer's MACs per image.
+    """
+    params = {"weight": torch.ones_like(layer.weight)}
+    if layer.bias is not None:
+        params["bias"] = torch.zeros_like(layer.bias)
+    x = torch.ones(1, *input_shape, device=layer.weight.device, requires_grad=True)
+    with torch.enable_grad():
+        torch.func.functional_call(layer, params, (x,)).sum().backward()
+    return x.grad[0]
+
+
+def efficiency(snn, counts, images, timesteps, image_shape=(1, 32, 32)):
+    """Firing rates, synaptic operations and energy per image from spike counts (conversion.md §10).
+
+    Args:
+        snn: the converted network; counts: {module: spikes [T, *units] over all images}, from
+        `evaluate_snn`; images: how many images the counts are summed over; timesteps: T;
+        image_shape: one input's shape.
+    """
+    shapes = input_shapes(snn, image_shape)
+    fanouts = {name: fan_out(getattr(snn, name), shape).cpu() for name, shape in shapes.items()}
+    macs = {name: round(f.sum().item()) for name, f in fanouts.items()}
+    first = next(iter(shapes))
+    synops, source = {}, None  # source: the module whose spikes enter the next weighted layer
+    for name, _ in snn.named_children():
+        if name in counts:
+            source = name
+        elif name in fanouts and name != first:
+            per_step = counts[source].flatten(1).double() @ fanouts[name].flatten().double()
+            synops[name] = (per_step.cumsum(0) / images).tolist()
+    total = [sum(ops[t] for ops in synops.values()) for t in range(timesteps)]
+    rates = {name: counts[name].sum().item() / (images * counts[name][0].numel() * timesteps)
+             for name, module in snn.named_children() if isinstance(module, SpikeNode)}
+    return {
+        "firing_rate": rates,
+        "ann_macs_per_image": sum(macs.values()),
+        "ann_macs_by_layer": macs,
+        "first_layer_macs": macs[first],
+        "synops_per_image": total,
+        "synops_by_layer": synops,
+        "ann_energy_pj": sum(macs.values()) * PJ_PER_MAC,
+        "snn_energy_pj": [macs[first] * PJ_PER_MAC + ops * PJ_PER_AC for ops in total],
+        "energy_model": ENERGY_MODEL,
+    }
+
+
+def at_ann_level(result):
+    """(t, SynOps, energy in pJ) per image at the first step within 0.1 pp of the ANN, or None."""
+    t = result["first_step_within_0.1pp"]
+    if t is None:
+        return None
+    eff = result["efficiency"]
+    return t, eff["synops_per_image"][t - 1], eff["snn_energy_pj"][t - 1]
+
+
 # ----------------------------------------------------------------------------- output
 
 
 def settings_text(settings):
-    return (f"p={settings['percentile']}, γ={settings['gamma']}, V0={settings['v0']}θ, "
+    scaling = (f"θ=λ (QCFS, L={settings['levels']})" if settings["percentile"] is None
+               else f"p={settings['percentile']}")
+    return (f"{scaling}, γ={settings['gamma']}, V0={settings['v0']}θ, "
             f"lateral inhibition {'on' if settings['lateral_inhibition'] else 'off'}, "
             f"{settings['readout']} read-out")
+
+
+def step_axis(ax, timesteps):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(report_steps(timesteps))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("time step t")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
 
 
 def plot_accuracy(result, path):
@@ -360,12 +507,8 @@ def plot_accuracy(result, path):
     for ax, zoom in zip(axes, (False, True), strict=True):
         ax.plot(steps, snn, marker=".", label="SNN")
         ax.axhline(ann, color="tab:red", linestyle="--", label=f"ANN ({ann:.2f} %)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(report_steps(result["timesteps"]))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xlabel("time step t")
+        step_axis(ax, result["timesteps"])
         ax.set_ylabel("test accuracy after t steps (%)")
-        ax.grid(True, which="both", alpha=0.3)
         if zoom:
             ax.set_ylim(ann - 2, min(100, ann + 0.5))
             ax.set_title("zoom near the ANN")
@@ -375,25 +518,156 @@ def plot_accuracy(result, path):
         ax.legend(loc="lower right")
     fig.suptitle(f"LeNet5 SNN on {result['test_images']} MNIST test images: "
                  f"{settings_text(result['settings'])}", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def plot_energy_axis(ax, results, labels):
+    """Accuracy against estimated energy per image: one curve per result, the ANN(s) as points."""
+    for result, label in zip(results, labels, strict=True):
+        eff = result["efficiency"]
+        line, = ax.plot([e / 1e6 for e in eff["snn_energy_pj"]],
+                        [100 * a for a in result["snn_accuracy"]], marker=".", label=label)
+        ax.plot(eff["ann_energy_pj"] / 1e6, 100 * result["ann_accuracy"], marker="*",
+                markersize=14, linestyle="none", color=line.get_color(), markeredgecolor="k")
+    ax.set_xscale("log")
+    ax.set_xlabel("estimated energy per image (µJ; ★ = the ANN)")
+    ax.set_ylabel("test accuracy (%)")
+    ann = 100 * results[0]["ann_accuracy"]
+    ax.set_ylim(ann - 3, min(100, ann + 0.5))
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_efficiency(result, path):
+    """Firing rate per layer, SynOps per image against T, accuracy against energy per image."""
+    eff, timesteps = result["efficiency"], result["timesteps"]
+    steps = range(1, timesteps + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    rates = eff["firing_rate"]
+    axes[0].bar(list(rates), list(rates.values()))
+    axes[0].set_ylabel(f"firing rate (spikes / neuron / step, T = {timesteps})")
+    axes[0].set_title("firing rate per layer")
+    for name, ops in eff["synops_by_layer"].items():
+        axes[1].plot(steps, ops, label=f"into {name}")
+    axes[1].plot(steps, eff["synops_per_image"], color="k", label="all layers")
+    axes[1].axhline(eff["ann_macs_per_image"], color="tab:red", linestyle="--",
+                    label=f"ANN MACs ({eff['ann_macs_per_image'] / 1e3:.0f}k)")
+    step_axis(axes[1], timesteps)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("synaptic operations per image after t steps")
+    axes[1].set_title("SynOps against time")
+    axes[1].legend(fontsize=8)
+    plot_energy_axis(axes[2], [result], ["SNN, one point per step"])
+    axes[2].set_title("accuracy against energy (memory traffic ignored)")
+    axes[2].legend(loc="lower right")
+    fig.suptitle(f"LeNet5 SNN efficiency on {result['test_images']} MNIST test images: "
+                 f"{settings_text(result['settings'])}", fontsize=10)
+    save_figure(fig, path)
 
 
 def print_table(result):
     ann = result["ann_accuracy"]
-    print(f"{'t':>5}  {'SNN':>7}  {'SNN - ANN':>9}")
+    print(f"{'t':>5}  {'SNN':>7}  {'SNN - ANN':>9}  {'SynOps':>8}  {'energy':>9}")
+    eff = result["efficiency"]
     for t in report_steps(result["timesteps"]):
         acc = result["snn_accuracy"][t - 1]
-        print(f"{t:>5}  {acc:7.2%}  {100 * (acc - ann):+8.2f}pp")
-    print(f"  ANN  {ann:7.2%}")
-    first = result["first_step_within_0.1pp"]
-    print("first step within 0.1 pp of the ANN: "
-          + (str(first) if first else f"not within {result['timesteps']} steps"))
+        print(f"{t:>5}  {acc:7.2%}  {100 * (acc - ann):+8.2f}pp  "
+              f"{eff['synops_per_image'][t - 1] / 1e3:7.0f}k  "
+              f"{eff['snn_energy_pj'][t - 1] / 1e6:6.3f} µJ")
+    print(f"  ANN  {ann:7.2%}  {'':9}  {eff['ann_macs_per_image'] / 1e3:7.0f}k  "
+          f"{eff['ann_energy_pj'] / 1e6:6.3f} µJ   (the ANN's: MACs, not SynOps)")
+    reached = at_ann_level(result)
+    if reached:
+        t, ops, energy = reached
+        print(f"first step within 0.1 pp of the ANN: {t} ({ops / 1e3:.0f}k SynOps, "
+              f"{energy / eff['ann_energy_pj']:.2f} × the ANN's energy per image)")
+    else:
+        print(f"first step within 0.1 pp of the ANN: not within {result['timesteps']} steps")
+    print("firing rates: " + ", ".join(f"{name} {rate:.3f}"
+                                       for name, rate in eff["firing_rate"].items()))
+
+
+# ----------------------------------------------------------------------------- compare mode
+
+
+def compare_settings(settings, percentiles):
+    """(label, settings) pairs: `settings`, then one knob changed at a time, then BrainCog's."""
+    variants = [("as given", settings)]
+    def vary(label, **change):
+        variants.append((label, settings | change))
+    vary("lateral inhibition " + ("off" if settings["lateral_inhibition"] else "on"),
+         lateral_inhibition=not settings["lateral_inhibition"])
+    vary("V0 = " + ("0" if settings["v0"] else "θ/2"), v0=0.0 if settings["v0"] else 0.5)
+    vary(f"γ = {1 if settings['gamma'] != 1 else 2}", gamma=1 if settings["gamma"] != 1 else 2)
+    for key in percentiles:
+        if key != settings["percentile"]:
+            vary(f"p = {key}", percentile=key)
+    vary("read-out " + ("spikes" if settings["readout"] == "analog" else "analog"),
+         readout="spikes" if settings["readout"] == "analog" else "analog")
+    variants.append(("BrainCog reference", settings | BRAINCOG_SETTINGS))
+    return variants
+
+
+def compare_rows(results):
+    """One table row per result: accuracy at 1, 2, 4, ... steps, SynOps and energy."""
+    rows = []
+    for result in results:
+        row = {"checkpoint": result["checkpoint"], "setting": result["label"],
+               "ann": round(100 * result["ann_accuracy"], 2)}
+        row |= {f"t={t}": round(100 * result["snn_accuracy"][t - 1], 2)
+                for t in report_steps(result["timesteps"])}
+        reached = at_ann_level(result)
+        eff = result["efficiency"]
+        row |= {"within_0.1pp_at": reached[0] if reached else None,
+                "synops_there": round(reached[1]) if reached else None,
+                "energy_there_uJ": round(reached[2] / 1e6, 3) if reached else None,
+                "ann_energy_uJ": round(eff["ann_energy_pj"] / 1e6, 3)}
+        rows.append(row)
+    return rows
+
+
+def write_csv(path, rows):
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_compare(results, path):
+    """Accuracy per step of every run overlaid, and accuracy against energy per image."""
+    labels = [f"{Path(r['checkpoint']).stem}: {r['label']}" for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+    timesteps = results[0]["timesteps"]
+    for result, label in zip(results, labels, strict=True):
+        axes[0].plot(range(1, timesteps + 1), [100 * a for a in result["snn_accuracy"]],
+                     marker=".", markersize=3, label=label)
+    for ann in sorted({r["ann_accuracy"] for r in results}):
+        axes[0].axhline(100 * ann, color="k", linestyle="--", linewidth=0.8)
+    step_axis(axes[0], timesteps)
+    best_ann = 100 * max(r["ann_accuracy"] for r in results)
+    axes[0].set_ylim(best_ann - 4, min(100, best_ann + 0.5))
+    axes[0].set_ylabel("test accuracy after t steps (%; dashed: the ANNs)")
+    axes[0].set_title("accuracy per time step")
+    axes[0].legend(fontsize=7, loc="lower right")
+    plot_energy_axis(axes[1], results, labels)
+    axes[1].set_title("accuracy against estimated energy per image (memory traffic ignored)")
+    fig.suptitle(f"LeNet5 SNN settings compared on {results[0]['test_images']} MNIST test images",
+                 fontsize=10)
+    save_figure(fig, path)
+
+
+def print_compare(rows):
+    steps = [key for key in rows[0] if key.startswith("t=")]
+    print(f"{'setting':42s} " + " ".join(f"{s:>6}" for s in steps) + f" {'ANN':>6} "
+          f"{'0.1pp at':>8} {'µJ there':>8}")
+    for row in rows:
+        name = f"{Path(row['checkpoint']).stem}: {row['setting']}"[:42]
+        there = row["within_0.1pp_at"]
+        print(f"{name:42s} " + " ".join(f"{row[s]:6.2f}" for s in steps) + f" {row['ann']:6.2f} "
+              f"{there or '-':>8} {row['energy_there_uJ'] or '-':>8}")
 
 
 # ----------------------------------------------------------------------------- command line
+
 
 
 def v0_value(text):
@@ -409,18 +683,23 @@ def v0_value(text):
 def parse_args(argv=None):
     parser = ArgumentParser(
         description="Convert the trained LeNet5 into a spiking network, simulate it on the MNIST "
-                    "test set and plot its accuracy per time step against the ANN. "
-                    f"BrainCog's reference setting: {BRAINCOG_REFERENCE}.")
+                    "test set and plot its accuracy, spikes and estimated energy per time step "
+                    f"against the ANN. BrainCog's reference setting: {BRAINCOG_REFERENCE}.")
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/lenet5_best.pt"),
-                        help="checkpoint written by lenet5.py")
+                        help="checkpoint written by lenet5.py (ReLU or QCFS)")
+    parser.add_argument("--compare", nargs="*", type=Path, default=None, metavar="CHECKPOINT",
+                        help="compare settings instead of one run: the given settings, each knob "
+                             "changed alone and BrainCog's reference on --checkpoint, plus each "
+                             "CHECKPOINT listed (e.g. a QCFS one) at the given settings; writes "
+                             "compare.png, .json and .csv")
     parser.add_argument("--timesteps", type=positive_int, default=64, help="simulation steps T")
     parser.add_argument("--batch-size", type=positive_int, default=500,
                         help="test images simulated at once (500 keeps a layer's state in the "
                              "CPU's cache better than 1,000)")
     parser.add_argument("--percentile", type=percentile, default=None,
                         help="activation percentile that sets each layer's scale (one the "
-                             "checkpoint recorded: 99, 99.9, 99.99, 100); default: the "
-                             "checkpoint's own")
+                             "checkpoint recorded: 99, 99.9, 99.99, 100); default: a QCFS "
+                             "checkpoint's trained thresholds, else the checkpoint's percentile")
     parser.add_argument("--gamma", type=positive_int, default=2,
                         help="most spikes a neuron may fire per step (1: plain IF; 2: burst)")
     parser.add_argument("--v0", type=v0_value, default=0.5,
@@ -438,32 +717,38 @@ def parse_args(argv=None):
                         help="simulate the first N test images only (default: all 10,000)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder holding MNIST/")
     parser.add_argument("--out-dir", type=Path, default=Path("results"),
-                        help="where the plot and the JSON go")
+                        help="where the plots and the JSON go")
     return parser.parse_args(argv)
 
 
-def convert_and_simulate(args):
-    """Load, convert, simulate; return the result dict written to JSON."""
-    device = resolve_device(args.device)
-    check_writable_dir(args.out_dir)
-    checkpoint = load_checkpoint(args.checkpoint)
-    ann = model_from_checkpoint(checkpoint, args.checkpoint).to(device)
+def load_ann(path, device):
+    checkpoint = load_checkpoint(path)
+    return checkpoint, model_from_checkpoint(checkpoint, path).to(device)
+
+
+def settings_for(args, checkpoint):
+    """The run's settings from the arguments; percentile None means a QCFS net's thresholds."""
+    qcfs = checkpoint.get("activation") == "qcfs"
     key = percentile_key(args.percentile) if args.percentile else None
-    scales = activation_scales(checkpoint, key)
-    settings = {"percentile": key or checkpoint.get("percentile", "99"), "gamma": args.gamma,
-                "v0": args.v0, "lateral_inhibition": args.lateral_inhibition,
-                "readout": args.readout}
-    snn = fuse_norm_replace(ann, scales, gamma=args.gamma, v0=args.v0,
-                            lateral_inhibition=args.lateral_inhibition,
-                            readout=args.readout).to(device)
-    images, labels = load_mnist(args.data_dir, train=False)
-    if args.limit and args.limit > len(labels):
-        raise UserError(f"--limit {args.limit}: the test set has only {len(labels)} images")
-    batches = Batches(images[:args.limit], labels[:args.limit], args.batch_size)
+    return {"percentile": key or (None if qcfs else checkpoint.get("percentile", "99")),
+            "gamma": args.gamma, "v0": args.v0, "lateral_inhibition": args.lateral_inhibition,
+            "readout": args.readout, "activation": checkpoint.get("activation", "relu"),
+            "levels": checkpoint.get("levels") if qcfs else None}
+
+
+def run(path, checkpoint, ann, settings, batches, args, device):
+    """Convert `ann` with `settings`, simulate it on `batches`; the result dict (JSON-ready)."""
+    snn = fuse_norm_replace(ann, activation_scales(checkpoint, settings["percentile"]),
+                            gamma=settings["gamma"], v0=settings["v0"],
+                            lateral_inhibition=settings["lateral_inhibition"],
+                            readout=settings["readout"]).to(device)
     print(f"simulating {len(batches.labels)} test images for {args.timesteps} steps on {device}: "
-          f"{settings_text(settings)}")
+          f"{path}, {settings_text(settings)}")
     start = time.perf_counter()
-    snn_accuracy = evaluate_snn(snn, batches, args.timesteps, device, SIMULATORS[args.simulator])
+    counts = {}
+    snn_accuracy = evaluate_snn(snn, batches, args.timesteps, device,
+                                SIMULATORS[args.simulator], counts)
+    seconds = time.perf_counter() - start
     ann_accuracy = evaluate(ann, batches, device)
     return {
         "ann_accuracy": ann_accuracy,
@@ -471,25 +756,69 @@ def convert_and_simulate(args):
         "timesteps": args.timesteps,
         "first_step_within_0.1pp": first_step_within(snn_accuracy, ann_accuracy),
         "settings": settings,
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(path),
         "test_images": len(batches.labels),
         "device": str(device),
-        "simulation_seconds": round(time.perf_counter() - start, 2),
+        "simulation_seconds": round(seconds, 2),
+        "efficiency": efficiency(snn, counts, len(batches.labels), args.timesteps),
     }
+
+
+def test_batches(args):
+    images, labels = load_mnist(args.data_dir, train=False)
+    if args.limit and args.limit > len(labels):
+        raise UserError(f"--limit {args.limit}: the test set has only {len(labels)} images")
+    return Batches(images[:args.limit], labels[:args.limit], args.batch_size)
+
+
+def convert_and_simulate(args):
+    """One run: load, convert, simulate; write the plots and the JSON; return the result."""
+    device = resolve_device(args.device)
+    check_writable_dir(args.out_dir)
+    checkpoint, ann = load_ann(args.checkpoint, device)
+    settings = settings_for(args, checkpoint)
+    activation_scales(checkpoint, settings["percentile"])  # a bad percentile fails before the data
+    result = run(args.checkpoint, checkpoint, ann, settings, test_batches(args), args, device)
+    plot_accuracy(result, args.out_dir / "snn_accuracy.png")
+    plot_efficiency(result, args.out_dir / "snn_efficiency.png")
+    write_json(args.out_dir / "snn_accuracy.json", result)
+    print_table(result)
+    print(f"wrote snn_accuracy.png, snn_efficiency.png and snn_accuracy.json in {args.out_dir} "
+          f"(simulation {result['simulation_seconds']:.0f}s)")
+    return result
+
+
+def compare(args):
+    """Compare mode: every setting of `compare_settings` and each extra checkpoint, one figure."""
+    device = resolve_device(args.device)
+    check_writable_dir(args.out_dir)
+    loaded = [(path, *load_ann(path, device)) for path in [args.checkpoint, *args.compare]]
+    plan = []
+    for i, (path, checkpoint, ann) in enumerate(loaded):
+        settings = settings_for(args, checkpoint)
+        recorded = list(checkpoint.get("percentiles", {}).get("out", {}))
+        for label, setting in compare_settings(settings, recorded) if i == 0 else [
+                ("as given", settings)]:
+            activation_scales(checkpoint, setting["percentile"])  # fail before simulating
+            plan.append((label, path, checkpoint, ann, setting))
+    batches = test_batches(args)
+    results = [run(path, checkpoint, ann, setting, batches, args, device) | {"label": label}
+               for label, path, checkpoint, ann, setting in plan]
+    rows = compare_rows(results)
+    plot_compare(results, args.out_dir / "compare.png")
+    write_json(args.out_dir / "compare.json", {"runs": results, "table": rows})
+    write_csv(args.out_dir / "compare.csv", rows)
+    print_compare(rows)
+    print(f"wrote compare.png, compare.json and compare.csv in {args.out_dir}")
+    return results
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        result = convert_and_simulate(args)
-        plot_accuracy(result, args.out_dir / "snn_accuracy.png")
-        write_json(args.out_dir / "snn_accuracy.json", result)
+        return compare(args) if args.compare is not None else convert_and_simulate(args)
     except UserError as e:
         sys.exit(f"lenet_convert.py: error: {e}")
-    print_table(result)
-    print(f"wrote {args.out_dir / 'snn_accuracy.png'} and {args.out_dir / 'snn_accuracy.json'} "
-          f"(simulation {result['simulation_seconds']:.0f}s)")
-    return result
 
 
 if __name__ == "__main__":

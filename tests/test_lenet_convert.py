@@ -1,7 +1,9 @@
+import csv
 import itertools
 import json
 import re
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -11,13 +13,16 @@ import torch.nn.functional as F
 
 import lenet5
 import lenet_convert
-from lenet5 import LeNet5, UserError, percentile_activations
+from lenet5 import QCFS, LeNet5, UserError, percentile_activations
 from lenet_convert import (
+    Counting,
     SMaxPool,
     SpikeNode,
     activation_scales,
     clean_mem_spike,
+    efficiency,
     evaluate_snn,
+    fan_out,
     first_step_within,
     fuse,
     fuse_norm_replace,
@@ -31,9 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 
 
-def _random_lenet(seed=0):
+def _random_lenet(seed=0, activation="relu", levels=4):
     torch.manual_seed(seed)
-    model = LeNet5()
+    model = LeNet5(activation, levels)
+    for act in model.children():
+        if isinstance(act, QCFS):
+            act.threshold.data.uniform_(0.5, 2.0)
     for bn in (model.bn1, model.bn3):
         bn.weight.data.uniform_(0.5, 1.5)
         bn.bias.data.uniform_(-0.2, 0.2)
@@ -63,8 +71,9 @@ def test_fuse_equals_conv_then_batchnorm():
         assert torch.allclose(fuse(model.c3, model.bn3)(x), expected, atol=1e-5)
 
 
-def test_normalised_ann_predicts_exactly_as_the_ann():
-    model = _random_lenet()
+@pytest.mark.parametrize("activation", ["relu", "qcfs"])
+def test_normalised_ann_predicts_exactly_as_the_ann(activation):
+    model = _random_lenet(activation=activation)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.rand(64, 1, 32, 32)
     scales = {name: p["99"] for name, p in percentile_activations(model, [(images, None)],
@@ -104,6 +113,39 @@ def test_activation_scales_come_from_the_chosen_percentile():
         activation_scales(checkpoint, "95")
     with pytest.raises(UserError, match="no activation percentiles"):
         activation_scales({"model_state": {}})
+
+
+def test_qcfs_checkpoint_scales_by_its_trained_thresholds():
+    checkpoint = {"percentile": "99", "thresholds": {"act1": 0.8},
+                  "percentiles": {"act1": {"99": 1.5}, "out": {"99": 7.0}}}
+    assert activation_scales(checkpoint) == {"act1": 0.8, "out": 7.0}  # theta = lambda
+    assert activation_scales(checkpoint, "99") == {"act1": 1.5, "out": 7.0}  # asked for
+
+
+@pytest.mark.parametrize("levels", [1, 2, 4, 8])
+def test_if_neuron_count_after_l_steps_is_the_qcfs_value(levels):
+    """With theta = lambda and V0 = theta/2, L steps of a constant input give QCFS's output."""
+    a = torch.rand(10_000) * 1.6 - 0.3
+    node = SpikeNode(threshold=1.0, gamma=1, v0=0.5)
+    count = sum(node(a) for _ in range(levels))
+    with torch.no_grad():
+        assert torch.equal(count / levels, QCFS(levels, threshold=1.0)(a))
+
+
+def test_qcfs_network_at_one_level_is_exact_after_one_step():
+    """L = 1: every activation is 0 or lambda, one step carries it exactly, layer after layer."""
+    ann = _random_lenet(activation="qcfs", levels=1)
+    for act, threshold in zip((ann.act1, ann.act3, ann.act5, ann.act6), (0.5, 1.0, 0.3, 0.1),
+                              strict=True):
+        act.threshold.data.fill_(threshold)  # so that every layer has units on and off
+    images = torch.rand(256, 1, 32, 32)
+    checkpoint = {"thresholds": lenet5.thresholds(ann), "percentiles": {"out": {"99": 1.0}}}
+    snn = fuse_norm_replace(ann, activation_scales(checkpoint), gamma=1, v0=0.5)
+    with torch.no_grad():
+        logits, first = ann(images), next(simulate(snn, images, 1))
+        hidden = nn.Sequential(*list(ann)[:-1])(images)  # the output layer's quantised input
+    assert set(torch.unique(hidden / ann.act6.threshold).tolist()) == {0.0, 1.0}
+    assert torch.allclose(first, logits, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- spiking modules
@@ -189,7 +231,8 @@ def _dyadic_snn(**settings):
 def _run(simulator, snn, images, steps, **kwargs):
     with torch.no_grad():
         outputs = torch.stack(list(simulator(snn, images, steps, **kwargs)))
-    counts = [m.spike_count.item() for m in snn.modules() if isinstance(m, SpikeNode)]
+    counts = {name: torch.stack(m.counts) for name, m in snn.named_modules()
+              if isinstance(m, Counting)}
     return outputs, counts
 
 
@@ -201,8 +244,9 @@ def test_layerwise_simulation_gives_identical_spikes(gamma, v0, inhibition, read
     step_outputs, step_counts = _run(simulate, snn, images, 12)
     layer_outputs, layer_counts = _run(simulate_layerwise, snn, images, 12,
                                        chunk_elements=12 * 4704 * 5)  # 5 images a chunk
-    assert sum(step_counts) > 0
-    assert step_counts == layer_counts  # every layer fired the same number of spikes
+    assert step_counts["act6"].sum() > 0 and step_counts.keys() == layer_counts.keys()
+    for name, counts in step_counts.items():  # the same spikes at every step and unit
+        assert counts.shape[0] == 12 and torch.equal(counts, layer_counts[name]), name
     assert torch.equal(step_outputs, layer_outputs)
 
 
@@ -228,6 +272,43 @@ def test_benchmark_writes_its_table(trained, tmp_path, capsys):
     assert all(r["seconds"] > 0 and len(r["accuracy"]) == r["timesteps"] for r in result["rows"])
     assert result["peak_memory"]["layerwise"]["peak_mb"] > 0
     assert "x T*ANN" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- efficiency
+
+
+def test_fan_out_counts_every_synapse():
+    fan = fan_out(nn.Conv2d(2, 3, 3), (2, 4, 4))  # a 2x2 output of 3 channels
+    assert fan[0, 0, 0] == 3 and fan[1, 1, 1] == 3 * 4 and fan[0, 0, 1] == 3 * 2
+    assert fan.sum() == 2 * 3 * 9 * 4  # the layer's MACs
+    assert torch.equal(fan_out(nn.Linear(5, 7), (5,)), torch.full((5,), 7.0))
+    shapes = lenet_convert.input_shapes(LeNet5())
+    macs = {name: fan_out(getattr(LeNet5(), name), shape).sum().item()
+            for name, shape in shapes.items()}
+    assert macs == {"c1": 117_600, "c3": 240_000, "c5": 48_000, "f6": 10_080, "out": 840}
+
+
+def test_spike_counts_synops_and_energy_by_hand():
+    """Two neurons in, three IF neurons (currents 1, 0.5, 0; V0 = 0), two out, over 2 steps."""
+    snn = nn.Sequential(OrderedDict(
+        c1=nn.Linear(2, 3), act1=SpikeNode(gamma=1, v0=0.0), out=nn.Linear(3, 2)))
+    with torch.no_grad():
+        snn.c1.weight.copy_(torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.0, 0.0]]))
+        snn.c1.bias.zero_()
+    images = torch.tensor([[1.0, 3.0]] * 4)  # a batch of four identical images
+    batches = [(images[:3], torch.zeros(3, dtype=torch.long)),
+               (images[3:], torch.zeros(1, dtype=torch.long))]
+    counts = {}
+    evaluate_snn(snn, batches, 2, "cpu", counts=counts)
+    # act1: neuron 0 fires at steps 1 and 2, neuron 1 at step 2 (V = 0.5, then 1), neuron 2 never
+    assert counts["act1"].tolist() == [[4, 0, 0], [4, 4, 0]]
+    eff = efficiency(snn, counts, images=4, timesteps=2, image_shape=(2,))
+    assert eff["firing_rate"] == {"act1": pytest.approx(3 / (3 * 2))}
+    assert eff["ann_macs_by_layer"] == {"c1": 6, "out": 6} and eff["first_layer_macs"] == 6
+    assert eff["synops_by_layer"] == {"out": [2.0, 6.0]}  # 1 then 2 spikes, 2 synapses each
+    assert eff["synops_per_image"] == [2.0, 6.0]
+    assert eff["snn_energy_pj"] == pytest.approx([6 * 4.6 + 2 * 0.9, 6 * 4.6 + 6 * 0.9])
+    assert eff["ann_energy_pj"] == pytest.approx(12 * 4.6)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -272,8 +353,52 @@ def test_converted_network_reaches_its_ann(trained, tmp_path):
     for key in ("ann_accuracy", "timesteps", "first_step_within_0.1pp", "settings", "checkpoint"):
         assert key in saved
     assert saved["settings"] == {"percentile": "99", "gamma": 2, "v0": 0.5,
-                                 "lateral_inhibition": True, "readout": "analog"}
-    assert (tmp_path / "snn_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+                                 "lateral_inhibition": True, "readout": "analog",
+                                 "activation": "relu", "levels": None}
+    efficiency = saved["efficiency"]
+    assert efficiency["ann_macs_per_image"] == 416_520 and len(efficiency["snn_energy_pj"]) == 64
+    assert set(efficiency["firing_rate"]) == {"act1", "act3", "act5", "act6"}
+    for name in ("snn_accuracy.png", "snn_efficiency.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def qcfs(trained, tmp_path_factory):
+    """A QCFS LeNet5 (L = 2) fine-tuned briefly from `trained` by lenet5.py's command line."""
+    path = tmp_path_factory.mktemp("qcfs") / "qcfs.pt"
+    lenet5.main(["--activation", "qcfs", "--levels", "2", "--init-from", str(trained),
+                 "--epochs", "1", "--limit-train", "2000", "--val-size", "1000", "--lr", "0.01",
+                 "--device", "cpu", "--data-dir", str(DATA), "--checkpoint", str(path)])
+    return path
+
+
+def test_qcfs_checkpoint_converts_with_its_thresholds(qcfs, tmp_path):
+    result = lenet_convert.main(["--checkpoint", str(qcfs), "--limit", "500", "--timesteps", "8",
+                                 "--data-dir", str(DATA), "--out-dir", str(tmp_path)])
+    assert result["settings"]["percentile"] is None and result["settings"]["levels"] == 2
+    assert result["settings"]["v0"] == 0.5
+    assert result["snn_accuracy"][-1] >= result["ann_accuracy"] - 0.02
+
+
+def test_compare_mode_writes_its_figure_and_table(trained, qcfs, tmp_path):
+    results = lenet_convert.main(["--checkpoint", str(trained), "--compare", str(qcfs),
+                                  "--limit", "100", "--timesteps", "4", "--data-dir", str(DATA),
+                                  "--out-dir", str(tmp_path)])
+    labels = [r["label"] for r in results]
+    assert labels == ["as given", "lateral inhibition off", "V0 = 0", "γ = 1", "p = 99.9",
+                      "p = 99.99", "p = 100", "read-out spikes", "BrainCog reference",
+                      "as given"]
+    reference = results[labels.index("BrainCog reference")]["settings"]
+    assert (reference["v0"], reference["gamma"], reference["percentile"],
+            reference["lateral_inhibition"]) == (0.0, 2, "99.9", False)
+    assert results[-1]["checkpoint"] == str(qcfs) and results[-1]["settings"]["levels"] == 2
+    rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
+    assert [r["setting"] for r in rows] == labels
+    assert [float(r["t=4"]) for r in rows] == [round(100 * r["snn_accuracy"][3], 2)
+                                               for r in results]
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert len(saved["runs"]) == len(results) and "efficiency" in saved["runs"][0]
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_spiking_readout_and_reference_setting_run(trained, tmp_path):

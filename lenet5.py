@@ -49,6 +49,8 @@ PERCENTILES = (99.0, 99.9, 99.99, 100.0)  # recorded for every hooked layer
 CALIBRATION_IMAGES = 2048  # training images the percentiles are measured on
 QUANTILE_MAX_VALUES = 2**24  # torch.quantile refuses larger inputs: subsample (seeded) above this
 ARCH = "LeNet5-BN"
+TRAINING = {"epochs": 25, "lr": 0.05}  # from scratch
+FINE_TUNING = {"epochs": 20, "lr": 0.01}  # from --init-from, e.g. a ReLU net into QCFS
 
 
 class UserError(Exception):
@@ -459,11 +461,14 @@ def parse_args(argv=None):
     parser = ArgumentParser(
         description="Train LeNet5-BN on MNIST; save the best checkpoint (chosen on a validation "
                     "split) with activation percentiles for ANN->SNN conversion.")
-    parser.add_argument("--epochs", type=positive_int, default=25, help="training epochs")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help=f"training epochs (default: {TRAINING['epochs']}; "
+                             f"{FINE_TUNING['epochs']} when fine-tuning with --init-from)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
-    parser.add_argument("--lr", type=positive_float, default=0.05,
-                        help="peak learning rate of the one-cycle schedule (SGD, Nesterov "
-                             "momentum 0.9)")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="peak learning rate of the one-cycle schedule, SGD with Nesterov "
+                             f"momentum 0.9 (default: {TRAINING['lr']}; {FINE_TUNING['lr']} "
+                             "when fine-tuning)")
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
     parser.add_argument("--max-shift", type=int, default=2, choices=range(0, 5), metavar="{0..4}",
                         help="augmentation: random shift of each training image, in pixels")
@@ -493,6 +498,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.val_size >= 60000:
         parser.error(f"argument --val-size: must be below 60000, got {args.val_size}")
+    for key, value in (FINE_TUNING if args.init_from else TRAINING).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.checkpoint is None:
         name = "lenet5_best.pt" if args.activation == "relu" else "lenet5_qcfs_best.pt"
         args.checkpoint = Path("checkpoints") / name

@@ -193,10 +193,13 @@ def fuse(conv, bn):
     return fused
 
 
-def activation_scales(checkpoint, key=None):
-    """{layer: lambda} from a checkpoint: the activation percentile `key`, or by default a QCFS
-    checkpoint's trained thresholds (theta = lambda) and otherwise the checkpoint's own percentile.
+def activation_scales(checkpoint, key=None, gamma=1):
+    """{layer: what one spike stands for} from a checkpoint.
 
+    The activation percentile `key`; or by default, for a QCFS checkpoint, its trained lambda
+    divided by `gamma`, and otherwise the checkpoint's own percentile. A QCFS activation never
+    exceeds lambda, so rather than carry values above it, the gamma spikes a neuron may fire per
+    step share [0, lambda]: theta = lambda / gamma (gamma = 1: Bu et al.'s theta = lambda).
     The output layer's scale (used by a spiking read-out) is always a percentile.
     """
     recorded = checkpoint.get("percentiles")
@@ -211,7 +214,7 @@ def activation_scales(checkpoint, key=None):
         available = ", ".join(next(iter(recorded.values()), {}))
         raise UserError(f"the checkpoint has no {key}th percentile (it has: {available}); "
                         f"choose one of those or retrain with `--percentile {key}`") from None
-    return scales | trained
+    return scales | {layer: value / gamma for layer, value in trained.items()}
 
 
 @torch.no_grad()
@@ -476,7 +479,7 @@ def at_ann_level(result):
 
 
 def settings_text(settings):
-    scaling = (f"θ=λ (QCFS, L={settings['levels']})" if settings["percentile"] is None
+    scaling = (f"θ=λ/γ (QCFS, L={settings['levels']})" if settings["percentile"] is None
                else f"p={settings['percentile']}")
     return (f"{scaling}, γ={settings['gamma']}, V0={settings['v0']}θ, "
             f"lateral inhibition {'on' if settings['lateral_inhibition'] else 'off'}, "
@@ -521,15 +524,20 @@ def plot_accuracy(result, path):
     save_figure(fig, path)
 
 
-def plot_energy_axis(ax, results, labels):
+def plot_energy_axis(ax, results, labels, styles):
     """Accuracy against estimated energy per image: one curve per result, the ANN(s) as points."""
-    for result, label in zip(results, labels, strict=True):
+    for result, label, style in zip(results, labels, styles, strict=True):
         eff = result["efficiency"]
-        line, = ax.plot([e / 1e6 for e in eff["snn_energy_pj"]],
-                        [100 * a for a in result["snn_accuracy"]], marker=".", label=label)
+        ax.plot([e / 1e6 for e in eff["snn_energy_pj"]], [100 * a for a in result["snn_accuracy"]],
+                marker=".", markersize=3, label=label, **style)
         ax.plot(eff["ann_energy_pj"] / 1e6, 100 * result["ann_accuracy"], marker="*",
-                markersize=14, linestyle="none", color=line.get_color(), markeredgecolor="k")
+                markersize=14, linestyle="none", color=style["color"], markeredgecolor="k")
     ax.set_xscale("log")
+    ax.set_xticks([0.25, 0.5, 0.6, 0.8, 1, 1.5, 2, 3, 4, 6, 8, 16, 32])
+    ax.set_xlim(min(min(r["efficiency"]["snn_energy_pj"]) for r in results) / 1e6 * 0.9,
+                max(max(r["efficiency"]["snn_energy_pj"]) for r in results) / 1e6 * 1.1)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("estimated energy per image (µJ; ★ = the ANN)")
     ax.set_ylabel("test accuracy (%)")
     ann = 100 * results[0]["ann_accuracy"]
@@ -556,7 +564,7 @@ def plot_efficiency(result, path):
     axes[1].set_ylabel("synaptic operations per image after t steps")
     axes[1].set_title("SynOps against time")
     axes[1].legend(fontsize=8)
-    plot_energy_axis(axes[2], [result], ["SNN, one point per step"])
+    plot_energy_axis(axes[2], [result], ["SNN, one point per step"], [{"color": "tab:blue"}])
     axes[2].set_title("accuracy against energy (memory traffic ignored)")
     axes[2].legend(loc="lower right")
     fig.suptitle(f"LeNet5 SNN efficiency on {result['test_images']} MNIST test images: "
@@ -589,21 +597,32 @@ def print_table(result):
 # ----------------------------------------------------------------------------- compare mode
 
 
-def compare_settings(settings, percentiles):
-    """(label, settings) pairs: `settings`, then one knob changed at a time, then BrainCog's."""
+COMPARE_GAMMAS = (1, 2, 4)
+
+
+def compare_settings(settings, percentiles, every_knob=True):
+    """(label, settings) pairs: `settings`, then one knob changed at a time, then BrainCog's.
+
+    With every_knob=False, only the burst limits gamma of COMPARE_GAMMAS are varied.
+    """
     variants = [("as given", settings)]
+
     def vary(label, **change):
         variants.append((label, settings | change))
-    vary("lateral inhibition " + ("off" if settings["lateral_inhibition"] else "on"),
-         lateral_inhibition=not settings["lateral_inhibition"])
-    vary("V0 = " + ("0" if settings["v0"] else "θ/2"), v0=0.0 if settings["v0"] else 0.5)
-    vary(f"γ = {1 if settings['gamma'] != 1 else 2}", gamma=1 if settings["gamma"] != 1 else 2)
-    for key in percentiles:
-        if key != settings["percentile"]:
-            vary(f"p = {key}", percentile=key)
-    vary("read-out " + ("spikes" if settings["readout"] == "analog" else "analog"),
-         readout="spikes" if settings["readout"] == "analog" else "analog")
-    variants.append(("BrainCog reference", settings | BRAINCOG_SETTINGS))
+    if every_knob:
+        vary("lateral inhibition " + ("off" if settings["lateral_inhibition"] else "on"),
+             lateral_inhibition=not settings["lateral_inhibition"])
+        vary("V0 = " + ("0" if settings["v0"] else "θ/2"), v0=0.0 if settings["v0"] else 0.5)
+    for gamma in COMPARE_GAMMAS:
+        if gamma != settings["gamma"]:
+            vary(f"γ = {gamma}", gamma=gamma)
+    if every_knob:
+        for key in percentiles:
+            if key != settings["percentile"]:
+                vary(f"p = {key}", percentile=key)
+        vary("read-out " + ("spikes" if settings["readout"] == "analog" else "analog"),
+             readout="spikes" if settings["readout"] == "analog" else "analog")
+        variants.append(("BrainCog reference", settings | BRAINCOG_SETTINGS))
     return variants
 
 
@@ -633,25 +652,35 @@ def write_csv(path, rows):
 
 
 def plot_compare(results, path):
-    """Accuracy per step of every run overlaid, and accuracy against energy per image."""
+    """Accuracy per step of every run overlaid; accuracy against energy of the main runs.
+
+    Runs of --checkpoint are solid lines, those of further checkpoints dashed. The energy panel
+    shows each checkpoint's run as given and BrainCog's reference, to stay readable.
+    """
     labels = [f"{Path(r['checkpoint']).stem}: {r['label']}" for r in results]
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+    first = results[0]["checkpoint"]
+    styles = [{"color": plt.cm.tab20(i % 20), "linestyle": "-" if r["checkpoint"] == first
+               else "--"} for i, r in enumerate(results)]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
     timesteps = results[0]["timesteps"]
-    for result, label in zip(results, labels, strict=True):
+    for result, label, style in zip(results, labels, styles, strict=True):
         axes[0].plot(range(1, timesteps + 1), [100 * a for a in result["snn_accuracy"]],
-                     marker=".", markersize=3, label=label)
+                     marker=".", markersize=3, label=label, **style)
     for ann in sorted({r["ann_accuracy"] for r in results}):
-        axes[0].axhline(100 * ann, color="k", linestyle="--", linewidth=0.8)
+        axes[0].axhline(100 * ann, color="k", linestyle=":", linewidth=1)
     step_axis(axes[0], timesteps)
     best_ann = 100 * max(r["ann_accuracy"] for r in results)
     axes[0].set_ylim(best_ann - 4, min(100, best_ann + 0.5))
-    axes[0].set_ylabel("test accuracy after t steps (%; dashed: the ANNs)")
+    axes[0].set_ylabel("test accuracy after t steps (%; dotted: the ANNs)")
     axes[0].set_title("accuracy per time step")
     axes[0].legend(fontsize=7, loc="lower right")
-    plot_energy_axis(axes[1], results, labels)
+    main = [i for i, r in enumerate(results) if r["label"] in ("as given", "BrainCog reference")]
+    plot_energy_axis(axes[1], [results[i] for i in main], [labels[i] for i in main],
+                     [styles[i] for i in main])
+    axes[1].legend(fontsize=7, loc="lower right")
     axes[1].set_title("accuracy against estimated energy per image (memory traffic ignored)")
-    fig.suptitle(f"LeNet5 SNN settings compared on {results[0]['test_images']} MNIST test images",
-                 fontsize=10)
+    fig.suptitle(f"LeNet5 SNN settings compared on {results[0]['test_images']} MNIST test images, "
+                 f"T = {timesteps}", fontsize=10)
     save_figure(fig, path)
 
 
@@ -690,8 +719,8 @@ def parse_args(argv=None):
     parser.add_argument("--compare", nargs="*", type=Path, default=None, metavar="CHECKPOINT",
                         help="compare settings instead of one run: the given settings, each knob "
                              "changed alone and BrainCog's reference on --checkpoint, plus each "
-                             "CHECKPOINT listed (e.g. a QCFS one) at the given settings; writes "
-                             "compare.png, .json and .csv")
+                             "CHECKPOINT listed (e.g. a QCFS one) at the given settings and with "
+                             "γ = 1, 2, 4; writes compare.png, .json and .csv")
     parser.add_argument("--timesteps", type=positive_int, default=64, help="simulation steps T")
     parser.add_argument("--batch-size", type=positive_int, default=500,
                         help="test images simulated at once (500 keeps a layer's state in the "
@@ -738,8 +767,8 @@ def settings_for(args, checkpoint):
 
 def run(path, checkpoint, ann, settings, batches, args, device):
     """Convert `ann` with `settings`, simulate it on `batches`; the result dict (JSON-ready)."""
-    snn = fuse_norm_replace(ann, activation_scales(checkpoint, settings["percentile"]),
-                            gamma=settings["gamma"], v0=settings["v0"],
+    scales = activation_scales(checkpoint, settings["percentile"], settings["gamma"])
+    snn = fuse_norm_replace(ann, scales, gamma=settings["gamma"], v0=settings["v0"],
                             lateral_inhibition=settings["lateral_inhibition"],
                             readout=settings["readout"]).to(device)
     print(f"simulating {len(batches.labels)} test images for {args.timesteps} steps on {device}: "
@@ -789,7 +818,7 @@ def convert_and_simulate(args):
 
 
 def compare(args):
-    """Compare mode: every setting of `compare_settings` and each extra checkpoint, one figure."""
+    """Compare mode: `compare_settings` on --checkpoint and on each extra one; one figure."""
     device = resolve_device(args.device)
     check_writable_dir(args.out_dir)
     loaded = [(path, *load_ann(path, device)) for path in [args.checkpoint, *args.compare]]
@@ -797,8 +826,7 @@ def compare(args):
     for i, (path, checkpoint, ann) in enumerate(loaded):
         settings = settings_for(args, checkpoint)
         recorded = list(checkpoint.get("percentiles", {}).get("out", {}))
-        for label, setting in compare_settings(settings, recorded) if i == 0 else [
-                ("as given", settings)]:
+        for label, setting in compare_settings(settings, recorded, every_knob=i == 0):
             activation_scales(checkpoint, setting["percentile"])  # fail before simulating
             plan.append((label, path, checkpoint, ann, setting))
     batches = test_batches(args)

@@ -291,10 +291,13 @@ def test_qcfs_fine_tuning_starts_from_the_percentiles_and_records_lambda(tmp_pat
     assert ck["thresholds"] != pytest.approx(started)  # lambda was trained
 
 
-def test_default_checkpoint_depends_on_the_activation():
-    assert lenet5.parse_args([]).checkpoint == Path("checkpoints/lenet5_best.pt")
-    assert (lenet5.parse_args(["--activation", "qcfs"]).checkpoint
-            == Path("checkpoints/lenet5_qcfs_best.pt"))
+def test_defaults_depend_on_the_activation_and_on_fine_tuning():
+    scratch = lenet5.parse_args([])
+    assert scratch.checkpoint == Path("checkpoints/lenet5_best.pt")
+    assert (scratch.epochs, scratch.lr) == (25, 0.05)
+    tune = lenet5.parse_args(["--activation", "qcfs", "--init-from", "a.pt", "--epochs", "3"])
+    assert tune.checkpoint == Path("checkpoints/lenet5_qcfs_best.pt")
+    assert (tune.epochs, tune.lr) == (3, 0.01)  # the fine-tuning default, unless given
 
 
 def test_same_seed_gives_the_same_weights(tmp_path):

@@ -119,6 +119,7 @@ def test_qcfs_checkpoint_scales_by_its_trained_thresholds():
     checkpoint = {"percentile": "99", "thresholds": {"act1": 0.8},
                   "percentiles": {"act1": {"99": 1.5}, "out": {"99": 7.0}}}
     assert activation_scales(checkpoint) == {"act1": 0.8, "out": 7.0}  # theta = lambda
+    assert activation_scales(checkpoint, gamma=2) == {"act1": 0.4, "out": 7.0}  # lambda / gamma
     assert activation_scales(checkpoint, "99") == {"act1": 1.5, "out": 7.0}  # asked for
 
 
@@ -132,19 +133,21 @@ def test_if_neuron_count_after_l_steps_is_the_qcfs_value(levels):
         assert torch.equal(count / levels, QCFS(levels, threshold=1.0)(a))
 
 
-def test_qcfs_network_at_one_level_is_exact_after_one_step():
-    """L = 1: every activation is 0 or lambda, one step carries it exactly, layer after layer."""
-    ann = _random_lenet(activation="qcfs", levels=1)
+@pytest.mark.parametrize("levels", [1, 2, 4])
+def test_qcfs_network_is_exact_after_one_step_when_gamma_is_l(levels):
+    """theta = lambda / L and gamma = L: a neuron's spikes in one step are its QCFS value."""
+    ann = _random_lenet(activation="qcfs", levels=levels)
     for act, threshold in zip((ann.act1, ann.act3, ann.act5, ann.act6), (0.5, 1.0, 0.3, 0.1),
                               strict=True):
         act.threshold.data.fill_(threshold)  # so that every layer has units on and off
     images = torch.rand(256, 1, 32, 32)
     checkpoint = {"thresholds": lenet5.thresholds(ann), "percentiles": {"out": {"99": 1.0}}}
-    snn = fuse_norm_replace(ann, activation_scales(checkpoint), gamma=1, v0=0.5)
+    snn = fuse_norm_replace(ann, activation_scales(checkpoint, gamma=levels), gamma=levels,
+                            v0=0.5)
     with torch.no_grad():
         logits, first = ann(images), next(simulate(snn, images, 1))
         hidden = nn.Sequential(*list(ann)[:-1])(images)  # the output layer's quantised input
-    assert set(torch.unique(hidden / ann.act6.threshold).tolist()) == {0.0, 1.0}
+    assert len(torch.unique(hidden)) > 1  # not all on or all off
     assert torch.allclose(first, logits, atol=1e-5)
 
 
@@ -385,13 +388,14 @@ def test_compare_mode_writes_its_figure_and_table(trained, qcfs, tmp_path):
                                   "--limit", "100", "--timesteps", "4", "--data-dir", str(DATA),
                                   "--out-dir", str(tmp_path)])
     labels = [r["label"] for r in results]
-    assert labels == ["as given", "lateral inhibition off", "V0 = 0", "γ = 1", "p = 99.9",
-                      "p = 99.99", "p = 100", "read-out spikes", "BrainCog reference",
-                      "as given"]
+    assert labels == ["as given", "lateral inhibition off", "V0 = 0", "γ = 1", "γ = 4",
+                      "p = 99.9", "p = 99.99", "p = 100", "read-out spikes",
+                      "BrainCog reference", "as given", "γ = 1", "γ = 4"]
     reference = results[labels.index("BrainCog reference")]["settings"]
     assert (reference["v0"], reference["gamma"], reference["percentile"],
             reference["lateral_inhibition"]) == (0.0, 2, "99.9", False)
     assert results[-1]["checkpoint"] == str(qcfs) and results[-1]["settings"]["levels"] == 2
+    assert results[-1]["settings"]["gamma"] == 4
     rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
     assert [r["setting"] for r in rows] == labels
     assert [float(r["t=4"]) for r in rows] == [round(100 * r["snn_accuracy"][3], 2)

@@ -66,25 +66,36 @@ class Counting(nn.Module):
 
     `counts[t]` is the output at step t summed over the batch (shape: one sample's output) since
     the last `reset`, for firing rates and synaptic operations. `step` is the next step's index.
+    The counts live in one buffer that doubles when full: a small tensor kept from every step
+    would fragment the heap between the large per-step tensors and make memory grow with T.
     """
 
     def reset(self):
-        self.counts = []
+        self.buffer = None  # [capacity, *units]
+        self.length = 0  # steps counted
         self.step = 0
 
     def count(self, out):
         """Add `out` ([steps, batch, ...], from step `self.step` on) to the counts."""
-        for i, per_unit in enumerate(out.sum(1), self.step):
-            if i < len(self.counts):
-                self.counts[i] += per_unit  # another chunk of the batch (layer-wise simulation)
-            else:
-                self.counts.append(per_unit)
-        self.step += len(out)
+        per_step = out.sum(1)
+        end = self.step + len(per_step)
+        if self.buffer is None or end > len(self.buffer):
+            grown = per_step.new_zeros(max(end, 2 * self.length, 16), *per_step.shape[1:])
+            if self.buffer is not None:
+                grown[:self.length] = self.buffer[:self.length]
+            self.buffer = grown
+        self.buffer[self.step:end] += per_step  # another chunk of the batch adds to its steps
+        self.length, self.step = max(self.length, end), end
+
+    @property
+    def counts(self):
+        """Spikes per step and unit since the last reset: a tensor [steps, *units]."""
+        return self.buffer[:self.length] if self.buffer is not None else torch.zeros(0)
 
     @property
     def spike_count(self):
         """Spikes output since the last reset, over the batch and all units and steps."""
-        return sum(c.sum() for c in self.counts)
+        return self.counts.sum()
 
 
 class SpikeNode(Counting):
@@ -379,7 +390,7 @@ def evaluate_snn(snn, batches, timesteps, device, simulator=simulate, counts=Non
             seen += len(labels)
             if counts is not None:
                 for name, module in counting.items():
-                    counts[name] = counts.get(name, 0) + torch.stack(module.counts).cpu()
+                    counts[name] = counts.get(name, 0) + module.counts.cpu()
     return (correct / seen).tolist()
 
 

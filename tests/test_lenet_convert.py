@@ -234,7 +234,7 @@ def _dyadic_snn(**settings):
 def _run(simulator, snn, images, steps, **kwargs):
     with torch.no_grad():
         outputs = torch.stack(list(simulator(snn, images, steps, **kwargs)))
-    counts = {name: torch.stack(m.counts) for name, m in snn.named_modules()
+    counts = {name: m.counts.clone() for name, m in snn.named_modules()
               if isinstance(m, Counting)}
     return outputs, counts
 

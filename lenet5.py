@@ -367,9 +367,11 @@ def percentile_activations(model, batches, device, percentiles=PERCENTILES, seed
 
 
 def first_line(error):
-    """An exception's first line without terminal colour codes, for a one-line message."""
+    """An exception's first sentence without terminal colour codes, for a one-line message."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
-    return text.splitlines()[0].rstrip(" .,:") if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    return re.split(r"\.\s", text.splitlines()[0])[0].rstrip(" .,:")
 
 
 def save_checkpoint(checkpoint, path):

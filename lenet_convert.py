@@ -709,7 +709,6 @@ def print_compare(rows):
 # ----------------------------------------------------------------------------- command line
 
 
-
 def v0_value(text):
     try:
         value = float(text)
@@ -804,11 +803,18 @@ def run(path, checkpoint, ann, settings, batches, args, device):
     }
 
 
-def test_batches(args):
+def run_all(plan, args, device):
+    """`run` each (path, checkpoint, ann, settings) of `plan` on the same test images.
+
+    Every setting's scales are checked first, so a bad one fails before any data is loaded.
+    """
+    for _, checkpoint, _, settings in plan:
+        activation_scales(checkpoint, settings["percentile"])
     images, labels = load_mnist(args.data_dir, train=False)
     if args.limit and args.limit > len(labels):
         raise UserError(f"--limit {args.limit}: the test set has only {len(labels)} images")
-    return Batches(images[:args.limit], labels[:args.limit], args.batch_size)
+    batches = Batches(images[:args.limit], labels[:args.limit], args.batch_size)
+    return [run(*planned, batches, args, device) for planned in plan]
 
 
 def convert_and_simulate(args):
@@ -816,9 +822,8 @@ def convert_and_simulate(args):
     device = resolve_device(args.device)
     check_writable_dir(args.out_dir)
     checkpoint, ann = load_ann(args.checkpoint, device)
-    settings = settings_for(args, checkpoint)
-    activation_scales(checkpoint, settings["percentile"])  # a bad percentile fails before the data
-    result = run(args.checkpoint, checkpoint, ann, settings, test_batches(args), args, device)
+    result, = run_all([(args.checkpoint, checkpoint, ann, settings_for(args, checkpoint))],
+                      args, device)
     plot_accuracy(result, args.out_dir / "snn_accuracy.png")
     plot_efficiency(result, args.out_dir / "snn_efficiency.png")
     write_json(args.out_dir / "snn_accuracy.json", result)
@@ -833,16 +838,15 @@ def compare(args):
     device = resolve_device(args.device)
     check_writable_dir(args.out_dir)
     loaded = [(path, *load_ann(path, device)) for path in [args.checkpoint, *args.compare]]
-    plan = []
+    labels, plan = [], []
     for i, (path, checkpoint, ann) in enumerate(loaded):
         settings = settings_for(args, checkpoint)
         recorded = list(checkpoint.get("percentiles", {}).get("out", {}))
         for label, setting in compare_settings(settings, recorded, every_knob=i == 0):
-            activation_scales(checkpoint, setting["percentile"])  # fail before simulating
-            plan.append((label, path, checkpoint, ann, setting))
-    batches = test_batches(args)
-    results = [run(path, checkpoint, ann, setting, batches, args, device) | {"label": label}
-               for label, path, checkpoint, ann, setting in plan]
+            labels.append(label)
+            plan.append((path, checkpoint, ann, setting))
+    results = [result | {"label": label}
+               for result, label in zip(run_all(plan, args, device), labels, strict=True)]
     rows = compare_rows(results)
     plot_compare(results, args.out_dir / "compare.png")
     write_json(args.out_dir / "compare.json", {"runs": results, "table": rows})

@@ -17,6 +17,7 @@ Writes:
 
 import argparse
 import contextlib
+import csv
 import gzip
 import hashlib
 import json
@@ -24,6 +25,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -49,6 +51,8 @@ PERCENTILES = (99.0, 99.9, 99.99, 100.0)  # recorded for every hooked layer
 CALIBRATION_IMAGES = 2048  # training images the percentiles are measured on
 QUANTILE_MAX_VALUES = 2**24  # torch.quantile refuses larger inputs: subsample (seeded) above this
 ARCH = "LeNet5-BN"
+IMAGE_SHAPE = (1, 32, 32)  # MNIST's 28 x 28 padded by 2 pixels, as in the original LeNet5
+OUTPUT_LAYER = "out"  # the last layer's name; its percentiles scale a spiking read-out
 TRAINING = {"epochs": 25, "lr": 0.05}  # from scratch
 FINE_TUNING = {"epochs": 20, "lr": 0.01}  # from --init-from, e.g. a ReLU net into QCFS
 
@@ -61,7 +65,7 @@ class UserError(Exception):
 
 
 class QCFS(nn.Module):
-    """Quantisation-clip-floor-shift activation (Bu et al., ICLR 2022; conversion.md §9.5).
+    """Quantisation-clip-floor-shift activation (Bu et al., ICLR 2022; docs/method.md §6).
 
     h(x) = lambda * clip(floor(x * L / lambda + 1/2) / L, 0, 1): L + 1 levels from 0 to lambda, the
     values an integrate-and-fire neuron with threshold lambda and V0 = lambda/2 can average to in
@@ -86,7 +90,7 @@ ACTIVATIONS = ("relu", "qcfs")
 
 
 class LeNet5(nn.Sequential):
-    """LeNet5 with BatchNorm after each convolution, for 1x32x32 inputs (conversion.md §1).
+    """LeNet5 with BatchNorm after each convolution, for 1x32x32 inputs (docs/method.md §1).
 
     A flat sequence of named layers, so that hooks and the conversion can find each one:
     c1 bn1 act1 s2 | c3 bn3 act3 s4 | flatten | c5 act5 | f6 act6 | out.
@@ -105,14 +109,14 @@ class LeNet5(nn.Sequential):
             ("flatten", nn.Flatten()),
             ("c5", nn.Linear(400, 120)), ("act5", act()),
             ("f6", nn.Linear(120, 84)), ("act6", act()),
-            ("out", nn.Linear(84, 10)),
+            (OUTPUT_LAYER, nn.Linear(84, 10)),
         ]))
 
 
 def hooked_layers(model):
     """The layers whose outputs are recorded: every activation, then the output layer."""
     names = [name for name, m in model.named_children() if isinstance(m, (nn.ReLU, QCFS))]
-    return names + ["out"]
+    return names + [OUTPUT_LAYER]
 
 
 def thresholds(model):
@@ -166,6 +170,14 @@ def atomic_path(path):
 def write_json(path, obj):
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path, rows):
+    """Write a list of dicts with the same keys as a CSV table, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def check_writable_dir(directory):
@@ -391,7 +403,39 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
     if not isinstance(checkpoint, dict) or "model_state" not in checkpoint:
         raise UserError(f"{path} is not a checkpoint of lenet5.py (no model_state)")
+    check_checkpoint(checkpoint, path)
     return checkpoint
+
+
+def _finite_number(value):
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_checkpoint(checkpoint, path):
+    """Check the type and range of every value the scripts read; the error names the key."""
+    state = checkpoint["model_state"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: model_state is not a table of tensors")
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{path}: layer {key.split('.')[0]} holds NaN or infinite values "
+                            f"({key})")
+    tables = checkpoint.get("percentiles", {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise UserError(f"{path}: percentiles is not a table of tables")
+    for layer, table in tables.items():
+        for key, value in table.items():
+            lowest = -math.inf if layer == OUTPUT_LAYER else 0
+            if not (_finite_number(value) and value >= lowest):
+                raise UserError(f"{path}: percentiles[{layer!r}][{key!r}] is {value!r}, not a "
+                                f"finite number{' >= 0' if lowest == 0 else ''}")
+    thresholds = checkpoint.get("thresholds", {})
+    if not isinstance(thresholds, dict) or not all(
+            _finite_number(v) and v > 0 for v in thresholds.values()):
+        raise UserError(f"{path}: thresholds is {thresholds!r}, not positive numbers per layer")
+    key = checkpoint.get("percentile", "99")
+    if not isinstance(key, str) or any(key not in table for table in tables.values()):
+        raise UserError(f"{path}: percentile is {key!r}, not a key of its percentiles table")
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):
@@ -449,13 +493,23 @@ def positive_float(text):
     return value
 
 
-def percentile(text):
+def percentile_arg(text):
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a percentile, got {text!r}") from None
     if not 0 < value <= 100:
         raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
+    return value
+
+
+def fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (units of the threshold), got {text}")
     return value
 
 
@@ -490,7 +544,7 @@ def parse_args(argv=None):
     parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
                         help="start from this checkpoint's weights (fine-tuning); for QCFS each "
                              "layer's lambda starts at its --percentile activation there")
-    parser.add_argument("--percentile", type=percentile, default=99.0,
+    parser.add_argument("--percentile", type=percentile_arg, default=99.0,
                         help="the activation percentile the conversion uses by default "
                              f"(recorded always: {', '.join(map(percentile_key, PERCENTILES))})")
     parser.add_argument("--val-size", type=positive_int, default=5000,
@@ -517,8 +571,37 @@ def history_path(checkpoint_path):
     return checkpoint_path.with_name(f"{checkpoint_path.stem}_history.json")
 
 
+def partial_path(path):
+    """Where a run keeps its best checkpoint until it completes: <name>.partial.pt."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def previous_path(path):
+    """Where a completed run keeps the checkpoint it replaced: <name>.prev.pt."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def promote(partial, target):
+    """Move a completed run's `partial` file onto `target`, keeping a copy of the one it replaces.
+
+    Returns where the replaced file was kept, or None. Each step is atomic, so an interruption
+    leaves either the old target or the new one, never neither.
+    """
+    kept = None
+    if target.exists():
+        kept = previous_path(target)
+        with atomic_path(kept) as tmp:
+            shutil.copy2(target, tmp)
+    os.replace(partial, target)
+    return kept
+
+
 def train(args):
-    """Train, keep the checkpoint with the best validation accuracy; return that checkpoint."""
+    """Train; return the checkpoint with the best validation accuracy.
+
+    The run's best checkpoint and history go to `partial_path(args.checkpoint)` and its history
+    beside it; `main` moves them onto args.checkpoint only once the run has completed.
+    """
     device = resolve_device(args.device)
     check_writable_dir(args.checkpoint.parent)
     generator = set_seed(args.seed)
@@ -549,12 +632,12 @@ def train(args):
         improved = best is None or val_acc > best["val_accuracy"]
         if improved:
             best = make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc)
-            save_checkpoint(best, args.checkpoint)
+            save_checkpoint(best, partial_path(args.checkpoint))
         seconds = time.perf_counter() - start
         history.append({"epoch": epoch, "train_loss": loss, "train_accuracy": train_acc,
                         "val_accuracy": val_acc, "test_accuracy": test_acc,
                         "seconds": round(seconds, 2), "saved": improved})
-        write_json(history_path(args.checkpoint), history)
+        write_json(history_path(partial_path(args.checkpoint)), history)
         print(f"epoch {epoch:2d}  loss {loss:.4f}  train {train_acc:.2%}  val {val_acc:.2%}  "
               f"test {test_acc:.2%}  {seconds:5.1f}s{'  saved' if improved else ''}")
     return best
@@ -598,15 +681,20 @@ def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
+    partial = partial_path(args.checkpoint)
     try:
         best = train(args)
     except UserError as e:
         sys.exit(f"lenet5.py: error: {e}")
     except KeyboardInterrupt:
-        sys.exit(f"lenet5.py: interrupted; the best checkpoint so far (if any): {args.checkpoint}")
+        sys.exit(f"lenet5.py: interrupted; {args.checkpoint} is untouched"
+                 + (f"; this run's best so far is in {partial}" if partial.exists() else ""))
+    kept = promote(partial, args.checkpoint)
+    promote(history_path(partial), history_path(args.checkpoint))
     print(f"best epoch {best['epoch']}: val {best['val_accuracy']:.2%}, "
           f"test {best['test_accuracy']:.2%}; saved {args.checkpoint} "
-          f"({time.perf_counter() - start:.0f}s in all)")
+          f"({time.perf_counter() - start:.0f}s in all)"
+          + (f"; the checkpoint it replaced is kept as {kept}" if kept else ""))
     return best
 
 

@@ -1,29 +1,31 @@
-"""Convert the trained LeNet5 into a spiking neural network and measure its accuracy per time step.
+"""Convert the trained LeNet5 into a spiking neural network and measure it after every time step.
 
-The method follows BrainCog's ANN->SNN conversion (see docs/ and README): fold BatchNorm into the
-convolutions, replace ReLU by integrate-and-fire neurons (SpikeNode) and max-pooling by a spiking
-max-pool (SMaxPool), and scale each layer by the activation percentile recorded in the checkpoint so
-that rates of at most one spike per step carry the ANN's activations. The analog image is fed as a
-constant current; the output layer's currents are summed over time and read out by argmax.
+The conversion (docs/method.md) is three steps, each returning a new network: fold BatchNorm into
+the convolutions, normalise each layer by the activation scale recorded in the checkpoint, and
+replace ReLU by integrate-and-fire neurons (SpikeNode) and max-pooling by a spiking max-pool
+(SMaxPool). The spiking network sees the analog image as a constant current at every step; the
+output layer's currents are summed over time (or its spikes counted) and read out by argmax.
 
 Example:
     python lenet_convert.py                          # checkpoints/lenet5_best.pt, T = 64
     python lenet_convert.py --v0 0 --gamma 2 --percentile 99.9 --no-lateral-inhibition
                                                      # BrainCog's reference setting
+    python lenet_convert.py --compare checkpoints/lenet5_qcfs_best.pt   # every setting
 
 Writes (into --out-dir, default results/):
-    snn_accuracy.png    SNN accuracy against time step, the ANN's as a line
-    snn_accuracy.json   the same numbers, the settings and the checkpoint used
+    snn_accuracy.png    accuracy against time step, the ANN's as a line
+    snn_efficiency.png  firing rates, synaptic operations and energy against time step
+    snn_accuracy.json   the numbers of both, the settings and the checkpoint used
+    compare.png, compare.json, compare.csv   with --compare, instead of the three above
 """
 
-import argparse
 import copy
-import csv
 import math
 import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 import matplotlib.ticker
@@ -32,6 +34,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from lenet5 import (
+    IMAGE_SHAPE,
+    OUTPUT_LAYER,
     QCFS,
     ArgumentParser,
     Batches,
@@ -39,40 +43,75 @@ from lenet5 import (
     atomic_path,
     check_writable_dir,
     evaluate,
+    fraction,
     load_checkpoint,
     load_mnist,
     model_from_checkpoint,
-    percentile,
+    percentile_arg,
     percentile_key,
     positive_int,
     resolve_device,
+    write_csv,
     write_json,
 )
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-BRAINCOG_REFERENCE = "--v0 0 --gamma 2 --percentile 99.9 --no-lateral-inhibition"
-BRAINCOG_SETTINGS = {"percentile": "99.9", "gamma": 2, "v0": 0.0, "lateral_inhibition": False,
-                     "readout": "analog"}
-WITHIN = 0.001  # "reached the ANN": accuracy at least the ANN's minus 0.1 percentage points
+# ----------------------------------------------------------------------------- defaults
+CHECKPOINT = Path("checkpoints/lenet5_best.pt")  # written by lenet5.py
+OUT_DIR = Path("results")  # plots and JSON
+TIMESTEPS = 64  # simulation steps T
+BATCH_SIZE = 500  # test images simulated at once: a layer's state stays in the CPU's cache
+GAMMA = 2  # burst limit, the most spikes a neuron fires per step (BrainCog's)
+V0 = 0.5  # initial potential in units of the threshold: turns the rate's floor into a rounding
+LATERAL_INHIBITION = True  # the exact spiking max-pool
+READOUT = "analog"  # sum the output layer's currents; "spikes": count a SpikeNode's spikes
+ANN_LEVEL = 0.001  # "at the ANN's level": accuracy within 0.1 percentage points of the ANN's
+POOL_K = 1000.0  # BrainCog's weight of the accumulated input in the pool without inhibition
+COMPARE_GAMMAS = (1, 2, 4)  # burst limits every compared checkpoint is run with
+PJ_PER_MAC, PJ_PER_AC = 4.6, 0.9  # energy of a 32-bit float MAC and AC at 45 nm (Horowitz, 2014)
+ENERGY_MODEL = ("45 nm: 4.6 pJ per MAC, 0.9 pJ per accumulate (AC). The first layer's analog "
+                "input costs MACs, counted once since the image is constant; every spike costs one "
+                "AC per synapse it crosses (SynOps). Memory traffic and membrane updates are "
+                "ignored.")
+
+READOUTS = ("analog", "spikes")
+READOUT_NODE = "readout"  # the SpikeNode appended after the output layer for a spiking read-out
+AT_ANN_LEVEL = f"first_step_within_{100 * ANN_LEVEL:g}pp"  # result key: first step at that level
+GIVEN, BRAINCOG = "as given", "BrainCog reference"  # labels of compare mode's main runs
+
+
+class Settings(NamedTuple):
+    """How a checkpoint is converted; `percentile` None means a QCFS network's trained lambda."""
+
+    percentile: str | None
+    gamma: int = GAMMA
+    v0: float = V0
+    lateral_inhibition: bool = LATERAL_INHIBITION
+    readout: str = READOUT
+
+
+BRAINCOG_SETTINGS = Settings("99.9", gamma=2, v0=0.0, lateral_inhibition=False, readout="analog")
 
 
 # ----------------------------------------------------------------------------- spiking modules
 
 
 class Counting(nn.Module):
-    """A module with state across steps that counts the spikes it outputs, per step and unit.
+    """A module with state across steps that counts its output spikes per step and unit.
 
-    `counts[t]` is the output at step t summed over the batch (shape: one sample's output) since
-    the last `reset`, for firing rates and synaptic operations. `step` is the next step's index.
     The counts live in one buffer that doubles when full: a small tensor kept from every step
     would fragment the heap between the large per-step tensors and make memory grow with T.
     """
 
     def reset(self):
-        self.buffer = None  # [capacity, *units]
-        self.length = 0  # steps counted
+        """Forget the state and the counts: a new batch of images."""
+        self.buffer, self.length = None, 0  # [capacity, *units], steps counted
+        self.restart()
+
+    def restart(self):
+        """Forget the state but keep the counts: more images whose spikes add to the same steps."""
         self.step = 0
 
     def count(self, out):
@@ -84,7 +123,7 @@ class Counting(nn.Module):
             if self.buffer is not None:
                 grown[:self.length] = self.buffer[:self.length]
             self.buffer = grown
-        self.buffer[self.step:end] += per_step  # another chunk of the batch adds to its steps
+        self.buffer[self.step:end] += per_step
         self.length, self.step = max(self.length, end), end
 
     @property
@@ -92,19 +131,13 @@ class Counting(nn.Module):
         """Spikes per step and unit since the last reset: a tensor [steps, *units]."""
         return self.buffer[:self.length] if self.buffer is not None else torch.zeros(0)
 
-    @property
-    def spike_count(self):
-        """Spikes output since the last reset, over the batch and all units and steps."""
-        return self.counts.sum()
-
 
 class SpikeNode(Counting):
-    """Integrate-and-fire neuron with reset by subtraction (conversion.md §5).
+    """Integrate-and-fire neuron with reset by subtraction (docs/method.md §4).
 
     Each step: V <- V + I;  s = clamp(floor(V / threshold), 0, gamma);  V <- V - s * threshold;
     output s. gamma = 1 is a plain IF neuron, gamma > 1 a burst neuron. The potential starts at
-    v0 * threshold (v0 = 0.5 turns the rate's floor into a rounding). Spikes are counted so
-    firing rates can be reported.
+    v0 * threshold (v0 = 0.5 turns the rate's floor into a rounding).
     """
 
     def __init__(self, threshold=1.0, gamma=1, v0=0.5):
@@ -112,8 +145,8 @@ class SpikeNode(Counting):
         self.threshold, self.gamma, self.v0 = threshold, gamma, v0
         self.reset()
 
-    def reset(self):
-        super().reset()
+    def restart(self):
+        super().restart()
         self.mem = None
 
     def forward(self, current):
@@ -147,22 +180,19 @@ def max_pool(x, k):
 
 
 class SMaxPool(Counting):
-    """Spiking max-pool over the accumulated input C of each unit (conversion.md §6).
+    """Spiking max-pool over the accumulated input C of each unit (docs/method.md §5).
 
-    With lateral inhibition (exact): out_t = maxpool(C_t) - maxpool(C_{t-1}), the same as passing
-    maxpool(S) and subtracting it from every unit of its window; the summed output equals the
-    max-pool of the summed input. Without (BrainCog's form): out_t = maxpool(x + K*C_t) -
-    maxpool(K*C_t), which passes the current input of the unit that has received most, and
-    slightly over-estimates the max.
+    With lateral inhibition (exact): out_t = maxpool(C_t) - maxpool(C_{t-1}). Without
+    (BrainCog's form): out_t = maxpool(x + K*C_t) - maxpool(K*C_t), which over-estimates a little.
     """
 
-    def __init__(self, kernel_size=2, lateral_inhibition=True, k=1000.0):
+    def __init__(self, kernel_size=2, lateral_inhibition=True, k=POOL_K):
         super().__init__()
         self.kernel_size, self.lateral_inhibition, self.k = kernel_size, lateral_inhibition, k
         self.reset()
 
-    def reset(self):
-        super().reset()
+    def restart(self):
+        super().restart()
         self.acc = None  # C_t, the input summed over the steps so far
         self.pooled = None  # maxpool(C_{t-1})
 
@@ -194,166 +224,154 @@ def clean_mem_spike(model):
 
 @torch.no_grad()
 def fuse(conv, bn):
-    """A new Conv2d equal to conv -> bn in eval mode (BatchNorm folded into weights and bias)."""
+    """A new Conv2d equal to conv -> bn in eval mode (docs/method.md §2).
+
+    W' = W * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta, per channel.
+    """
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                       conv.padding, conv.dilation, conv.groups, bias=True)
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
     fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
-    return fused
+    return fused.to(conv.weight.device)
 
 
-def activation_scales(checkpoint, key=None, gamma=1):
-    """{layer: what one spike stands for} from a checkpoint.
-
-    The activation percentile `key`; or by default, for a QCFS checkpoint, its trained lambda
-    divided by `gamma`, and otherwise the checkpoint's own percentile. A QCFS activation never
-    exceeds lambda, so rather than carry values above it, the gamma spikes a neuron may fire per
-    step share [0, lambda]: theta = lambda / gamma (gamma = 1: Bu et al.'s theta = lambda).
-    The output layer's scale (used by a spiking read-out) is always a percentile.
-    """
-    recorded = checkpoint.get("percentiles")
-    if not isinstance(recorded, dict) or not recorded:
-        raise UserError("the checkpoint holds no activation percentiles; retrain it with "
-                        "`python lenet5.py`")
-    trained = {} if key else checkpoint.get("thresholds") or {}
-    key = key or checkpoint.get("percentile", "99")
-    try:
-        scales = {layer: float(values[key]) for layer, values in recorded.items()}
-    except (KeyError, TypeError):
-        available = ", ".join(next(iter(recorded.values()), {}))
-        raise UserError(f"the checkpoint has no {key}th percentile (it has: {available}); "
-                        f"choose one of those or retrain with `--percentile {key}`") from None
-    return scales | {layer: value / gamma for layer, value in trained.items()}
+def fold_batchnorm(model):
+    """Step 1: a copy of `model` with every BatchNorm2d folded into the Conv2d before it."""
+    children = list(model.named_children())
+    layers = OrderedDict()
+    for (name, layer), (_, after) in zip(children, children[1:] + [(None, None)], strict=True):
+        if isinstance(after, nn.BatchNorm2d):
+            layers[name] = fuse(layer, after)
+        elif not isinstance(layer, nn.BatchNorm2d):
+            layers[name] = copy.deepcopy(layer)
+    return nn.Sequential(layers).eval()
 
 
 @torch.no_grad()
-def scale_layer(layer, scale_in, scale_out):
-    """Data-based normalisation: W <- W * scale_in / scale_out, b <- b / scale_out."""
+def normalise(model, scales, spiking_readout=False):
+    """Step 2: a copy of a BatchNorm-free `model` with each activation divided by its scale.
+
+    Each weighted layer: W <- W * lambda_in / lambda, b <- b / lambda (docs/method.md §3); the
+    output layer is divided by its own scale only for a spiking read-out. QCFS thresholds are
+    divided too, so the copy gives the ANN's outputs (over the output's scale for spikes).
+    """
+    model = copy.deepcopy(model)
+    scale_in, weighted = 1.0, None
+    for name, layer in model.named_children():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            weighted = layer
+        elif isinstance(layer, (nn.ReLU, QCFS)):
+            scale = scales.get(name)
+            if scale is None or not scale > 0:
+                raise UserError(f"activation scale of {name} is {scale}: cannot normalise by it "
+                                "(a dead layer?)")
+            _scale_layer(weighted, scale_in, scale)
+            if isinstance(layer, QCFS):
+                layer.threshold.div_(scale)
+            scale_in, weighted = scale, None
+    _scale_layer(weighted, scale_in, scales[OUTPUT_LAYER] if spiking_readout else 1.0)
+    return model
+
+
+def _scale_layer(layer, scale_in, scale_out):
     layer.weight.mul_(scale_in / scale_out)
     layer.bias.div_(scale_out)
 
 
-def fuse_norm_replace(model, scales, spiking=True, gamma=1, v0=0.5, lateral_inhibition=True,
-                      readout="analog"):
+def replace_by_spiking(model, gamma=GAMMA, v0=V0, lateral_inhibition=LATERAL_INHIBITION,
+                       spiking_readout=False):
+    """Step 3: a copy of a normalised `model` with spiking neurons and pools.
+
+    Every ReLU or QCFS becomes a SpikeNode of threshold 1, every MaxPool2d an SMaxPool; for a
+    spiking read-out a SpikeNode named READOUT_NODE follows the output layer.
+    """
+    layers = OrderedDict()
+    for name, layer in model.named_children():
+        if isinstance(layer, (nn.ReLU, QCFS)):
+            layers[name] = SpikeNode(gamma=gamma, v0=v0)
+        elif isinstance(layer, nn.MaxPool2d):
+            layers[name] = SMaxPool(layer.kernel_size, lateral_inhibition)
+        else:
+            layers[name] = copy.deepcopy(layer)
+    if spiking_readout:
+        layers[READOUT_NODE] = SpikeNode(gamma=gamma, v0=v0)
+    return nn.Sequential(layers).eval()
+
+
+def fuse_norm_replace(model, scales, gamma=GAMMA, v0=V0, lateral_inhibition=LATERAL_INHIBITION,
+                      readout=READOUT):
     """Convert an ANN into a spiking copy; `model` itself is left untouched.
 
     Args:
         model: a LeNet5 (an nn.Sequential of named layers, ReLU or QCFS) in eval mode.
-        scales: {activation layer name: lambda, "out": lambda}, e.g. from `activation_scales`.
-        spiking: False keeps the activations and MaxPool: the normalised ANN, whose outputs equal
-            the ANN's (divided by lambda_out with a spiking read-out).
+        scales: {activation layer: lambda, OUTPUT_LAYER: lambda}, e.g. from `activation_scales`.
         gamma, v0: the SpikeNodes' burst limit and initial potential (in units of threshold 1).
         lateral_inhibition: the SMaxPool variant.
-        readout: "analog" (the output layer's currents are summed) or "spikes" (a SpikeNode after
-            the output layer, normalised by lambda_out).
-
-    Returns:
-        An nn.Sequential with the same layer names (BatchNorm folded away; "readout" appended for
-        a spiking read-out), in eval mode.
+        readout: "analog" (the output layer's currents are summed) or "spikes".
     """
-    children = list(model.named_children())
-    layers, scale, pending = OrderedDict(), 1.0, None
-    for i, (name, layer) in enumerate(children):
-        after = children[i + 1][1] if i + 1 < len(children) else None
-        if isinstance(layer, nn.BatchNorm2d):
-            continue  # folded into the convolution before it
-        if isinstance(layer, nn.Conv2d) and isinstance(after, nn.BatchNorm2d):
-            layer, pending = fuse(layer, after), name
-        elif isinstance(layer, (nn.Conv2d, nn.Linear)):
-            layer, pending = copy.deepcopy(layer), name
-        elif isinstance(layer, (nn.ReLU, QCFS)):
-            if not scales.get(name, 0) > 0:
-                raise UserError(f"activation scale of {name} is {scales.get(name)}: cannot "
-                                "normalise by it (a dead layer?)")
-            scale_layer(layers[pending], scale, scales[name])
-            scale, pending = scales[name], None
-            if spiking:
-                layer = SpikeNode(gamma=gamma, v0=v0)
-            elif isinstance(layer, QCFS):  # the same function of the normalised input
-                layer = copy.deepcopy(layer)
-                layer.threshold.data.div_(scale)
-        elif isinstance(layer, nn.MaxPool2d) and spiking:
-            layer = SMaxPool(layer.kernel_size, lateral_inhibition)
-        else:
-            layer = copy.deepcopy(layer)
-        layers[name] = layer
     spiking_readout = readout == "spikes"
-    scale_layer(layers[pending], scale, scales["out"] if spiking_readout else 1.0)
-    if spiking and spiking_readout:
-        layers["readout"] = SpikeNode(gamma=gamma, v0=v0)
-    return nn.Sequential(layers).eval()
+    normalised = normalise(fold_batchnorm(model), scales, spiking_readout)
+    return replace_by_spiking(normalised, gamma, v0, lateral_inhibition, spiking_readout)
+
+
+def scaling_percentile(checkpoint, asked=None):
+    """The percentile key that sets the scales, or None for a QCFS network's trained lambda.
+
+    The one asked for, if any; else a QCFS checkpoint uses its thresholds and a ReLU checkpoint
+    the percentile it was trained to be converted with.
+    """
+    if asked is not None:
+        return percentile_key(asked)
+    return None if checkpoint.get("activation") == "qcfs" else checkpoint.get("percentile", "99")
+
+
+def activation_scales(checkpoint, percentile=None, gamma=1):
+    """{layer: what one spike stands for}: the recorded `percentile` of each layer's activations.
+
+    With `percentile` None (a QCFS network), each layer's trained lambda divided by `gamma`, so
+    the gamma spikes of a step share [0, lambda] (docs/method.md §6). The output layer's scale
+    (for a spiking read-out) is always a percentile, the checkpoint's own for a QCFS network.
+    """
+    recorded = checkpoint.get("percentiles")
+    if not recorded:
+        raise UserError("the checkpoint holds no activation percentiles; retrain it with "
+                        "`python lenet5.py`")
+    key = percentile or checkpoint.get("percentile", "99")
+    try:
+        scales = {layer: float(values[key]) for layer, values in recorded.items()}
+    except KeyError:
+        available = ", ".join(next(iter(recorded.values()), {}))
+        raise UserError(f"the checkpoint has no {key}th percentile (it has: {available}); "
+                        f"choose one of those or retrain with `--percentile {key}`") from None
+    trained = checkpoint.get("thresholds", {}) if percentile is None else {}
+    return scales | {layer: value / gamma for layer, value in trained.items()}
+
+
+def build_snn(checkpoint, ann, settings):
+    """The spiking network of `ann` (loaded from `checkpoint`) converted with `settings`.
+
+    The one builder: the script, its compare mode and the benchmark all call it.
+    """
+    scales = activation_scales(checkpoint, settings.percentile, settings.gamma)
+    return fuse_norm_replace(ann, scales, settings.gamma, settings.v0,
+                             settings.lateral_inhibition, settings.readout)
 
 
 # ----------------------------------------------------------------------------- simulation
 
 
 def simulate(snn, images, timesteps):
-    """Yield the SNN's output at each of `timesteps` steps for the analog `images`.
+    """Yield the SNN's output at each of `timesteps` steps for the analog `images`, from reset.
 
-    The state is reset first. The first layer's input is the same image every step, so its output
-    current is computed once.
+    The first layer's input is the same image every step, so its output is computed once.
     """
     clean_mem_spike(snn)
     current = snn[0](images)
     rest = snn[1:]
     for _ in range(timesteps):
         yield rest(current)
-
-
-def simulate_layerwise(snn, images, timesteps, chunk_elements=2**23):
-    """Yield the same outputs as `simulate`, computed layer by layer over all steps at once.
-
-    The network has no recurrence between layers, so each layer can take the whole [T, batch, ...]
-    output of the layer before: weighted layers run as one large batched call, SpikeNodes run
-    their own step-by-step update (the same arithmetic, so the same spikes), and max-pooling
-    works on cumulative spike counts (integers, so exact in float32). Images are taken in chunks
-    so that one layer's [T, chunk, ...] tensor stays near `chunk_elements` floats. A spiking
-    read-out is stepped last, as in `simulate`, so its potential is there for `predict`.
-    """
-    clean_mem_spike(snn)
-    readout = getattr(snn, "readout", None)
-    layers = list(snn)[:-1] if readout else list(snn)
-    widest = max(snn[0](images[:1]).numel(), 1)  # the first layer's output is the largest here
-    chunk = max(1, chunk_elements // (widest * timesteps))
-    currents = torch.cat([_layers_over_time(layers, part, timesteps)
-                          for part in images.split(chunk)], dim=1)
-    for current in currents:
-        yield readout(current) if readout else current
-
-
-def _layers_over_time(layers, images, timesteps):
-    """Outputs [T, batch, ...] of `layers` for a constant analog input (see simulate_layerwise)."""
-    x = layers[0](images).unsqueeze(0)  # the same current at every step: [1, batch, ...]
-    for layer in layers[1:]:
-        if isinstance(layer, SpikeNode):
-            layer.mem, layer.step = None, 0  # a fresh chunk of images; counts keep adding up
-            x = torch.stack([layer(x[min(t, len(x) - 1)]) for t in range(timesteps)])
-        elif isinstance(layer, SMaxPool):
-            x = _pool_over_time(layer, x)
-        else:  # stateless (weighted layers, flatten): one batched call over all steps
-            x = layer(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-    return x.expand(timesteps, *x.shape[1:])
-
-
-def _pool_over_time(pool, spikes):
-    """SMaxPool over all steps from the cumulative input counts C_t (conversion.md §6)."""
-    steps, k = spikes.shape[:2], pool.kernel_size
-    cumulative = spikes.cumsum(0).flatten(0, 1)
-    if pool.lateral_inhibition:  # o_t = MP(C_t) - MP(C_{t-1})
-        pooled = max_pool(cumulative, k).unflatten(0, steps)
-        out = torch.diff(pooled, dim=0, prepend=torch.zeros_like(pooled[:1]))
-    else:  # o_t = MP(x_t + K*C_t) - MP(K*C_t)
-        current = spikes.flatten(0, 1)
-        out = max_pool(current + pool.k * cumulative, k) - max_pool(pool.k * cumulative, k)
-        out = out.unflatten(0, steps)
-    pool.step = 0  # a fresh chunk of images: its counts add to the same steps
-    pool.count(out)
-    return out
-
-
-SIMULATORS = {"step": simulate, "layerwise": simulate_layerwise}
 
 
 def predict(total, readout):
@@ -365,19 +383,18 @@ def predict(total, readout):
 
 
 @torch.no_grad()
-def evaluate_snn(snn, batches, timesteps, device, simulator=simulate, counts=None):
-    """Accuracy after each step t = 1..T over all samples (a list, element t-1 for step t).
+def evaluate_snn(snn, batches, timesteps, device, simulator=simulate):
+    """Accuracy after each step and spike counts of `snn` over all samples of `batches`.
 
-    Weighted by samples, so a partial last batch counts by its size. `simulator` is `simulate`
-    (step by step) or `simulate_layerwise`: both give the same outputs. If `counts` is a dict,
-    each counting module's spikes per step and unit, summed over all samples, are added to it:
-    {module name: tensor [T, *unit shape]}.
+    Returns (accuracy: a list, element t-1 for step t, weighted by samples; counts: {counting
+    module: its spikes per step and unit over all samples, [T, *units]}). `simulator` is
+    `simulate` or any function that yields the same outputs.
     """
     snn.eval()
-    readout = getattr(snn, "readout", None)  # the spiking read-out's SpikeNode, if any
+    readout = getattr(snn, READOUT_NODE, None)
     counting = {name: m for name, m in snn.named_modules() if isinstance(m, Counting)}
     correct = torch.zeros(timesteps, dtype=torch.float64, device=device)
-    seen = 0
+    counts, seen = {}, 0
     with tqdm(total=len(batches) * timesteps, desc="simulating", unit="step", leave=False,
               disable=None) as bar:
         for images, labels in batches:
@@ -388,42 +405,28 @@ def evaluate_snn(snn, batches, timesteps, device, simulator=simulate, counts=Non
                 correct[t] += (predict(total, readout) == labels).sum()
                 bar.update()
             seen += len(labels)
-            if counts is not None:
-                for name, module in counting.items():
-                    counts[name] = counts.get(name, 0) + module.counts.cpu()
-    return (correct / seen).tolist()
+            for name, module in counting.items():
+                counts[name] = counts.get(name, 0) + module.counts.cpu()
+    return (correct / seen).tolist(), counts
 
 
-def first_step_within(snn_accuracy, ann_accuracy, margin=WITHIN):
+def first_step_within(snn_accuracy, ann_accuracy, margin=ANN_LEVEL):
     """The first step t (1-based) whose accuracy is at least the ANN's minus `margin`, or None."""
     return next((t for t, acc in enumerate(snn_accuracy, 1)
                  if acc >= ann_accuracy - margin - 1e-12), None)
 
 
-def report_steps(timesteps):
-    """The steps the table shows: 1, 2, 4, 8, ... and the last."""
-    steps = [2**i for i in range(int(math.log2(timesteps)) + 1)]
-    return steps if steps[-1] == timesteps else steps + [timesteps]
-
-
 # ----------------------------------------------------------------------------- efficiency
-
-PJ_PER_MAC, PJ_PER_AC = 4.6, 0.9  # 32-bit float at 45 nm (Horowitz, ISSCC 2014)
-ENERGY_MODEL = ("45 nm: 4.6 pJ per MAC, 0.9 pJ per accumulate (AC). The first layer's analog "
-                "input costs MACs, counted once since the image is constant; every spike costs one "
-                "AC per synapse it crosses (SynOps). Memory traffic and membrane updates are "
-                "ignored.")
 
 
 @torch.no_grad()
-def input_shapes(model, image_shape=(1, 32, 32)):
-    """{Conv2d/Linear layer name: the shape of one sample's input to it}, from a dummy pass."""
-    shapes, x = {}, torch.zeros(1, *image_shape, device=next(model.parameters()).device)
-    for name, layer in model.named_children():
+def input_shapes(ann, image_shape=IMAGE_SHAPE):
+    """{Conv2d/Linear layer name: the shape of one sample's input to it}, from one ANN pass."""
+    shapes, x = {}, torch.zeros(1, *image_shape, device=next(ann.parameters()).device)
+    for name, layer in ann.eval().named_children():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             shapes[name] = tuple(x.shape[1:])
         x = layer(x)
-    clean_mem_spike(model)
     return shapes
 
 
@@ -442,15 +445,14 @@ def fan_out(layer, input_shape):
     return x.grad[0]
 
 
-def efficiency(snn, counts, images, timesteps, image_shape=(1, 32, 32)):
-    """Firing rates, synaptic operations and energy per image from spike counts (conversion.md §10).
+def efficiency(snn, counts, images, timesteps, shapes):
+    """Firing rates, synaptic operations and energy per image from spike counts (docs/method.md §7).
 
     Args:
         snn: the converted network; counts: {module: spikes [T, *units] over all images}, from
         `evaluate_snn`; images: how many images the counts are summed over; timesteps: T;
-        image_shape: one input's shape.
+        shapes: {weighted layer: one sample's input shape}, from `input_shapes` of the ANN.
     """
-    shapes = input_shapes(snn, image_shape)
     fanouts = {name: fan_out(getattr(snn, name), shape).cpu() for name, shape in shapes.items()}
     macs = {name: round(f.sum().item()) for name, f in fanouts.items()}
     first = next(iter(shapes))
@@ -478,21 +480,82 @@ def efficiency(snn, counts, images, timesteps, image_shape=(1, 32, 32)):
 
 
 def at_ann_level(result):
-    """(t, SynOps, energy in pJ) per image at the first step within 0.1 pp of the ANN, or None."""
-    t = result["first_step_within_0.1pp"]
+    """(t, SynOps, energy in pJ) per image at the first step at the ANN's level, or None."""
+    t = result[AT_ANN_LEVEL]
     if t is None:
         return None
     eff = result["efficiency"]
     return t, eff["synops_per_image"][t - 1], eff["snn_energy_pj"][t - 1]
 
 
-# ----------------------------------------------------------------------------- output
+# ----------------------------------------------------------------------------- one run
+
+
+class Planned(NamedTuple):
+    """One conversion to run: a loaded checkpoint, its ANN and the settings."""
+
+    label: str
+    path: Path
+    checkpoint: dict
+    ann: nn.Module
+    settings: Settings
+
+
+def run(planned, batches, timesteps, device):
+    """Convert and simulate one `planned` conversion on `batches`; the result dict (JSON-ready)."""
+    snn = build_snn(planned.checkpoint, planned.ann, planned.settings).to(device)
+    activation = planned.checkpoint.get("activation", "relu")
+    settings = planned.settings._asdict() | {  # and the network they apply to
+        "activation": activation,
+        "levels": planned.checkpoint.get("levels") if activation == "qcfs" else None}
+    print(f"simulating {len(batches.labels)} test images for {timesteps} steps on {device}: "
+          f"{planned.path}, {settings_text(settings)}")
+    start = time.perf_counter()
+    snn_accuracy, counts = evaluate_snn(snn, batches, timesteps, device)
+    seconds = time.perf_counter() - start
+    ann_accuracy = evaluate(planned.ann, batches, device)
+    return {
+        "ann_accuracy": ann_accuracy,
+        "snn_accuracy": snn_accuracy,
+        "timesteps": timesteps,
+        AT_ANN_LEVEL: first_step_within(snn_accuracy, ann_accuracy),
+        "settings": settings,
+        "checkpoint": str(planned.path),
+        "test_images": len(batches.labels),
+        "device": str(device),
+        "simulation_seconds": round(seconds, 2),
+        "efficiency": efficiency(snn, counts, len(batches.labels), timesteps,
+                                 input_shapes(planned.ann)),
+    }
+
+
+def run_all(plan, data_dir, limit, batch_size, timesteps, device):
+    """`run` every entry of `plan` on the same test images (the first `limit`, or all).
+
+    Every entry's scales are checked first, so a bad setting fails before any data is loaded.
+    """
+    for planned in plan:
+        activation_scales(planned.checkpoint, planned.settings.percentile)
+    images, labels = load_mnist(data_dir, train=False)
+    if limit and limit > len(labels):
+        raise UserError(f"--limit {limit}: the test set has only {len(labels)} images")
+    batches = Batches(images[:limit], labels[:limit], batch_size)
+    return [run(planned, batches, timesteps, device) for planned in plan]
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def report_steps(timesteps):
+    """The steps the table shows: 1, 2, 4, 8, ... and the last."""
+    steps = [2**i for i in range(int(math.log2(timesteps)) + 1)]
+    return steps if steps[-1] == timesteps else steps + [timesteps]
 
 
 def settings_text(settings):
     scaling = (f"θ=λ/γ (QCFS, L={settings['levels']})" if settings["percentile"] is None
                else f"p={settings['percentile']}")
-    return (f"{scaling}, γ={settings['gamma']}, V0={settings['v0']}θ, "
+    return (f"{scaling}, γ={settings['gamma']}, V0={settings['v0']:g}θ, "
             f"lateral inhibition {'on' if settings['lateral_inhibition'] else 'off'}, "
             f"{settings['readout']} read-out")
 
@@ -595,12 +658,13 @@ def print_table(result):
     print(f"  ANN  {ann:7.2%}  {'':9}  {eff['ann_macs_per_image'] / 1e3:7.0f}k  "
           f"{eff['ann_energy_pj'] / 1e6:6.3f} µJ   (the ANN's: MACs, not SynOps)")
     reached = at_ann_level(result)
+    level = f"first step within {100 * ANN_LEVEL:g} pp of the ANN"
     if reached:
         t, ops, energy = reached
-        print(f"first step within 0.1 pp of the ANN: {t} ({ops / 1e3:.0f}k SynOps, "
+        print(f"{level}: {t} ({ops / 1e3:.0f}k SynOps, "
               f"{energy / eff['ann_energy_pj']:.2f} × the ANN's energy per image)")
     else:
-        print(f"first step within 0.1 pp of the ANN: not within {result['timesteps']} steps")
+        print(f"{level}: not within {result['timesteps']} steps")
     print("firing rates: " + ", ".join(f"{name} {rate:.3f}"
                                        for name, rate in eff["firing_rate"].items()))
 
@@ -608,32 +672,29 @@ def print_table(result):
 # ----------------------------------------------------------------------------- compare mode
 
 
-COMPARE_GAMMAS = (1, 2, 4)
-
-
 def compare_settings(settings, percentiles, every_knob=True):
-    """(label, settings) pairs: `settings`, then one knob changed at a time, then BrainCog's.
+    """(label, Settings) pairs: `settings`, then one knob changed at a time, then BrainCog's.
 
     With every_knob=False, only the burst limits gamma of COMPARE_GAMMAS are varied.
     """
-    variants = [("as given", settings)]
+    variants = [(GIVEN, settings)]
 
     def vary(label, **change):
-        variants.append((label, settings | change))
+        variants.append((label, settings._replace(**change)))
     if every_knob:
-        vary("lateral inhibition " + ("off" if settings["lateral_inhibition"] else "on"),
-             lateral_inhibition=not settings["lateral_inhibition"])
-        vary("V0 = " + ("0" if settings["v0"] else "θ/2"), v0=0.0 if settings["v0"] else 0.5)
+        vary("lateral inhibition " + ("off" if settings.lateral_inhibition else "on"),
+             lateral_inhibition=not settings.lateral_inhibition)
+        vary("V0 = " + ("0" if settings.v0 else "θ/2"), v0=0.0 if settings.v0 else V0)
     for gamma in COMPARE_GAMMAS:
-        if gamma != settings["gamma"]:
+        if gamma != settings.gamma:
             vary(f"γ = {gamma}", gamma=gamma)
     if every_knob:
         for key in percentiles:
-            if key != settings["percentile"]:
+            if key != settings.percentile:
                 vary(f"p = {key}", percentile=key)
-        vary("read-out " + ("spikes" if settings["readout"] == "analog" else "analog"),
-             readout="spikes" if settings["readout"] == "analog" else "analog")
-        variants.append(("BrainCog reference", settings | BRAINCOG_SETTINGS))
+        other = next(r for r in READOUTS if r != settings.readout)
+        vary(f"read-out {other}", readout=other)
+        variants.append((BRAINCOG, BRAINCOG_SETTINGS))
     return variants
 
 
@@ -647,19 +708,12 @@ def compare_rows(results):
                 for t in report_steps(result["timesteps"])}
         reached = at_ann_level(result)
         eff = result["efficiency"]
-        row |= {"within_0.1pp_at": reached[0] if reached else None,
+        row |= {AT_ANN_LEVEL: reached[0] if reached else None,
                 "synops_there": round(reached[1]) if reached else None,
                 "energy_there_uJ": round(reached[2] / 1e6, 3) if reached else None,
                 "ann_energy_uJ": round(eff["ann_energy_pj"] / 1e6, 3)}
         rows.append(row)
     return rows
-
-
-def write_csv(path, rows):
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot_compare(results, path):
@@ -685,7 +739,7 @@ def plot_compare(results, path):
     axes[0].set_ylabel("test accuracy after t steps (%; dotted: the ANNs)")
     axes[0].set_title("accuracy per time step")
     axes[0].legend(fontsize=7, loc="lower right")
-    main = [i for i, r in enumerate(results) if r["label"] in ("as given", "BrainCog reference")]
+    main = [i for i, r in enumerate(results) if r["label"] in (GIVEN, BRAINCOG)]
     plot_energy_axis(axes[1], [results[i] for i in main], [labels[i] for i in main],
                      [styles[i] for i in main])
     axes[1].legend(fontsize=7, loc="lower right")
@@ -698,10 +752,10 @@ def plot_compare(results, path):
 def print_compare(rows):
     steps = [key for key in rows[0] if key.startswith("t=")]
     print(f"{'setting':42s} " + " ".join(f"{s:>6}" for s in steps) + f" {'ANN':>6} "
-          f"{'0.1pp at':>8} {'µJ there':>8}")
+          f"{'at ANN':>8} {'µJ there':>8}")
     for row in rows:
         name = f"{Path(row['checkpoint']).stem}: {row['setting']}"[:42]
-        there = row["within_0.1pp_at"]
+        there = row[AT_ANN_LEVEL]
         print(f"{name:42s} " + " ".join(f"{row[s]:6.2f}" for s in steps) + f" {row['ann']:6.2f} "
               f"{there or '-':>8} {row['energy_there_uJ'] or '-':>8}")
 
@@ -709,121 +763,64 @@ def print_compare(rows):
 # ----------------------------------------------------------------------------- command line
 
 
-def v0_value(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value not in (0.0, 0.5):
-        raise argparse.ArgumentTypeError(f"must be 0 or 0.5 (units of the threshold), got {text}")
-    return value
-
-
 def parse_args(argv=None):
     parser = ArgumentParser(
         description="Convert the trained LeNet5 into a spiking network, simulate it on the MNIST "
                     "test set and plot its accuracy, spikes and estimated energy per time step "
-                    f"against the ANN. BrainCog's reference setting: {BRAINCOG_REFERENCE}.")
-    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/lenet5_best.pt"),
+                    f"against the ANN. BrainCog's reference setting: --v0 {BRAINCOG_SETTINGS.v0:g} "
+                    f"--gamma {BRAINCOG_SETTINGS.gamma} --percentile {BRAINCOG_SETTINGS.percentile}"
+                    " --no-lateral-inhibition.")
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
                         help="checkpoint written by lenet5.py (ReLU or QCFS)")
     parser.add_argument("--compare", nargs="*", type=Path, default=None, metavar="CHECKPOINT",
                         help="compare settings instead of one run: the given settings, each knob "
                              "changed alone and BrainCog's reference on --checkpoint, plus each "
                              "CHECKPOINT listed (e.g. a QCFS one) at the given settings and with "
                              "γ = 1, 2, 4; writes compare.png, .json and .csv")
-    parser.add_argument("--timesteps", type=positive_int, default=64, help="simulation steps T")
-    parser.add_argument("--batch-size", type=positive_int, default=500,
-                        help="test images simulated at once (500 keeps a layer's state in the "
-                             "CPU's cache better than 1,000)")
-    parser.add_argument("--percentile", type=percentile, default=None,
+    parser.add_argument("--timesteps", type=positive_int, default=TIMESTEPS,
+                        help="simulation steps T")
+    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                        help="test images simulated at once")
+    parser.add_argument("--percentile", type=percentile_arg, default=None,
                         help="activation percentile that sets each layer's scale (one the "
                              "checkpoint recorded: 99, 99.9, 99.99, 100); default: a QCFS "
                              "checkpoint's trained thresholds, else the checkpoint's percentile")
-    parser.add_argument("--gamma", type=positive_int, default=2,
+    parser.add_argument("--gamma", type=positive_int, default=GAMMA,
                         help="most spikes a neuron may fire per step (1: plain IF; 2: burst)")
-    parser.add_argument("--v0", type=v0_value, default=0.5,
-                        help="initial membrane potential in units of the threshold (0 or 0.5)")
+    parser.add_argument("--v0", type=fraction, default=V0,
+                        help="initial membrane potential in units of the threshold, in [0, 1)")
     parser.add_argument("--no-lateral-inhibition", dest="lateral_inhibition",
                         action="store_false", help="use BrainCog's max-pool without lateral "
                         "inhibition (the default pools exactly, with it)")
-    parser.add_argument("--readout", choices=("analog", "spikes"), default="analog",
+    parser.add_argument("--readout", choices=READOUTS, default=READOUT,
                         help="sum the output layer's currents, or count its spikes")
-    parser.add_argument("--simulator", choices=SIMULATORS, default="step",
-                        help="step: all layers one time step after another; layerwise: each "
-                             "layer over all steps at once (same results)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder holding MNIST/")
-    parser.add_argument("--out-dir", type=Path, default=Path("results"),
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR,
                         help="where the plots and the JSON go")
     return parser.parse_args(argv)
 
 
 def load_ann(path, device):
+    """(checkpoint, its ANN on `device`) from a file written by lenet5.py."""
     checkpoint = load_checkpoint(path)
     return checkpoint, model_from_checkpoint(checkpoint, path).to(device)
 
 
-def settings_for(args, checkpoint):
-    """The run's settings from the arguments; percentile None means a QCFS net's thresholds."""
-    qcfs = checkpoint.get("activation") == "qcfs"
-    key = percentile_key(args.percentile) if args.percentile else None
-    return {"percentile": key or (None if qcfs else checkpoint.get("percentile", "99")),
-            "gamma": args.gamma, "v0": args.v0, "lateral_inhibition": args.lateral_inhibition,
-            "readout": args.readout, "activation": checkpoint.get("activation", "relu"),
-            "levels": checkpoint.get("levels") if qcfs else None}
+def settings_from(args, checkpoint):
+    """The Settings the command line asks for, applied to `checkpoint`."""
+    return Settings(scaling_percentile(checkpoint, args.percentile), args.gamma, args.v0,
+                    args.lateral_inhibition, args.readout)
 
 
-def run(path, checkpoint, ann, settings, batches, args, device):
-    """Convert `ann` with `settings`, simulate it on `batches`; the result dict (JSON-ready)."""
-    scales = activation_scales(checkpoint, settings["percentile"], settings["gamma"])
-    snn = fuse_norm_replace(ann, scales, gamma=settings["gamma"], v0=settings["v0"],
-                            lateral_inhibition=settings["lateral_inhibition"],
-                            readout=settings["readout"]).to(device)
-    print(f"simulating {len(batches.labels)} test images for {args.timesteps} steps on {device}: "
-          f"{path}, {settings_text(settings)}")
-    start = time.perf_counter()
-    counts = {}
-    snn_accuracy = evaluate_snn(snn, batches, args.timesteps, device,
-                                SIMULATORS[args.simulator], counts)
-    seconds = time.perf_counter() - start
-    ann_accuracy = evaluate(ann, batches, device)
-    return {
-        "ann_accuracy": ann_accuracy,
-        "snn_accuracy": snn_accuracy,
-        "timesteps": args.timesteps,
-        "first_step_within_0.1pp": first_step_within(snn_accuracy, ann_accuracy),
-        "settings": settings,
-        "checkpoint": str(path),
-        "test_images": len(batches.labels),
-        "device": str(device),
-        "simulation_seconds": round(seconds, 2),
-        "efficiency": efficiency(snn, counts, len(batches.labels), args.timesteps),
-    }
-
-
-def run_all(plan, args, device):
-    """`run` each (path, checkpoint, ann, settings) of `plan` on the same test images.
-
-    Every setting's scales are checked first, so a bad one fails before any data is loaded.
-    """
-    for _, checkpoint, _, settings in plan:
-        activation_scales(checkpoint, settings["percentile"])
-    images, labels = load_mnist(args.data_dir, train=False)
-    if args.limit and args.limit > len(labels):
-        raise UserError(f"--limit {args.limit}: the test set has only {len(labels)} images")
-    batches = Batches(images[:args.limit], labels[:args.limit], args.batch_size)
-    return [run(*planned, batches, args, device) for planned in plan]
-
-
-def convert_and_simulate(args):
+def convert_and_simulate(args, device):
     """One run: load, convert, simulate; write the plots and the JSON; return the result."""
-    device = resolve_device(args.device)
-    check_writable_dir(args.out_dir)
     checkpoint, ann = load_ann(args.checkpoint, device)
-    result, = run_all([(args.checkpoint, checkpoint, ann, settings_for(args, checkpoint))],
-                      args, device)
+    planned = Planned(GIVEN, args.checkpoint, checkpoint, ann, settings_from(args, checkpoint))
+    result, = run_all([planned], args.data_dir, args.limit, args.batch_size, args.timesteps,
+                      device)
     plot_accuracy(result, args.out_dir / "snn_accuracy.png")
     plot_efficiency(result, args.out_dir / "snn_efficiency.png")
     write_json(args.out_dir / "snn_accuracy.json", result)
@@ -833,20 +830,17 @@ def convert_and_simulate(args):
     return result
 
 
-def compare(args):
+def compare(args, device):
     """Compare mode: `compare_settings` on --checkpoint and on each extra one; one figure."""
-    device = resolve_device(args.device)
-    check_writable_dir(args.out_dir)
-    loaded = [(path, *load_ann(path, device)) for path in [args.checkpoint, *args.compare]]
-    labels, plan = [], []
-    for i, (path, checkpoint, ann) in enumerate(loaded):
-        settings = settings_for(args, checkpoint)
-        recorded = list(checkpoint.get("percentiles", {}).get("out", {}))
-        for label, setting in compare_settings(settings, recorded, every_knob=i == 0):
-            labels.append(label)
-            plan.append((path, checkpoint, ann, setting))
-    results = [result | {"label": label}
-               for result, label in zip(run_all(plan, args, device), labels, strict=True)]
+    plan = []
+    for i, path in enumerate([args.checkpoint, *args.compare]):
+        checkpoint, ann = load_ann(path, device)
+        recorded = list(checkpoint.get("percentiles", {}).get(OUTPUT_LAYER, {}))
+        plan += [Planned(label, path, checkpoint, ann, variant) for label, variant in
+                 compare_settings(settings_from(args, checkpoint), recorded, every_knob=i == 0)]
+    results = [result | {"label": planned.label} for planned, result in zip(
+        plan, run_all(plan, args.data_dir, args.limit, args.batch_size, args.timesteps, device),
+        strict=True)]
     rows = compare_rows(results)
     plot_compare(results, args.out_dir / "compare.png")
     write_json(args.out_dir / "compare.json", {"runs": results, "table": rows})
@@ -859,7 +853,9 @@ def compare(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return compare(args) if args.compare is not None else convert_and_simulate(args)
+        device = resolve_device(args.device)
+        check_writable_dir(args.out_dir)
+        return (compare if args.compare is not None else convert_and_simulate)(args, device)
     except UserError as e:
         sys.exit(f"lenet_convert.py: error: {e}")
 

@@ -1,11 +1,16 @@
 """Time the SNN simulation against the ANN (the dense unit) and against SpikingJelly, in one run.
 
-On one machine, with the same checkpoint, threads and batch size: the ANN's forward time over the
-test images; for each T, the step-by-step and layer-wise simulators' times, images x steps per
-second and the ratio to T ANN forward passes; their peak memory (a fresh process per simulator,
-so the figures don't mix); and, when `spikingjelly` is installed (`pip install spikingjelly`, not
-a requirement of the project), its ann2snn converter (mode "99.9%") on the same ANN, timed the
-same way, with its accuracy per step. Each time is the median of --repeats runs after a warm-up.
+On one machine, with the same checkpoint, threads and batch size: the dense unit, the fastest
+ANN forward pass over the test images this project can run (BatchNorm folded, the simulator's
+own max-pool, the simulator's batch size), and the ANN as trained for reference; for each T,
+the step-by-step simulator of lenet_convert.py and the layer-wise one of bench/layerwise.py
+(times, images x steps per second, ratio to T dense passes); their peak memory (a fresh process
+per simulator, so the figures don't mix); and, when `spikingjelly` is installed
+(`pip install spikingjelly`, not a requirement of the project), its ann2snn converter (mode
+"99.9%") on the same ANN, timed the same way, with its accuracy per step. The spiking network
+is built by `lenet_convert.build_snn` with the script's default settings, so the benchmark
+times the network the script simulates. Each time is the median of --repeats runs after a
+warm-up.
 
 Example:
     python bench/bench_snn.py                                  # the full table (long: ~30 min)
@@ -26,8 +31,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/bench_snn.py
+
+from layerwise import simulate_layerwise  # noqa: E402
 
 from lenet5 import (  # noqa: E402
     ArgumentParser,
@@ -41,7 +49,18 @@ from lenet5 import (  # noqa: E402
     resolve_device,
     write_json,
 )
-from lenet_convert import SIMULATORS, activation_scales, evaluate_snn, fuse_norm_replace  # noqa: E402
+from lenet_convert import (  # noqa: E402
+    BATCH_SIZE,
+    Settings,
+    build_snn,
+    evaluate_snn,
+    fold_batchnorm,
+    max_pool,
+    scaling_percentile,
+    simulate,
+)
+
+SIMULATORS = {"step": simulate, "layerwise": simulate_layerwise}
 
 
 def median_seconds(run, repeats):
@@ -73,11 +92,32 @@ def simulate_spikingjelly(snn, images, timesteps):
         yield snn(images)
 
 
+class StridedMaxPool(nn.Module):
+    """MaxPool2d(k) computed as the simulator computes it (`lenet_convert.max_pool`)."""
+
+    def __init__(self, kernel_size):
+        super().__init__()
+        self.kernel_size = kernel_size
+
+    def forward(self, x):
+        return max_pool(x, self.kernel_size)
+
+
+def fastest_ann(ann):
+    """The ANN as fast as the project runs it: BatchNorm folded, the simulator's max-pool."""
+    fast = fold_batchnorm(ann)
+    for name, layer in fast.named_children():
+        if isinstance(layer, nn.MaxPool2d):
+            setattr(fast, name, StridedMaxPool(layer.kernel_size))
+    return fast
+
+
 def load(args):
+    """(device, the ANN, the SNN lenet_convert.py simulates by default, the test batches)."""
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint)
     ann = model_from_checkpoint(checkpoint, args.checkpoint).to(device)
-    snn = fuse_norm_replace(ann, activation_scales(checkpoint), gamma=2).to(device)
+    snn = build_snn(checkpoint, ann, Settings(scaling_percentile(checkpoint))).to(device)
     images, labels = load_mnist(args.data_dir, train=False)
     batches = Batches(images[:args.limit], labels[:args.limit], args.batch_size)
     return device, ann, snn, batches
@@ -103,7 +143,11 @@ def run_benchmark(args):
     torch.set_num_threads(args.threads)
     device, ann, snn, batches = load(args)
     n = len(batches.labels)
-    ann_seconds, ann_accuracy = median_seconds(lambda: evaluate(ann, batches, device), args.repeats)
+    dense = fastest_ann(ann)
+    ann_seconds, ann_accuracy = median_seconds(
+        lambda: evaluate(dense, batches, device), args.repeats)
+    trained_seconds, trained_accuracy = median_seconds(
+        lambda: evaluate(ann, batches, device), args.repeats)
     train_images, train_labels = load_mnist(args.data_dir, train=True)  # calibrate on training data
     calibration = [images for images, _ in Batches(train_images[:2000], train_labels[:2000],
                                                    args.batch_size)]
@@ -114,10 +158,11 @@ def run_benchmark(args):
         for name, simulator in simulators.items():
             model = jelly if name == "spikingjelly" else snn
             run = functools.partial(evaluate_snn, model, batches, timesteps, device, simulator)
-            seconds, accuracy = median_seconds(run, args.repeats)
+            seconds, (accuracy, _) = median_seconds(run, args.repeats)
             rows.append({"simulator": name, "timesteps": timesteps, "seconds": seconds,
                          "image_steps_per_second": n * timesteps / seconds,
                          "ratio_to_T_ann": seconds / (timesteps * ann_seconds),
+                         "ratio_to_T_ann_as_trained": seconds / (timesteps * trained_seconds),
                          "accuracy": accuracy})
             print(f"T={timesteps:4d} {name:13s} {seconds:8.2f}s  "
                   f"{n * timesteps / seconds:10.0f} image-steps/s  "
@@ -128,7 +173,11 @@ def run_benchmark(args):
                         "processor": platform.processor() or platform.machine(),
                         "device": str(device), "torch": str(torch.__version__)},
             "test_images": n, "batch_size": args.batch_size, "repeats": args.repeats,
-            "ann_seconds": ann_seconds, "ann_accuracy": ann_accuracy, "rows": rows,
+            "ann_seconds": ann_seconds, "ann_accuracy": ann_accuracy,
+            "ann_as_trained_seconds": trained_seconds, "ann_as_trained_accuracy": trained_accuracy,
+            "dense_unit": "the ANN with BatchNorm folded and the simulator's max-pool and batch "
+                          "size (ann_seconds); as trained: ann_as_trained_seconds",
+            "rows": rows,
             "memory_timesteps": args.memory_timesteps, "peak_memory": memory,
             "spikingjelly": jelly is not None}
 
@@ -136,7 +185,8 @@ def run_benchmark(args):
 def print_summary(result):
     print(f"\n{result['machine']['cores']} cores, {result['machine']['threads']} threads, "
           f"{result['machine']['device']}; {result['test_images']} images, batch "
-          f"{result['batch_size']}; ANN forward {result['ann_seconds']:.3f}s "
+          f"{result['batch_size']}; ANN forward {result['ann_seconds']:.3f}s folded "
+          f"(the dense unit), {result['ann_as_trained_seconds']:.3f}s as trained "
           f"(median of {result['repeats']})")
     by = {(r["simulator"], r["timesteps"]): r for r in result["rows"]}
     names = list(dict.fromkeys(r["simulator"] for r in result["rows"]))
@@ -159,7 +209,8 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/lenet5_best.pt"))
     parser.add_argument("--timesteps", type=positive_int, nargs="+", default=[8, 32, 64, 128, 256])
-    parser.add_argument("--batch-size", type=positive_int, default=1000)
+    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                        help="images at once, for the simulators and the ANN alike")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per figure")
     parser.add_argument("--memory-timesteps", type=positive_int, default=256,
                         help="T at which peak memory is measured")

@@ -270,6 +270,67 @@ def test_cli_smoke_run_writes_a_self_describing_checkpoint(tmp_path):
     assert [h["epoch"] for h in history] == [1] and history[0]["saved"]
 
 
+def test_interrupted_rerun_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = _quick_run(tmp_path, "ck.pt")
+    before = path.read_bytes()
+    history_before = (tmp_path / "ck_history.json").read_bytes()
+    original, epochs = lenet5.train_epoch, []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        epochs.append(1)
+        if len(epochs) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(lenet5, "train_epoch", interrupted_in_epoch_2)
+    with pytest.raises(SystemExit) as exit_info:
+        _quick_run(tmp_path, "ck.pt", "--epochs", "3", "--seed", "5")
+    message = str(exit_info.value.code)
+    assert "\n" not in message and f"{path} is untouched" in message
+    assert f"this run's best so far is in {tmp_path / 'ck.partial.pt'}" in message
+    assert path.read_bytes() == before  # byte for byte
+    assert (tmp_path / "ck_history.json").read_bytes() == history_before
+    assert load_checkpoint(tmp_path / "ck.partial.pt")["epoch"] == 1
+
+
+def test_completed_rerun_keeps_the_checkpoint_it_replaces(tmp_path, capsys):
+    path = _quick_run(tmp_path, "ck.pt")
+    before = path.read_bytes()
+    _quick_run(tmp_path, "ck.pt", "--seed", "5")
+    assert (tmp_path / "ck.prev.pt").read_bytes() == before
+    assert path.read_bytes() != before and load_checkpoint(path)["seed"] == 5
+    assert not (tmp_path / "ck.partial.pt").exists()
+    assert f"the checkpoint it replaced is kept as {tmp_path / 'ck.prev.pt'}" in (
+        capsys.readouterr().out)
+
+
+def _spoiled(tmp_path, change):
+    """A quick checkpoint with `change` applied to its contents."""
+    path = _quick_run(tmp_path, "spoiled.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda ck: ck["model_state"]["f6.bias"].fill_(float("inf")),
+     r"layer f6 holds NaN or infinite values \(f6.bias\)"),
+    (lambda ck: ck["percentiles"]["act1"].update({"99": None}),
+     r"percentiles\['act1'\]\['99'\] is None, not a finite number >= 0"),
+    (lambda ck: ck["percentiles"].update({"act6": [1, 2]}), "percentiles is not a table of tables"),
+    (lambda ck: ck.update(percentile=99), "percentile is 99, not a key of its percentiles"),
+    (lambda ck: ck.update(levels=0), "unknown activation 'relu' with levels 0"),
+])
+def test_init_from_an_odd_checkpoint_gives_one_line(tmp_path, change, message):
+    spoiled = _spoiled(tmp_path, change)
+    with pytest.raises(SystemExit) as exit_info:
+        _quick_run(tmp_path, "qcfs.pt", "--activation", "qcfs", "--init-from", str(spoiled))
+    text = str(exit_info.value.code)
+    assert text.startswith("lenet5.py: error:") and "\n" not in text
+    assert re.search(message, text)
+    assert not (tmp_path / "qcfs.pt").exists() and not (tmp_path / "qcfs.partial.pt").exists()
+
+
 def test_qcfs_fine_tuning_starts_from_the_percentiles_and_records_lambda(tmp_path, monkeypatch):
     relu = _quick_run(tmp_path, "relu.pt")
     started = {}

@@ -1,0 +1,326 @@
+"""How much the results move between seeds: train, convert and compare over several seeds.
+
+For each seed: train the ReLU LeNet5 (`lenet5.py --seed S`) and fine-tune the QCFS network from
+it (`lenet5.py --activation qcfs --init-from ...`), reusing a checkpoint already in
+--checkpoint-dir when it was made with the same arguments; convert the ReLU network with the
+default settings, with every knob of `lenet_convert.py --compare` changed alone and with
+BrainCog's reference setting, and the QCFS network with its default settings and the other
+burst limits of compare mode (gamma 1 and 4).
+Then summarise: the mean, standard deviation (n - 1 in the denominator), minimum and maximum over
+the seeds of each accuracy, and for each knob the paired difference to the default (same seed,
+same network), which removes the seed-to-seed spread that the networks themselves have.
+
+Example:
+    python bench/seeds.py --seeds 1 2 3 4 5        # about 40 minutes on 2 CPU cores
+    python bench/seeds.py --seeds 1 2 --limit-train 500 --epochs 1 --limit 500   # a quick look
+
+Writes (into --out-dir, default results/seeds/):
+    seed<S>.json   every run of one seed, written as soon as that seed is done
+    seeds.json     the runs, their summary and the paired differences
+    seeds.csv      one row per network (or knob) and step
+    seeds.png      accuracy per step (mean, +-1 std, min-max) and the paired differences
+"""
+
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/seeds.py
+
+import lenet5  # noqa: E402
+import lenet_convert  # noqa: E402
+from lenet5 import (  # noqa: E402
+    UserError,
+    load_checkpoint,
+    positive_int,
+    resolve_device,
+    write_csv,
+    write_json,
+)
+from lenet_convert import (  # noqa: E402
+    AT_ANN_LEVEL,
+    BRAINCOG,
+    GIVEN,
+    Planned,
+    Settings,
+    compare_settings,
+    load_ann,
+    plt,
+    run_all,
+    save_figure,
+    scaling_percentile,
+    step_axis,
+)
+
+# ----------------------------------------------------------------------------- defaults
+SEEDS = (1, 2, 3, 4, 5)
+CHECKPOINT_DIR = Path("checkpoints/seeds")
+OUT_DIR = Path("results/seeds")
+
+RELU, RELU_BRAINCOG, QCFS = "relu", "relu_braincog_reference", "qcfs"  # the networks summarised
+NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that may differ on reuse
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def training_argv(seed, args, activation, init_from=None):
+    """lenet5.py's command line for one network of one seed."""
+    argv = ["--seed", str(seed), "--device", args.device, "--data-dir", str(args.data_dir),
+            "--checkpoint", str(checkpoint_path(args.checkpoint_dir, activation, seed))]
+    if activation == "qcfs":
+        argv += ["--activation", "qcfs", "--init-from", str(init_from)]
+    if args.epochs:
+        argv += ["--epochs", str(args.epochs)]
+    if args.limit_train:
+        argv += ["--limit-train", str(args.limit_train)]
+    return argv
+
+
+def checkpoint_path(directory, activation, seed):
+    return Path(directory) / f"{activation}_seed{seed}.pt"
+
+
+def reusable(path, argv):
+    """Whether `path` holds a checkpoint made by lenet5.py with the arguments `argv`."""
+    if not path.is_file():
+        return False
+    wanted = vars(lenet5.parse_args(argv))
+    made = load_checkpoint(path).get("args", {})
+    return all(str(made.get(k)) == str(v) for k, v in wanted.items() if k not in NOT_COMPARED)
+
+
+def ensure_trained(argv, retrain):
+    """Train with `argv` unless its checkpoint is there already; True if it trained."""
+    path = Path(argv[argv.index("--checkpoint") + 1])
+    if not retrain and reusable(path, argv):
+        print(f"reusing {path} (made with the same arguments)")
+        return False
+    try:
+        lenet5.main(argv)
+    except SystemExit as e:  # lenet5.main reports its errors as SystemExit with a message
+        raise UserError(str(e.code).removeprefix("lenet5.py: error: ")) from None
+    return True
+
+
+# ----------------------------------------------------------------------------- one seed
+
+
+def seed_plan(seed, args, device):
+    """The conversions of one seed: {name or knob: Planned}, the defaults first."""
+    relu_path = checkpoint_path(args.checkpoint_dir, "relu", seed)
+    qcfs_path = checkpoint_path(args.checkpoint_dir, "qcfs", seed)
+    plan = {}
+    for path, prefix in ((relu_path, ""), (qcfs_path, "qcfs: ")):
+        checkpoint, ann = load_ann(path, device)
+        settings = Settings(scaling_percentile(checkpoint))
+        recorded = list(checkpoint["percentiles"][lenet5.OUTPUT_LAYER])
+        for label, variant in compare_settings(settings, recorded, every_knob=not prefix):
+            plan[prefix + label] = Planned(label, path, checkpoint, ann, variant)
+    return plan
+
+
+def run_seed(seed, args, device):
+    """Train (or reuse) both networks of `seed`, run its conversions; {name or knob: result}."""
+    relu_argv = training_argv(seed, args, "relu")
+    retrained = ensure_trained(relu_argv, args.retrain)
+    relu_path = checkpoint_path(args.checkpoint_dir, "relu", seed)
+    ensure_trained(training_argv(seed, args, "qcfs", init_from=relu_path),
+                   args.retrain or retrained)
+    plan = seed_plan(seed, args, device)
+    results = run_all(list(plan.values()), args.data_dir, args.limit, args.batch_size,
+                      args.timesteps, device)
+    return {name: {key: result[key] for key in ("ann_accuracy", "snn_accuracy", AT_ANN_LEVEL,
+                                                "settings", "checkpoint", "test_images")}
+            for name, result in zip(plan, results, strict=True)}
+
+
+# ----------------------------------------------------------------------------- summary
+
+NAMES = {RELU: GIVEN, RELU_BRAINCOG: BRAINCOG, QCFS: f"qcfs: {GIVEN}"}  # name: run of a seed
+PAIRED_TO = {"qcfs: ": f"qcfs: {GIVEN}", "": GIVEN}  # a knob's prefix: the run it differs from
+
+
+def _stats(rows):
+    """Per step: (mean, std, min, max) over the rows (one per seed)."""
+    columns = list(zip(*rows, strict=True))
+    std = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
+    return ([statistics.fmean(c) for c in columns], std, [min(c) for c in columns],
+            [max(c) for c in columns])
+
+
+def summarise(seeds, per_seed, timesteps):
+    """seeds.json's content from {seed: run_seed's result}."""
+    runs = {}
+    for name, label in NAMES.items():
+        results = [per_seed[s][label] for s in seeds]
+        runs[name] = {"ann": [r["ann_accuracy"] for r in results],
+                      "snn": [r["snn_accuracy"] for r in results],
+                      AT_ANN_LEVEL: [r[AT_ANN_LEVEL] for r in results]}
+    summary = {}
+    for name, run in runs.items():
+        mean, std, low, high = _stats(run["snn"])
+        ann_mean, ann_std, _, _ = _stats([[a] for a in run["ann"]])
+        summary[name] = {"ann_mean": ann_mean[0], "ann_std": ann_std[0], "snn_mean": mean,
+                         "snn_std": std, "snn_min": low, "snn_max": high}
+        reached = run[AT_ANN_LEVEL]
+        if None not in reached:  # else some seed never got there: no mean to give
+            (first_mean,), (first_std,), _, _ = _stats([[t] for t in reached])
+            summary[name] |= {f"{AT_ANN_LEVEL}_mean": first_mean, f"{AT_ANN_LEVEL}_std": first_std}
+    paired = {}
+    for knob in per_seed[seeds[0]]:
+        base = next(b for prefix, b in PAIRED_TO.items() if knob.startswith(prefix))
+        if knob == base:
+            continue
+        diffs = [[a - b for a, b in zip(per_seed[s][knob]["snn_accuracy"],
+                                        per_seed[s][base]["snn_accuracy"], strict=True)]
+                 for s in seeds]
+        mean, std, low, high = _stats(diffs)
+        paired[knob] = {"against": base, "per_seed": diffs, "mean": mean, "std": std,
+                        "min": low, "max": high}
+    test_images = per_seed[seeds[0]][GIVEN]["test_images"]
+    return {"seeds": list(seeds), "timesteps": timesteps, "test_images": test_images,
+            "runs": runs, "summary": summary,
+            "paired": paired, "std": "sample standard deviation over the seeds (n - 1)"}
+
+
+def table_rows(study):
+    rows = []
+    for kind, entries in (("accuracy", study["summary"]), ("paired difference", study["paired"])):
+        for name, entry in entries.items():
+            prefix = "snn_" if kind == "accuracy" else ""
+            for t in range(study["timesteps"]):
+                row = {"kind": kind, "name": name, "t": t + 1}
+                row |= {stat: round(100 * entry[prefix + stat][t], 3)
+                        for stat in ("mean", "std", "min", "max")}
+                if kind == "accuracy":
+                    row |= {"ann_mean": round(100 * entry["ann_mean"], 3),
+                            "ann_std": round(100 * entry["ann_std"], 3)}
+                else:
+                    row |= {"ann_mean": None, "ann_std": None}
+                rows.append(row)
+    return rows
+
+
+def plot_study(study, path):
+    """Accuracy per step of each network over the seeds; the paired differences of each knob."""
+    steps = range(1, study["timesteps"] + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+    colours = dict(zip(study["summary"], ("tab:blue", "tab:gray", "tab:green"), strict=True))
+    for name, entry in study["summary"].items():
+        colour = colours[name]
+        mean = [100 * m for m in entry["snn_mean"]]
+        std = [100 * s for s in entry["snn_std"]]
+        axes[0].fill_between(steps, [100 * m for m in entry["snn_min"]],
+                             [100 * m for m in entry["snn_max"]], color=colour, alpha=0.12)
+        axes[0].fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
+                             [m + s for m, s in zip(mean, std, strict=True)], color=colour,
+                             alpha=0.3)
+        axes[0].plot(steps, mean, color=colour, marker=".", markersize=3,
+                     label=f"{name} (ANN {100 * entry['ann_mean']:.2f} ± "
+                           f"{100 * entry['ann_std']:.2f} %)")
+        ann, ann_std = 100 * entry["ann_mean"], 100 * entry["ann_std"]
+        axes[0].axhspan(ann - ann_std, ann + ann_std, color=colour, alpha=0.15)
+        axes[0].axhline(ann, color=colour, linestyle=":", linewidth=1)
+    step_axis(axes[0], study["timesteps"])
+    top = 100 * max(e["ann_mean"] for e in study["summary"].values())
+    axes[0].set_ylim(top - 4, min(100, top + 0.6))
+    axes[0].set_ylabel("test accuracy after t steps (%)")
+    axes[0].set_title("mean over seeds; bands: ±1 std and min–max; "
+                      "horizontal: each ANN's mean ± std", fontsize=9)
+    axes[0].legend(loc="lower right", fontsize=8)
+    for i, (knob, entry) in enumerate(study["paired"].items()):
+        colour = plt.cm.tab20(i % 20)
+        mean = [100 * m for m in entry["mean"]]
+        std = [100 * s for s in entry["std"]]
+        axes[1].fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
+                             [m + s for m, s in zip(mean, std, strict=True)], color=colour,
+                             alpha=0.2)
+        axes[1].plot(steps, mean, color=colour, label=knob)
+    axes[1].axhline(0, color="k", linewidth=1)
+    step_axis(axes[1], study["timesteps"])
+    axes[1].set_ylim(-3, 2)
+    axes[1].set_ylabel("accuracy minus the default's, same seed (pp)")
+    axes[1].set_title("paired differences: mean ± 1 std over seeds (clipped to [-3, 2] pp)",
+                      fontsize=9)
+    axes[1].legend(loc="lower right", fontsize=7, ncol=2)
+    fig.suptitle(f"LeNet5 SNN over {len(study['seeds'])} seeds "
+                 f"({', '.join(map(str, study['seeds']))}), {study['test_images']} MNIST test "
+                 f"images, T = {study['timesteps']}", fontsize=10)
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None):
+    parser = lenet5.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="the seeds")
+    parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR,
+                        help="where each seed's checkpoints are kept and looked for")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where the results go")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train again even where a checkpoint with the same arguments exists")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="training epochs of both networks (default: lenet5.py's)")
+    parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
+                        help="train on the first N training images only (quick runs)")
+    parser.add_argument("--timesteps", type=positive_int, default=lenet_convert.TIMESTEPS,
+                        help="simulation steps T")
+    parser.add_argument("--batch-size", type=positive_int, default=lenet_convert.BATCH_SIZE,
+                        help="test images simulated at once")
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                        help="simulate the first N test images only (default: all 10,000)")
+    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder holding MNIST/")
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"argument --seeds: each seed once, got {args.seeds}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    per_seed = {}
+    try:
+        device = resolve_device(args.device)
+        for directory in (args.out_dir, args.checkpoint_dir):
+            lenet5.check_writable_dir(directory)
+        for seed in tqdm(args.seeds, desc="seeds", unit="seed", disable=None):
+            per_seed[seed] = run_seed(seed, args, device)
+            write_json(args.out_dir / f"seed{seed}.json", per_seed[seed])
+    except UserError as e:
+        sys.exit(f"seeds.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"seeds.py: interrupted; finished seeds {sorted(per_seed) or 'none'} are in "
+                 f"{args.out_dir} (seed<S>.json) and {args.checkpoint_dir}")
+    study = summarise(args.seeds, per_seed, args.timesteps) | {
+        "threads": torch.get_num_threads()}
+    write_json(args.out_dir / "seeds.json", study)
+    write_csv(args.out_dir / "seeds.csv", table_rows(study))
+    plot_study(study, args.out_dir / "seeds.png")
+    print_summary(study)
+    print(f"wrote seeds.json, seeds.csv and seeds.png in {args.out_dir}")
+    return study
+
+
+def print_summary(study):
+    steps = lenet_convert.report_steps(study["timesteps"])
+
+    def cell(mean, std, sign=""):
+        return f"{100 * mean:{sign}8.2f} ±{100 * std:4.2f}"
+    print(f"mean ± std over seeds {study['seeds']} (accuracy %, paired differences pp)")
+    print(f"{'':34s}" + "".join(f"{'t=' + str(t):>14s}" for t in steps) + f"{'ANN':>14s}")
+    for name, e in study["summary"].items():
+        print(f"{name:34s}" + "".join(cell(e["snn_mean"][t - 1], e["snn_std"][t - 1])
+                                      for t in steps) + cell(e["ann_mean"], e["ann_std"]))
+    for knob, e in study["paired"].items():
+        print(f"{knob[:34]:34s}" + "".join(cell(e["mean"][t - 1], e["std"][t - 1], "+")
+                                           for t in steps))
+
+
+if __name__ == "__main__":
+    main()

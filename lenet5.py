@@ -12,6 +12,9 @@ Example:
 Writes:
     checkpoints/lenet5_best.pt            best weights (by validation accuracy), percentiles, args
     checkpoints/lenet5_best_history.json  one record per epoch: loss, accuracies, time
+    checkpoints/lenet5_best.prev.pt       the checkpoint a completed run replaced (and its history)
+    checkpoints/lenet5_best.partial.pt    a run's best until it completes; an interrupted run
+                                          leaves it there and the checkpoint untouched
     data/MNIST/raw/*-ubyte                the shipped .gz files, extracted and MD5-checked once
 """
 
@@ -47,14 +50,26 @@ MNIST_MD5 = {
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
-PERCENTILES = (99.0, 99.9, 99.99, 100.0)  # recorded for every hooked layer
-CALIBRATION_IMAGES = 2048  # training images the percentiles are measured on
-QUANTILE_MAX_VALUES = 2**24  # torch.quantile refuses larger inputs: subsample (seeded) above this
 ARCH = "LeNet5-BN"
 IMAGE_SHAPE = (1, 32, 32)  # MNIST's 28 x 28 padded by 2 pixels, as in the original LeNet5
 OUTPUT_LAYER = "out"  # the last layer's name; its percentiles scale a spiking read-out
-TRAINING = {"epochs": 25, "lr": 0.05}  # from scratch
-FINE_TUNING = {"epochs": 20, "lr": 0.01}  # from --init-from, e.g. a ReLU net into QCFS
+
+# ----------------------------------------------------------------------------- defaults
+# from scratch, and from --init-from (e.g. ReLU into QCFS): epochs, peak learning rate, decay of
+# the weights' moving average, weight of distillation from the --init-from network
+TRAINING = {"epochs": 25, "lr": 0.05, "ema": 0.0, "distill": 0.0}
+FINE_TUNING = {"epochs": 20, "lr": 0.01, "ema": 0.0, "distill": 0.0}
+DISTILL_TEMPERATURE = 4.0  # softens both networks' outputs for distillation (Hinton et al. 2015)
+BATCH_SIZE = 128  # training batch size
+WEIGHT_DECAY = 5e-4  # L2 weight decay of SGD
+MAX_SHIFT = 2  # augmentation: random shift of each training image, in pixels
+SEED = 1  # seed for everything: split, initialisation, shuffling, shifts
+VAL_SIZE = 5000  # validation images carved from the 60,000 training images
+LEVELS = 4  # QCFS quantisation levels L
+PERCENTILE = 99.0  # the activation percentile the conversion uses by default
+PERCENTILES = (99.0, 99.9, 99.99, 100.0)  # recorded for every hooked layer
+CALIBRATION_IMAGES = 2048  # training images the percentiles are measured on
+QUANTILE_MAX_VALUES = 2**24  # torch.quantile refuses larger inputs: subsample (seeded) above this
 
 
 class UserError(Exception):
@@ -298,8 +313,14 @@ class Batches:
 # ----------------------------------------------------------------------------- training
 
 
-def train_epoch(model, batches, optimizer, scheduler, device, desc="train"):
-    """One epoch; returns (mean loss, accuracy) over the epoch's samples."""
+def train_epoch(model, batches, optimizer, scheduler, device, desc="train", averaged=None,
+                teacher=None, distill=0.0):
+    """One epoch; returns (mean loss, accuracy) over the epoch's samples.
+
+    `averaged`, a torch.optim.swa_utils.AveragedModel, if given, is updated after every step.
+    With a `teacher`, the loss is (1 - distill) * cross-entropy + distill * T^2 * KL(teacher's
+    softened outputs || the model's), T = DISTILL_TEMPERATURE.
+    """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(batches, desc=desc, leave=False, disable=None)
@@ -307,15 +328,26 @@ def train_epoch(model, batches, optimizer, scheduler, device, desc="train"):
         images, labels = images.to(device), labels.to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
+        if teacher is not None:
+            loss = (1 - distill) * loss + distill * distillation_loss(logits, teacher, images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if averaged is not None:
+            averaged.update_parameters(model)
         total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
     return total_loss / seen, correct / seen
+
+
+def distillation_loss(logits, teacher, images, temperature=DISTILL_TEMPERATURE):
+    with torch.no_grad():
+        target = F.softmax(teacher(images) / temperature, 1)
+    log_p = F.log_softmax(logits / temperature, 1)
+    return temperature**2 * F.kl_div(log_p, target, reduction="batchmean")
 
 
 @torch.no_grad()
@@ -509,7 +541,7 @@ def fraction(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
     if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (units of the threshold), got {text}")
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
@@ -520,15 +552,27 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help=f"training epochs (default: {TRAINING['epochs']}; "
                              f"{FINE_TUNING['epochs']} when fine-tuning with --init-from)")
-    parser.add_argument("--batch-size", type=positive_int, default=128, help="training batch size")
+    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                        help="training batch size")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="peak learning rate of the one-cycle schedule, SGD with Nesterov "
                              f"momentum 0.9 (default: {TRAINING['lr']}; {FINE_TUNING['lr']} "
                              "when fine-tuning)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay")
-    parser.add_argument("--max-shift", type=int, default=2, choices=range(0, 5), metavar="{0..4}",
+    parser.add_argument("--ema", type=fraction, default=None, metavar="DECAY",
+                        help="validate and save an exponential moving average of the weights "
+                             "(and BatchNorm statistics) with this decay per step; 0: the "
+                             f"weights themselves (default: {TRAINING['ema']:g}; "
+                             f"{FINE_TUNING['ema']:g} when fine-tuning)")
+    parser.add_argument("--distill", type=fraction, default=None, metavar="WEIGHT",
+                        help="with --init-from: weight of distillation from that network in the "
+                             "loss, the rest on the labels; 0: labels only (default: "
+                             f"{FINE_TUNING['distill']:g} when fine-tuning)")
+    parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
+                        help="L2 weight decay")
+    parser.add_argument("--max-shift", type=int, default=MAX_SHIFT, choices=range(0, 5),
+                        metavar="{0..4}",
                         help="augmentation: random shift of each training image, in pixels")
-    parser.add_argument("--seed", type=int, default=1, help="seed for everything")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed for everything")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="folder holding MNIST/raw (the shipped .gz files)")
@@ -538,16 +582,16 @@ def parse_args(argv=None):
     parser.add_argument("--activation", choices=ACTIVATIONS, default="relu",
                         help="relu, or qcfs: conversion-aware training with a trained "
                              "quantised clip per layer (an SNN that needs only a few steps)")
-    parser.add_argument("--levels", type=positive_int, default=4,
+    parser.add_argument("--levels", type=positive_int, default=LEVELS,
                         help="QCFS quantisation levels L (the SNN matches the ANN in "
                              "expectation after L steps)")
     parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
                         help="start from this checkpoint's weights (fine-tuning); for QCFS each "
                              "layer's lambda starts at its --percentile activation there")
-    parser.add_argument("--percentile", type=percentile_arg, default=99.0,
+    parser.add_argument("--percentile", type=percentile_arg, default=PERCENTILE,
                         help="the activation percentile the conversion uses by default "
                              f"(recorded always: {', '.join(map(percentile_key, PERCENTILES))})")
-    parser.add_argument("--val-size", type=positive_int, default=5000,
+    parser.add_argument("--val-size", type=positive_int, default=VAL_SIZE,
                         help="validation images carved from the 60,000 training images")
     parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
                         help="train on the first N training images only (quick runs, tests)")
@@ -557,6 +601,8 @@ def parse_args(argv=None):
     for key, value in (FINE_TUNING if args.init_from else TRAINING).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.distill and not args.init_from:
+        parser.error("argument --distill: needs --init-from, the network to distil from")
     if args.checkpoint is None:
         name = "lenet5_best.pt" if args.activation == "relu" else "lenet5_qcfs_best.pt"
         args.checkpoint = Path("checkpoints") / name
@@ -606,8 +652,9 @@ def train(args):
     check_writable_dir(args.checkpoint.parent)
     generator = set_seed(args.seed)
     model = LeNet5(args.activation, args.levels)
+    teacher = None
     if args.init_from:
-        init_from(model, args.init_from, percentile_key(args.percentile))
+        teacher = init_from(model, args.init_from, percentile_key(args.percentile)).to(device)
     model = model.to(device)
     images, labels = load_mnist(args.data_dir, train=True)
     test = Batches(*load_mnist(args.data_dir, train=False), batch_size=1000)
@@ -622,16 +669,21 @@ def train(args):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train_batches))
+    averaged = None if not args.ema else torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True)
+    evaluated = averaged.module if averaged else model  # the weights validated and saved
     print(f"training on {len(train_index)} images, validating on {len(val_index)}, device {device}")
     best, history = None, []
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
         loss, train_acc = train_epoch(model, train_batches, optimizer, scheduler, device,
-                                      desc=f"epoch {epoch}/{args.epochs}")
-        val_acc, test_acc = evaluate(model, val, device), evaluate(model, test, device)
+                                      desc=f"epoch {epoch}/{args.epochs}", averaged=averaged,
+                                      teacher=teacher if args.distill else None,
+                                      distill=args.distill)
+        val_acc, test_acc = evaluate(evaluated, val, device), evaluate(evaluated, test, device)
         improved = best is None or val_acc > best["val_accuracy"]
         if improved:
-            best = make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc)
+            best = make_checkpoint(evaluated, calibration, device, args, epoch, val_acc, test_acc)
             save_checkpoint(best, partial_path(args.checkpoint))
         seconds = time.perf_counter() - start
         history.append({"epoch": epoch, "train_loss": loss, "train_accuracy": train_acc,
@@ -644,7 +696,10 @@ def train(args):
 
 
 def init_from(model, path, key):
-    """Load a checkpoint's weights into `model`; a QCFS layer new there gets lambda = percentile."""
+    """Load a checkpoint's weights into `model`; a QCFS layer new there gets lambda = percentile.
+
+    Returns the checkpoint's own network (eval mode), the teacher for distillation.
+    """
     checkpoint = load_checkpoint(path)
     source = model_from_checkpoint(checkpoint, path)
     missing, _ = model.load_state_dict(source.state_dict(), strict=False)
@@ -655,6 +710,7 @@ def init_from(model, path, key):
             raise UserError(f"{path} has no {key}th percentile of {name} to start its QCFS "
                             "threshold from") from None
         getattr(model, name).threshold.data.fill_(value)
+    return source
 
 
 def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):

@@ -46,6 +46,7 @@ from lenet_convert import (  # noqa: E402
     GIVEN,
     Planned,
     Settings,
+    at_ann_level,
     compare_settings,
     load_ann,
     plt,
@@ -90,7 +91,8 @@ def reusable(path, argv):
         return False
     wanted = vars(lenet5.parse_args(argv))
     made = load_checkpoint(path).get("args", {})
-    return all(str(made.get(k)) == str(v) for k, v in wanted.items() if k not in NOT_COMPARED)
+    return all(str(made[k]) == str(v) if k in made else not v  # a newer option, left off
+               for k, v in wanted.items() if k not in NOT_COMPARED)
 
 
 def ensure_trained(argv, retrain):
@@ -135,6 +137,7 @@ def run_seed(seed, args, device):
                       args.timesteps, device)
     return {name: {key: result[key] for key in ("ann_accuracy", "snn_accuracy", AT_ANN_LEVEL,
                                                 "settings", "checkpoint", "test_images")}
+            | {"energy_pj_at_ann_level": (at_ann_level(result) or (None, None, None))[2]}
             for name, result in zip(plan, results, strict=True)}
 
 
@@ -159,17 +162,18 @@ def summarise(seeds, per_seed, timesteps):
         results = [per_seed[s][label] for s in seeds]
         runs[name] = {"ann": [r["ann_accuracy"] for r in results],
                       "snn": [r["snn_accuracy"] for r in results],
-                      AT_ANN_LEVEL: [r[AT_ANN_LEVEL] for r in results]}
+                      AT_ANN_LEVEL: [r[AT_ANN_LEVEL] for r in results],
+                      "energy_pj_at_ann_level": [r["energy_pj_at_ann_level"] for r in results]}
     summary = {}
     for name, run in runs.items():
         mean, std, low, high = _stats(run["snn"])
         ann_mean, ann_std, _, _ = _stats([[a] for a in run["ann"]])
         summary[name] = {"ann_mean": ann_mean[0], "ann_std": ann_std[0], "snn_mean": mean,
                          "snn_std": std, "snn_min": low, "snn_max": high}
-        reached = run[AT_ANN_LEVEL]
-        if None not in reached:  # else some seed never got there: no mean to give
-            (first_mean,), (first_std,), _, _ = _stats([[t] for t in reached])
-            summary[name] |= {f"{AT_ANN_LEVEL}_mean": first_mean, f"{AT_ANN_LEVEL}_std": first_std}
+        for key in (AT_ANN_LEVEL, "energy_pj_at_ann_level"):
+            if None not in run[key]:  # else some seed never got there: no mean to give
+                (mean,), (std,), _, _ = _stats([[value] for value in run[key]])
+                summary[name] |= {f"{key}_mean": mean, f"{key}_std": std}
     paired = {}
     for knob in per_seed[seeds[0]]:
         base = next(b for prefix, b in PAIRED_TO.items() if knob.startswith(prefix))

@@ -155,3 +155,7 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     assert seeds.main(argv)["runs"] == saved["runs"]
     assert capsys.readouterr().out.count("reusing") == 4
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").glob("*.pt")}
+    relu_argv = seeds.training_argv(1, seeds.parse_args(argv), "relu")
+    assert seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv)
+    assert not seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv + ["--lr", "0.02"])
+    assert not seeds.reusable(tmp_path / "ck" / "relu_seed3.pt", relu_argv)

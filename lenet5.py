@@ -55,11 +55,8 @@ IMAGE_SHAPE = (1, 32, 32)  # MNIST's 28 x 28 padded by 2 pixels, as in the origi
 OUTPUT_LAYER = "out"  # the last layer's name; its percentiles scale a spiking read-out
 
 # ----------------------------------------------------------------------------- defaults
-# from scratch, and from --init-from (e.g. ReLU into QCFS): epochs, peak learning rate, decay of
-# the weights' moving average, weight of distillation from the --init-from network
-TRAINING = {"epochs": 25, "lr": 0.05, "ema": 0.0, "distill": 0.0}
-FINE_TUNING = {"epochs": 20, "lr": 0.01, "ema": 0.0, "distill": 0.0}
-DISTILL_TEMPERATURE = 4.0  # softens both networks' outputs for distillation (Hinton et al. 2015)
+TRAINING = {"epochs": 25, "lr": 0.05}  # from scratch: epochs, peak learning rate
+FINE_TUNING = {"epochs": 20, "lr": 0.01}  # from --init-from, e.g. a ReLU net into QCFS
 BATCH_SIZE = 128  # training batch size
 WEIGHT_DECAY = 5e-4  # L2 weight decay of SGD
 MAX_SHIFT = 2  # augmentation: random shift of each training image, in pixels
@@ -313,14 +310,8 @@ class Batches:
 # ----------------------------------------------------------------------------- training
 
 
-def train_epoch(model, batches, optimizer, scheduler, device, desc="train", averaged=None,
-                teacher=None, distill=0.0):
-    """One epoch; returns (mean loss, accuracy) over the epoch's samples.
-
-    `averaged`, a torch.optim.swa_utils.AveragedModel, if given, is updated after every step.
-    With a `teacher`, the loss is (1 - distill) * cross-entropy + distill * T^2 * KL(teacher's
-    softened outputs || the model's), T = DISTILL_TEMPERATURE.
-    """
+def train_epoch(model, batches, optimizer, scheduler, device, desc="train"):
+    """One epoch; returns (mean loss, accuracy) over the epoch's samples."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(batches, desc=desc, leave=False, disable=None)
@@ -328,26 +319,15 @@ def train_epoch(model, batches, optimizer, scheduler, device, desc="train", aver
         images, labels = images.to(device), labels.to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, labels)
-        if teacher is not None:
-            loss = (1 - distill) * loss + distill * distillation_loss(logits, teacher, images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if averaged is not None:
-            averaged.update_parameters(model)
         total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
     return total_loss / seen, correct / seen
-
-
-def distillation_loss(logits, teacher, images, temperature=DISTILL_TEMPERATURE):
-    with torch.no_grad():
-        target = F.softmax(teacher(images) / temperature, 1)
-    log_p = F.log_softmax(logits / temperature, 1)
-    return temperature**2 * F.kl_div(log_p, target, reduction="batchmean")
 
 
 @torch.no_grad()
@@ -558,15 +538,6 @@ def parse_args(argv=None):
                         help="peak learning rate of the one-cycle schedule, SGD with Nesterov "
                              f"momentum 0.9 (default: {TRAINING['lr']}; {FINE_TUNING['lr']} "
                              "when fine-tuning)")
-    parser.add_argument("--ema", type=fraction, default=None, metavar="DECAY",
-                        help="validate and save an exponential moving average of the weights "
-                             "(and BatchNorm statistics) with this decay per step; 0: the "
-                             f"weights themselves (default: {TRAINING['ema']:g}; "
-                             f"{FINE_TUNING['ema']:g} when fine-tuning)")
-    parser.add_argument("--distill", type=fraction, default=None, metavar="WEIGHT",
-                        help="with --init-from: weight of distillation from that network in the "
-                             "loss, the rest on the labels; 0: labels only (default: "
-                             f"{FINE_TUNING['distill']:g} when fine-tuning)")
     parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
                         help="L2 weight decay")
     parser.add_argument("--max-shift", type=int, default=MAX_SHIFT, choices=range(0, 5),
@@ -601,8 +572,6 @@ def parse_args(argv=None):
     for key, value in (FINE_TUNING if args.init_from else TRAINING).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.distill and not args.init_from:
-        parser.error("argument --distill: needs --init-from, the network to distil from")
     if args.checkpoint is None:
         name = "lenet5_best.pt" if args.activation == "relu" else "lenet5_qcfs_best.pt"
         args.checkpoint = Path("checkpoints") / name
@@ -652,9 +621,8 @@ def train(args):
     check_writable_dir(args.checkpoint.parent)
     generator = set_seed(args.seed)
     model = LeNet5(args.activation, args.levels)
-    teacher = None
     if args.init_from:
-        teacher = init_from(model, args.init_from, percentile_key(args.percentile)).to(device)
+        init_from(model, args.init_from, percentile_key(args.percentile))
     model = model.to(device)
     images, labels = load_mnist(args.data_dir, train=True)
     test = Batches(*load_mnist(args.data_dir, train=False), batch_size=1000)
@@ -669,21 +637,16 @@ def train(args):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train_batches))
-    averaged = None if not args.ema else torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True)
-    evaluated = averaged.module if averaged else model  # the weights validated and saved
     print(f"training on {len(train_index)} images, validating on {len(val_index)}, device {device}")
     best, history = None, []
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
         loss, train_acc = train_epoch(model, train_batches, optimizer, scheduler, device,
-                                      desc=f"epoch {epoch}/{args.epochs}", averaged=averaged,
-                                      teacher=teacher if args.distill else None,
-                                      distill=args.distill)
-        val_acc, test_acc = evaluate(evaluated, val, device), evaluate(evaluated, test, device)
+                                      desc=f"epoch {epoch}/{args.epochs}")
+        val_acc, test_acc = evaluate(model, val, device), evaluate(model, test, device)
         improved = best is None or val_acc > best["val_accuracy"]
         if improved:
-            best = make_checkpoint(evaluated, calibration, device, args, epoch, val_acc, test_acc)
+            best = make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc)
             save_checkpoint(best, partial_path(args.checkpoint))
         seconds = time.perf_counter() - start
         history.append({"epoch": epoch, "train_loss": loss, "train_accuracy": train_acc,
@@ -696,10 +659,7 @@ def train(args):
 
 
 def init_from(model, path, key):
-    """Load a checkpoint's weights into `model`; a QCFS layer new there gets lambda = percentile.
-
-    Returns the checkpoint's own network (eval mode), the teacher for distillation.
-    """
+    """Load a checkpoint's weights into `model`; a QCFS layer new there gets lambda = percentile."""
     checkpoint = load_checkpoint(path)
     source = model_from_checkpoint(checkpoint, path)
     missing, _ = model.load_state_dict(source.state_dict(), strict=False)
@@ -710,7 +670,6 @@ def init_from(model, path, key):
             raise UserError(f"{path} has no {key}th percentile of {name} to start its QCFS "
                             "threshold from") from None
         getattr(model, name).threshold.data.fill_(value)
-    return source
 
 
 def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):

@@ -51,6 +51,7 @@ from lenet5 import (  # noqa: E402
 )
 from lenet_convert import (  # noqa: E402
     BATCH_SIZE,
+    CHECKPOINT,
     Settings,
     build_snn,
     evaluate_snn,
@@ -207,18 +208,22 @@ def print_summary(result):
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/lenet5_best.pt"))
-    parser.add_argument("--timesteps", type=positive_int, nargs="+", default=[8, 32, 64, 128, 256])
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
+                        help="the network to convert (with lenet_convert.py's default settings)")
+    parser.add_argument("--timesteps", type=positive_int, nargs="+", default=[8, 32, 64, 128, 256],
+                        help="the numbers of steps T to time")
     parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                         help="images at once, for the simulators and the ANN alike")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per figure")
     parser.add_argument("--memory-timesteps", type=positive_int, default=256,
                         help="T at which peak memory is measured")
-    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+                        help="torch threads, for every figure alike")
     parser.add_argument("--limit", type=positive_int, default=None, help="first N test images")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/bench_snn.json"))
+    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder holding MNIST/")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/bench_snn.json"),
+                        help="where the JSON goes")
     return parser.parse_args(argv)
 
 

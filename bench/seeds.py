@@ -5,13 +5,14 @@ it (`lenet5.py --activation qcfs --init-from ...`), reusing a checkpoint already
 --checkpoint-dir when it was made with the same arguments; convert the ReLU network with the
 default settings, with every knob of `lenet_convert.py --compare` changed alone and with
 BrainCog's reference setting, and the QCFS network with its default settings and the other
-burst limits of compare mode (gamma 1 and 4).
-Then summarise: the mean, standard deviation (n - 1 in the denominator), minimum and maximum over
-the seeds of each accuracy, and for each knob the paired difference to the default (same seed,
-same network), which removes the seed-to-seed spread that the networks themselves have.
+burst limits of compare mode (gamma 1 and 4), reusing a conversion from an earlier seed<S>.json
+when nothing it depends on changed (checkpoint file, settings, T, test images, batch size).
+Then summarise: the mean, standard deviation (n - 1 in the denominator), minimum and maximum
+over the seeds of each accuracy, and for each knob the paired difference to the default (same
+seed, same network), which removes the seed-to-seed spread that the networks themselves have.
 
 Example:
-    python bench/seeds.py --seeds 1 2 3 4 5        # about 40 minutes on 2 CPU cores
+    python bench/seeds.py --seeds 1 2 3 4 5        # about 55 minutes on 2 CPU cores
     python bench/seeds.py --seeds 1 2 --limit-train 500 --epochs 1 --limit 500   # a quick look
 
 Writes (into --out-dir, default results/seeds/):
@@ -21,6 +22,8 @@ Writes (into --out-dir, default results/seeds/):
     seeds.png      accuracy per step (mean, +-1 std, min-max) and the paired differences
 """
 
+import hashlib
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -126,19 +129,48 @@ def seed_plan(seed, args, device):
 
 
 def run_seed(seed, args, device):
-    """Train (or reuse) both networks of `seed`, run its conversions; {name or knob: result}."""
+    """Train (or reuse) both networks of `seed`, run its conversions; {name or knob: result}.
+
+    A conversion already in the seed's earlier seed<S>.json is reused when its checkpoint file,
+    settings, steps, test images and batch size are the same.
+    """
     relu_argv = training_argv(seed, args, "relu")
     retrained = ensure_trained(relu_argv, args.retrain)
     relu_path = checkpoint_path(args.checkpoint_dir, "relu", seed)
     ensure_trained(training_argv(seed, args, "qcfs", init_from=relu_path),
                    args.retrain or retrained)
     plan = seed_plan(seed, args, device)
-    results = run_all(list(plan.values()), args.data_dir, args.limit, args.batch_size,
-                      args.timesteps, device)
-    return {name: {key: result[key] for key in ("ann_accuracy", "snn_accuracy", AT_ANN_LEVEL,
-                                                "settings", "checkpoint", "test_images")}
-            | {"energy_pj_at_ann_level": (at_ann_level(result) or (None, None, None))[2]}
-            for name, result in zip(plan, results, strict=True)}
+    earlier = _read_json(args.out_dir / f"seed{seed}.json")
+    fingerprints = {path: _sha256(path) for path in {p.path for p in plan.values()}}
+    same = {"timesteps": args.timesteps, "limit": args.limit, "batch_size": args.batch_size}
+    done = {name: earlier[name] for name, planned in plan.items()
+            if isinstance(earlier.get(name), dict)
+            and earlier[name].get("run") == same | {"checkpoint_sha256": fingerprints[planned.path],
+                                                    "settings": planned.settings._asdict()}}
+    todo = [name for name in plan if name not in done]
+    if done:
+        print(f"seed {seed}: reusing {len(done)} conversions from {args.out_dir}/seed{seed}.json")
+    results = run_all([plan[name] for name in todo], args.data_dir, args.limit, args.batch_size,
+                      args.timesteps, device) if todo else []
+    for name, result in zip(todo, results, strict=True):
+        planned = plan[name]
+        done[name] = {key: result[key] for key in ("ann_accuracy", "snn_accuracy", AT_ANN_LEVEL,
+                                                   "settings", "checkpoint", "test_images")}
+        done[name] |= {"energy_pj_at_ann_level": (at_ann_level(result) or (None,) * 3)[2],
+                       "run": same | {"checkpoint_sha256": fingerprints[planned.path],
+                                      "settings": planned.settings._asdict()}}
+    return {name: done[name] for name in plan}
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- summary
@@ -300,7 +332,7 @@ def main(argv=None):
         sys.exit(f"seeds.py: error: {e}")
     except KeyboardInterrupt:
         sys.exit(f"seeds.py: interrupted; finished seeds {sorted(per_seed) or 'none'} are in "
-                 f"{args.out_dir} (seed<S>.json) and {args.checkpoint_dir}")
+                 f"{args.out_dir} (seed<S>.json) and {args.checkpoint_dir}; a re-run reuses them")
     study = summarise(args.seeds, per_seed, args.timesteps) | {
         "threads": torch.get_num_threads()}
     write_json(args.out_dir / "seeds.json", study)

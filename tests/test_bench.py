@@ -153,7 +153,11 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").glob("*.pt")}
     capsys.readouterr()
     assert seeds.main(argv)["runs"] == saved["runs"]
-    assert capsys.readouterr().out.count("reusing") == 4
+    out = capsys.readouterr().out
+    assert out.count("(made with the same arguments)") == 4  # both networks of both seeds
+    assert "reusing 13 conversions" in out and "simulating" not in out
+    seeds.main([*argv, "--timesteps", "3"])  # a change the conversions depend on: run again
+    assert capsys.readouterr().out.count("simulating") == 2 * 13
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").glob("*.pt")}
     relu_argv = seeds.training_argv(1, seeds.parse_args(argv), "relu")
     assert seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv)

@@ -142,23 +142,22 @@ def run_seed(seed, args, device):
     plan = seed_plan(seed, args, device)
     earlier = _read_json(args.out_dir / f"seed{seed}.json")
     fingerprints = {path: _sha256(path) for path in {p.path for p in plan.values()}}
-    same = {"timesteps": args.timesteps, "limit": args.limit, "batch_size": args.batch_size}
-    done = {name: earlier[name] for name, planned in plan.items()
-            if isinstance(earlier.get(name), dict)
-            and earlier[name].get("run") == same | {"checkpoint_sha256": fingerprints[planned.path],
-                                                    "settings": planned.settings._asdict()}}
+    inputs = {name: {"checkpoint_sha256": fingerprints[planned.path],
+                     "settings": planned.settings._asdict(), "timesteps": args.timesteps,
+                     "limit": args.limit, "batch_size": args.batch_size}
+              for name, planned in plan.items()}  # what a conversion's result depends on
+    done = {name: earlier[name] for name in plan
+            if isinstance(earlier.get(name), dict) and earlier[name].get("run") == inputs[name]}
     todo = [name for name in plan if name not in done]
     if done:
         print(f"seed {seed}: reusing {len(done)} conversions from {args.out_dir}/seed{seed}.json")
     results = run_all([plan[name] for name in todo], args.data_dir, args.limit, args.batch_size,
                       args.timesteps, device) if todo else []
     for name, result in zip(todo, results, strict=True):
-        planned = plan[name]
         done[name] = {key: result[key] for key in ("ann_accuracy", "snn_accuracy", AT_ANN_LEVEL,
                                                    "settings", "checkpoint", "test_images")}
         done[name] |= {"energy_pj_at_ann_level": (at_ann_level(result) or (None,) * 3)[2],
-                       "run": same | {"checkpoint_sha256": fingerprints[planned.path],
-                                      "settings": planned.settings._asdict()}}
+                       "run": inputs[name]}
     return {name: done[name] for name in plan}
 
 

@@ -42,9 +42,7 @@ from lenet5 import (  # noqa: E402
     Batches,
     UserError,
     evaluate,
-    load_checkpoint,
     load_mnist,
-    model_from_checkpoint,
     positive_int,
     resolve_device,
     write_json,
@@ -56,6 +54,7 @@ from lenet_convert import (  # noqa: E402
     build_snn,
     evaluate_snn,
     fold_batchnorm,
+    load_ann,
     max_pool,
     scaling_percentile,
     simulate,
@@ -116,8 +115,7 @@ def fastest_ann(ann):
 def load(args):
     """(device, the ANN, the SNN lenet_convert.py simulates by default, the test batches)."""
     device = resolve_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint)
-    ann = model_from_checkpoint(checkpoint, args.checkpoint).to(device)
+    checkpoint, ann = load_ann(args.checkpoint, device)
     snn = build_snn(checkpoint, ann, Settings(scaling_percentile(checkpoint))).to(device)
     images, labels = load_mnist(args.data_dir, train=False)
     batches = Batches(images[:args.limit], labels[:args.limit], args.batch_size)

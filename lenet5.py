@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import reprlib
 import shutil
 import sys
 import tempfile
@@ -265,10 +266,10 @@ def load_mnist(data_dir, train):
     return F.pad(dataset.data, (2, 2, 2, 2)), dataset.targets.long()
 
 
-def split_train_val(n, val_size, seed):
-    """A seeded split of range(n): (train indices, validation indices)."""
+def split_train_val(n, val_size, seed, limit_train=None):
+    """A seeded split of range(n): (train indices, the first `limit_train` only; validation)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[val_size:], order[:val_size]
+    return order[val_size:][:limit_train], order[:val_size]
 
 
 def random_shift(images, max_shift, generator):
@@ -351,14 +352,14 @@ def percentile_key(p):
 
 @torch.no_grad()
 def record_activations(model, batches, device, names):
-    """Every value output by each layer in `names` over `batches`: {name: 1-D tensor}.
+    """The outputs of each layer in `names` over `batches`: {name: tensor [samples, channels, ...]}.
 
     Forward hooks collect the outputs in eval mode; they are removed before returning.
     """
     values = {name: [] for name in names}
     modules = dict(model.named_children())
     handles = [modules[name].register_forward_hook(
-        lambda _module, _input, output, name=name: values[name].append(output.flatten().cpu()))
+        lambda _module, _input, output, name=name: values[name].append(output.cpu()))
         for name in names]
     try:
         model.eval()
@@ -379,12 +380,43 @@ def percentiles_of(values, percentiles, generator):
 
 
 def percentile_activations(model, batches, device, percentiles=PERCENTILES, seed=0):
-    """{layer: {percentile key: value}} for each activation layer and the output layer."""
+    """The activation percentiles of each activation layer and of the output layer.
+
+    Returns (per layer, per channel): {layer: {percentile key: value}} over all of a layer's
+    outputs, and {layer: {percentile key: [value per channel]}}, a channel being a convolution's
+    output channel or a linear layer's neuron (docs/method.md §3).
+    """
     values = record_activations(model, batches, device, hooked_layers(model))
-    generator = torch.Generator().manual_seed(seed)
     keys = [percentile_key(p) for p in percentiles]
-    return {name: dict(zip(keys, percentiles_of(v, percentiles, generator), strict=True))
-            for name, v in values.items()}
+    generator = torch.Generator().manual_seed(seed)
+    per_layer = {name: dict(zip(keys, percentiles_of(v.flatten(), percentiles, generator),
+                                strict=True)) for name, v in values.items()}
+    generator = torch.Generator().manual_seed(seed)
+    per_channel = {}
+    for name, v in values.items():
+        rows = v.transpose(0, 1).reshape(v.shape[1], -1)  # [channels, samples * positions]
+        columns = [percentiles_of(row, percentiles, generator) for row in rows]
+        per_channel[name] = {key: list(values) for key, values in
+                             zip(keys, zip(*columns, strict=True), strict=True)}
+    return per_layer, per_channel
+
+
+def remeasure_percentiles(checkpoint, model, data_dir, device):
+    """`percentile_activations` of `model` on the training images `checkpoint`'s were measured on.
+
+    For checkpoints written before per-channel percentiles were recorded: the split, the
+    calibration images and the seed are rebuilt from the checkpoint's arguments, so the per-layer
+    table comes out as recorded and the per-channel one as lenet5.py records it today.
+    """
+    args = checkpoint.get("args", {})
+    seed = checkpoint.get("seed", SEED)
+    images, labels = load_mnist(data_dir, train=True)
+    train_index, _ = split_train_val(len(labels), args.get("val_size", VAL_SIZE), seed,
+                                     args.get("limit_train"))
+    index = train_index[:checkpoint.get("calibration_images", CALIBRATION_IMAGES)]
+    percentiles = [float(key) for key in next(iter(checkpoint["percentiles"].values()))]
+    calibration = Batches(images[index], labels[index], batch_size=1000)
+    return percentile_activations(model, calibration, device, percentiles, seed)
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -432,15 +464,20 @@ def check_checkpoint(checkpoint, path):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"{path}: layer {key.split('.')[0]} holds NaN or infinite values "
                             f"({key})")
-    tables = checkpoint.get("percentiles", {})
-    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
-        raise UserError(f"{path}: percentiles is not a table of tables")
-    for layer, table in tables.items():
-        for key, value in table.items():
+    for name, per_channel in (("percentiles", False), ("channel_percentiles", True)):
+        tables = checkpoint.get(name, {})
+        if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+            raise UserError(f"{path}: {name} is not a table of tables")
+        for layer, table in tables.items():
             lowest = -math.inf if layer == OUTPUT_LAYER else 0
-            if not (_finite_number(value) and value >= lowest):
-                raise UserError(f"{path}: percentiles[{layer!r}][{key!r}] is {value!r}, not a "
-                                f"finite number{' >= 0' if lowest == 0 else ''}")
+            for key, value in table.items():
+                values = value if per_channel and isinstance(value, list) else [value]
+                if isinstance(value, list) != per_channel or not all(
+                        _finite_number(v) and v >= lowest for v in values):
+                    kind = "a list of finite numbers" if per_channel else "a finite number"
+                    raise UserError(f"{path}: {name}[{layer!r}][{key!r}] is "
+                                    f"{reprlib.repr(value)}, not {kind}"
+                                    f"{' >= 0' if lowest == 0 else ''}")
     thresholds = checkpoint.get("thresholds", {})
     if not isinstance(thresholds, dict) or not all(
             _finite_number(v) and v > 0 for v in thresholds.values()):
@@ -485,14 +522,22 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text):
+def _int_at_least(text, lowest, kind):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
     return value
+
+
+def positive_int(text):
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text):
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def positive_float(text):
@@ -564,6 +609,10 @@ def parse_args(argv=None):
                              f"(recorded always: {', '.join(map(percentile_key, PERCENTILES))})")
     parser.add_argument("--val-size", type=positive_int, default=VAL_SIZE,
                         help="validation images carved from the 60,000 training images")
+    parser.add_argument("--calibration-images", type=positive_int, default=None, metavar="N",
+                        help="training images the activation percentiles are measured on "
+                             f"(BrainCog's batch_num times its batch size; default: "
+                             f"{CALIBRATION_IMAGES}, or all if there are fewer)")
     parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
                         help="train on the first N training images only (quick runs, tests)")
     args = parser.parse_args(argv)
@@ -626,12 +675,15 @@ def train(args):
     model = model.to(device)
     images, labels = load_mnist(args.data_dir, train=True)
     test = Batches(*load_mnist(args.data_dir, train=False), batch_size=1000)
-    train_index, val_index = split_train_val(len(labels), args.val_size, args.seed)
-    train_index = train_index[:args.limit_train]
+    train_index, val_index = split_train_val(len(labels), args.val_size, args.seed,
+                                             args.limit_train)
+    if (args.calibration_images or 0) > len(train_index):
+        raise UserError(f"--calibration-images {args.calibration_images}: there are only "
+                        f"{len(train_index)} training images")
     train_batches = Batches(images[train_index], labels[train_index], args.batch_size,
                             shuffle=True, max_shift=args.max_shift, generator=generator)
     val = Batches(images[val_index], labels[val_index], batch_size=1000)
-    calibration_index = train_index[:CALIBRATION_IMAGES]
+    calibration_index = train_index[:args.calibration_images or CALIBRATION_IMAGES]
     calibration = Batches(images[calibration_index], labels[calibration_index], batch_size=1000)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
@@ -675,10 +727,14 @@ def init_from(model, path, key):
 def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
     """A self-describing checkpoint of `model` with its activation percentiles."""
     percentiles = sorted(set(PERCENTILES) | {args.percentile})
+    per_layer, per_channel = percentile_activations(model, calibration, device, percentiles,
+                                                    args.seed)
     return {
         "arch": ARCH,
         "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "percentiles": percentile_activations(model, calibration, device, percentiles, args.seed),
+        "percentiles": per_layer,
+        "channel_percentiles": per_channel,
+        "calibration_images": len(calibration.labels),
         "percentile": percentile_key(args.percentile),
         "activation": args.activation,
         "levels": args.levels,

@@ -47,9 +47,11 @@ from lenet5 import (
     load_checkpoint,
     load_mnist,
     model_from_checkpoint,
+    non_negative_int,
     percentile_arg,
     percentile_key,
     positive_int,
+    remeasure_percentiles,
     resolve_device,
     write_csv,
     write_json,
@@ -67,6 +69,10 @@ GAMMA = 2  # burst limit, the most spikes a neuron fires per step (BrainCog's)
 V0 = 0.5  # initial potential in units of the threshold: turns the rate's floor into a rounding
 LATERAL_INHIBITION = True  # the exact spiking max-pool
 READOUT = "analog"  # sum the output layer's currents; "spikes": count a SpikeNode's spikes
+NORM = "layer"  # one activation scale per layer; "channel", "neuron": see NORMS
+RESET = "subtract"  # after spiking, lose s thresholds; "zero": the potential goes to 0
+SPICALIB = 0  # spike calibration's allowance in steps; 0: off
+COMPARE_SPICALIBS = (2, 4)  # the spike calibration allowances --compare tries
 ANN_LEVEL = 0.001  # "at the ANN's level": accuracy within 0.1 percentage points of the ANN's
 POOL_K = 1000.0  # BrainCog's weight of the accumulated input in the pool without inhibition
 COMPARE_GAMMAS = (1, 2, 4)  # burst limits every compared checkpoint is run with
@@ -77,6 +83,8 @@ ENERGY_MODEL = ("45 nm: 4.6 pJ per MAC, 0.9 pJ per accumulate (AC). The first la
                 "ignored.")
 
 READOUTS = ("analog", "spikes")
+NORMS = ("layer", "channel", "neuron")  # per layer; per convolution channel; and per neuron
+RESETS = ("subtract", "zero")
 READOUT_NODE = "readout"  # the SpikeNode appended after the output layer for a spiking read-out
 AT_ANN_LEVEL = f"first_step_within_{100 * ANN_LEVEL:g}pp"  # result key: first step at that level
 GIVEN, BRAINCOG = "as given", "BrainCog reference"  # labels of compare mode's main runs
@@ -90,6 +98,9 @@ class Settings(NamedTuple):
     v0: float = V0
     lateral_inhibition: bool = LATERAL_INHIBITION
     readout: str = READOUT
+    norm: str = NORM
+    reset: str = RESET
+    spicalib: int = SPICALIB
 
 
 BRAINCOG_SETTINGS = Settings("99.9", gamma=2, v0=0.0, lateral_inhibition=False, readout="analog")
@@ -105,6 +116,8 @@ class Counting(nn.Module):
     would fragment the heap between the large per-step tensors and make memory grow with T.
     """
 
+    signed = False  # whether the output can be negative; then |output| is counted
+
     def reset(self):
         """Forget the state and the counts: a new batch of images."""
         self.buffer, self.length = None, 0  # [capacity, *units], steps counted
@@ -116,7 +129,7 @@ class Counting(nn.Module):
 
     def count(self, out):
         """Add `out` ([steps, batch, ...], from step `self.step` on) to the counts."""
-        per_step = out.sum(1)
+        per_step = (out.abs() if self.signed else out).sum(1)
         end = self.step + len(per_step)
         if self.buffer is None or end > len(self.buffer):
             grown = per_step.new_zeros(max(end, 2 * self.length, 16), *per_step.shape[1:])
@@ -128,26 +141,31 @@ class Counting(nn.Module):
 
     @property
     def counts(self):
-        """Spikes per step and unit since the last reset: a tensor [steps, *units]."""
+        """Spikes (events, if signed) per step and unit since the last reset: [steps, *units]."""
         return self.buffer[:self.length] if self.buffer is not None else torch.zeros(0)
 
 
 class SpikeNode(Counting):
-    """Integrate-and-fire neuron with reset by subtraction (docs/method.md §4).
+    """Integrate-and-fire neuron (docs/method.md §4).
 
-    Each step: V <- V + I;  s = clamp(floor(V / threshold), 0, gamma);  V <- V - s * threshold;
-    output s. gamma = 1 is a plain IF neuron, gamma > 1 a burst neuron. The potential starts at
-    v0 * threshold (v0 = 0.5 turns the rate's floor into a rounding).
+    Each step: V <- V + I;  s = clamp(floor(V / threshold), 0, gamma);  then the reset, by
+    subtraction (V <- V - s * threshold) or to zero (V <- 0 wherever s > 0); output s. gamma = 1
+    is a plain IF neuron, gamma > 1 a burst neuron. The potential starts at v0 * threshold
+    (v0 = 0.5 turns the rate's floor into a rounding). With `allowance` > 0, spike calibration
+    (`calibrate`) may turn the output negative; then |output| is what is counted.
     """
 
-    def __init__(self, threshold=1.0, gamma=1, v0=0.5):
+    def __init__(self, threshold=1.0, gamma=1, v0=0.5, reset=RESET, allowance=SPICALIB):
         super().__init__()
         self.threshold, self.gamma, self.v0 = threshold, gamma, v0
+        self.reset_mode, self.allowance = reset, allowance
+        self.signed = allowance > 0
         self.reset()
 
     def restart(self):
         super().restart()
         self.mem = None
+        self.last = None  # spike calibration's state, from the first step on
 
     def forward(self, current):
         if self.mem is None:
@@ -155,12 +173,40 @@ class SpikeNode(Counting):
         self.mem.add_(current)
         scaled = self.mem if self.threshold == 1 else self.mem / self.threshold  # skip a pass
         spikes = torch.floor(scaled).clamp_(0, self.gamma)
-        self.mem.sub_(spikes, alpha=self.threshold)
+        if self.reset_mode == "zero":
+            self.mem.masked_fill_(spikes > 0, 0)
+        else:
+            self.mem.sub_(spikes, alpha=self.threshold)
+        if self.allowance:
+            spikes = self.calibrate(spikes)
         self.count(spikes.unsqueeze(0))
         return spikes
 
+    def calibrate(self, spikes):
+        """Spike calibration (BrainCog's SpiCalib, docs/method.md §4) of this step's `spikes`.
+
+        Each neuron keeps the step of its last spike and the mean interval between its spikes
+        (the first counted from step 0). A neuron silent for longer than that mean plus the
+        allowance emits -1 this step; a neuron whose running total of what it would emit has
+        reached -1 or less emits 0 instead. The potential is not touched.
+        """
+        t = self.step
+        if self.last is None:
+            self.last, self.interval, self.fired, self.total = (
+                torch.zeros_like(spikes) for _ in range(4))
+        fired = spikes > 0
+        self.fired += fired
+        self.interval = torch.where(
+            fired, (t - self.last + self.interval * (self.fired - 1)) / self.fired, self.interval)
+        self.last.masked_fill_(fired, t)
+        out = spikes - (t - self.last > self.interval + self.allowance).to(spikes.dtype)
+        self.total += out
+        return out.masked_fill_(self.total <= -1, 0)
+
     def extra_repr(self):
-        return f"threshold={self.threshold}, gamma={self.gamma}, v0={self.v0}"
+        return (f"threshold={self.threshold}, gamma={self.gamma}, v0={self.v0}, "
+                f"reset={self.reset_mode}" + (f", allowance={self.allowance}"
+                                              if self.allowance else ""))
 
 
 def max_pool(x, k):
@@ -186,9 +232,10 @@ class SMaxPool(Counting):
     (BrainCog's form): out_t = maxpool(x + K*C_t) - maxpool(K*C_t), which over-estimates a little.
     """
 
-    def __init__(self, kernel_size=2, lateral_inhibition=True, k=POOL_K):
+    def __init__(self, kernel_size=2, lateral_inhibition=True, k=POOL_K, signed=False):
         super().__init__()
         self.kernel_size, self.lateral_inhibition, self.k = kernel_size, lateral_inhibition, k
+        self.signed = signed  # its input can be negative (spike calibration)
         self.reset()
 
     def restart(self):
@@ -253,9 +300,10 @@ def fold_batchnorm(model):
 def normalise(model, scales, spiking_readout=False):
     """Step 2: a copy of a BatchNorm-free `model` with each activation divided by its scale.
 
-    Each weighted layer: W <- W * lambda_in / lambda, b <- b / lambda (docs/method.md §3); the
-    output layer is divided by its own scale only for a spiking read-out. QCFS thresholds are
-    divided too, so the copy gives the ANN's outputs (over the output's scale for spikes).
+    Each weighted layer: W[i, j] <- W[i, j] * lambda_in[j] / lambda[i], b[i] <- b[i] / lambda[i]
+    (docs/method.md §3), with one scale per layer or one per channel (a tensor); the output layer
+    is divided by its own scale only for a spiking read-out. QCFS thresholds are divided too
+    (per layer only), so the copy gives the ANN's outputs (over the output's scale for spikes).
     """
     model = copy.deepcopy(model)
     scale_in, weighted = 1.0, None
@@ -264,9 +312,12 @@ def normalise(model, scales, spiking_readout=False):
             weighted = layer
         elif isinstance(layer, (nn.ReLU, QCFS)):
             scale = scales.get(name)
-            if scale is None or not scale > 0:
+            if scale is None or not torch.all(torch.as_tensor(scale) > 0):
                 raise UserError(f"activation scale of {name} is {scale}: cannot normalise by it "
                                 "(a dead layer?)")
+            if torch.is_tensor(scale) and len(scale) != len(weighted.weight):
+                raise UserError(f"{name} has {len(scale)} per-channel percentiles, not one per "
+                                f"channel ({len(weighted.weight)})")
             _scale_layer(weighted, scale_in, scale)
             if isinstance(layer, QCFS):
                 layer.threshold.div_(scale)
@@ -276,44 +327,62 @@ def normalise(model, scales, spiking_readout=False):
 
 
 def _scale_layer(layer, scale_in, scale_out):
-    layer.weight.mul_(scale_in / scale_out)
-    layer.bias.div_(scale_out)
+    """W[i, j] <- W[i, j] * scale_in[j] / scale_out[i], b[i] <- b[i] / scale_out[i].
+
+    A scale is a number or a tensor with one value per channel; after flattening, a channel's
+    scale applies to all of its positions.
+    """
+    weight = layer.weight
+    if torch.is_tensor(scale_in):
+        scale_in = scale_in.repeat_interleave(weight.shape[1] // len(scale_in))
+        scale_in = scale_in.view(1, -1, *[1] * (weight.dim() - 2)).to(weight)
+    if torch.is_tensor(scale_out):
+        scale_out = scale_out.to(weight)
+        layer.bias.div_(scale_out)
+        scale_out = scale_out.view(-1, *[1] * (weight.dim() - 1))
+    else:
+        layer.bias.div_(scale_out)
+    weight.mul_(scale_in / scale_out)
 
 
 def replace_by_spiking(model, gamma=GAMMA, v0=V0, lateral_inhibition=LATERAL_INHIBITION,
-                       spiking_readout=False):
+                       spiking_readout=False, reset=RESET, spicalib=SPICALIB):
     """Step 3: a copy of a normalised `model` with spiking neurons and pools.
 
-    Every ReLU or QCFS becomes a SpikeNode of threshold 1, every MaxPool2d an SMaxPool; for a
-    spiking read-out a SpikeNode named READOUT_NODE follows the output layer.
+    Every ReLU or QCFS becomes a SpikeNode of threshold 1 (with spike calibration if `spicalib`
+    > 0), every MaxPool2d an SMaxPool; for a spiking read-out a SpikeNode named READOUT_NODE
+    (never calibrated) follows the output layer.
     """
     layers = OrderedDict()
     for name, layer in model.named_children():
         if isinstance(layer, (nn.ReLU, QCFS)):
-            layers[name] = SpikeNode(gamma=gamma, v0=v0)
+            layers[name] = SpikeNode(gamma=gamma, v0=v0, reset=reset, allowance=spicalib)
         elif isinstance(layer, nn.MaxPool2d):
-            layers[name] = SMaxPool(layer.kernel_size, lateral_inhibition)
+            layers[name] = SMaxPool(layer.kernel_size, lateral_inhibition, signed=spicalib > 0)
         else:
             layers[name] = copy.deepcopy(layer)
     if spiking_readout:
-        layers[READOUT_NODE] = SpikeNode(gamma=gamma, v0=v0)
+        layers[READOUT_NODE] = SpikeNode(gamma=gamma, v0=v0, reset=reset)
     return nn.Sequential(layers).eval()
 
 
 def fuse_norm_replace(model, scales, gamma=GAMMA, v0=V0, lateral_inhibition=LATERAL_INHIBITION,
-                      readout=READOUT):
+                      readout=READOUT, reset=RESET, spicalib=SPICALIB):
     """Convert an ANN into a spiking copy; `model` itself is left untouched.
 
     Args:
         model: a LeNet5 (an nn.Sequential of named layers, ReLU or QCFS) in eval mode.
-        scales: {activation layer: lambda, OUTPUT_LAYER: lambda}, e.g. from `activation_scales`.
+        scales: {activation layer: lambda (a number, or a tensor with one per channel),
+            OUTPUT_LAYER: lambda}, e.g. from `activation_scales`.
         gamma, v0: the SpikeNodes' burst limit and initial potential (in units of threshold 1).
         lateral_inhibition: the SMaxPool variant.
         readout: "analog" (the output layer's currents are summed) or "spikes".
+        reset: "subtract" or "zero"; spicalib: spike calibration's allowance in steps (0: off).
     """
     spiking_readout = readout == "spikes"
     normalised = normalise(fold_batchnorm(model), scales, spiking_readout)
-    return replace_by_spiking(normalised, gamma, v0, lateral_inhibition, spiking_readout)
+    return replace_by_spiking(normalised, gamma, v0, lateral_inhibition, spiking_readout, reset,
+                              spicalib)
 
 
 def scaling_percentile(checkpoint, asked=None):
@@ -327,12 +396,14 @@ def scaling_percentile(checkpoint, asked=None):
     return None if checkpoint.get("activation") == "qcfs" else checkpoint.get("percentile", "99")
 
 
-def activation_scales(checkpoint, percentile=None, gamma=1):
+def activation_scales(checkpoint, percentile=None, gamma=1, per_channel=()):
     """{layer: what one spike stands for}: the recorded `percentile` of each layer's activations.
 
     With `percentile` None (a QCFS network), each layer's trained lambda divided by `gamma`, so
     the gamma spikes of a step share [0, lambda] (docs/method.md §6). The output layer's scale
     (for a spiking read-out) is always a percentile, the checkpoint's own for a QCFS network.
+    The layers in `per_channel` get a tensor, one scale per channel or neuron (see
+    `per_channel_layers`); a channel silent on the calibration images keeps the layer's scale.
     """
     recorded = checkpoint.get("percentiles")
     if not recorded:
@@ -346,7 +417,34 @@ def activation_scales(checkpoint, percentile=None, gamma=1):
         raise UserError(f"the checkpoint has no {key}th percentile (it has: {available}); "
                         f"choose one of those or retrain with `--percentile {key}`") from None
     trained = checkpoint.get("thresholds", {}) if percentile is None else {}
+    if per_channel and trained:
+        raise UserError("--norm channel and neuron need activation percentiles: a QCFS network "
+                        "is converted with its trained threshold per layer (add --percentile)")
+    for layer in per_channel:
+        try:
+            channels = checkpoint.get("channel_percentiles", {})[layer][key]
+        except KeyError:
+            raise UserError(f"the checkpoint has no per-channel {key}th percentile of "
+                            f"{layer}") from None
+        channels = torch.tensor(channels, dtype=torch.float64)
+        scales[layer] = torch.where(channels > 0, channels, scales[layer])
     return scales | {layer: value / gamma for layer, value in trained.items()}
+
+
+def per_channel_layers(ann, norm):
+    """The activation layers scaled per channel under `norm` (docs/method.md §3).
+
+    None for "layer"; for "channel" those after a convolution, one scale per output channel
+    (BrainCog's channelnorm); for "neuron" also those after a linear layer, one per neuron.
+    """
+    names, weighted = set(), None
+    for name, layer in ann.named_children():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            weighted = layer
+        elif isinstance(layer, (nn.ReLU, QCFS)) and (
+                norm == "neuron" or norm == "channel" and isinstance(weighted, nn.Conv2d)):
+            names.add(name)
+    return names
 
 
 def build_snn(checkpoint, ann, settings):
@@ -354,9 +452,11 @@ def build_snn(checkpoint, ann, settings):
 
     The one builder: the script, its compare mode and the benchmark all call it.
     """
-    scales = activation_scales(checkpoint, settings.percentile, settings.gamma)
+    scales = activation_scales(checkpoint, settings.percentile, settings.gamma,
+                               per_channel_layers(ann, settings.norm))
     return fuse_norm_replace(ann, scales, settings.gamma, settings.v0,
-                             settings.lateral_inhibition, settings.readout)
+                             settings.lateral_inhibition, settings.readout, settings.reset,
+                             settings.spicalib)
 
 
 # ----------------------------------------------------------------------------- simulation
@@ -529,13 +629,30 @@ def run(planned, batches, timesteps, device):
     }
 
 
+def add_channel_percentiles(planned, data_dir, device):
+    """Give a checkpoint written before they were recorded its per-channel percentiles.
+
+    They are measured as lenet5.py does, on the same training images (in memory only; the file
+    is not changed).
+    """
+    if "channel_percentiles" in planned.checkpoint:
+        return
+    print(f"{planned.path} has no per-channel percentiles: measuring them on the training images "
+          "its per-layer ones came from")
+    planned.checkpoint["channel_percentiles"] = remeasure_percentiles(
+        planned.checkpoint, planned.ann, data_dir, device)[1]
+
+
 def run_all(plan, data_dir, limit, batch_size, timesteps, device):
     """`run` every entry of `plan` on the same test images (the first `limit`, or all).
 
     Every entry's scales are checked first, so a bad setting fails before any data is loaded.
     """
     for planned in plan:
-        activation_scales(planned.checkpoint, planned.settings.percentile)
+        if planned.settings.norm != "layer":
+            add_channel_percentiles(planned, data_dir, device)
+        activation_scales(planned.checkpoint, planned.settings.percentile, 1,
+                          per_channel_layers(planned.ann, planned.settings.norm))
     images, labels = load_mnist(data_dir, train=False)
     if limit and limit > len(labels):
         raise UserError(f"--limit {limit}: the test set has only {len(labels)} images")
@@ -555,9 +672,12 @@ def report_steps(timesteps):
 def settings_text(settings):
     scaling = (f"θ=λ/γ (QCFS, L={settings['levels']})" if settings["percentile"] is None
                else f"p={settings['percentile']}")
-    return (f"{scaling}, γ={settings['gamma']}, V0={settings['v0']:g}θ, "
+    return (f"{scaling} per {settings.get('norm', NORM)}, γ={settings['gamma']}, "
+            f"V0={settings['v0']:g}θ, reset "
+            f"{'to 0' if settings.get('reset', RESET) == 'zero' else 'by subtraction'}, "
             f"lateral inhibition {'on' if settings['lateral_inhibition'] else 'off'}, "
-            f"{settings['readout']} read-out")
+            f"{settings['readout']} read-out"
+            + (f", spike calibration {settings['spicalib']}" if settings.get("spicalib") else ""))
 
 
 def step_axis(ax, timesteps):
@@ -694,6 +814,15 @@ def compare_settings(settings, percentiles, every_knob=True):
                 vary(f"p = {key}", percentile=key)
         other = next(r for r in READOUTS if r != settings.readout)
         vary(f"read-out {other}", readout=other)
+        if settings.percentile is not None:  # a QCFS network's trained lambda is per layer
+            for norm in NORMS:
+                if norm != settings.norm:
+                    vary(f"norm per {norm}", norm=norm)
+        vary("reset " + ("to 0" if settings.reset == "subtract" else "by subtraction"),
+             reset=next(r for r in RESETS if r != settings.reset))
+        for allowance in (0, *COMPARE_SPICALIBS):
+            if allowance != settings.spicalib:
+                vary(f"spike calibration {allowance or 'off'}", spicalib=allowance)
         variants.append((BRAINCOG, BRAINCOG_SETTINGS))
     return variants
 
@@ -794,6 +923,17 @@ def parse_args(argv=None):
                         "inhibition (the default pools exactly, with it)")
     parser.add_argument("--readout", choices=READOUTS, default=READOUT,
                         help="sum the output layer's currents, or count its spikes")
+    parser.add_argument("--norm", choices=NORMS, default=NORM,
+                        help="one activation scale per layer; per output channel of each "
+                             "convolution (BrainCog's channelnorm); or that and per neuron of "
+                             "each linear layer (Spiking-YOLO). Needs percentiles, not a QCFS "
+                             "network's thresholds")
+    parser.add_argument("--reset", choices=RESETS, default=RESET,
+                        help="after firing s spikes a neuron's potential loses s thresholds, or "
+                             "goes to 0")
+    parser.add_argument("--spicalib", type=non_negative_int, default=SPICALIB, metavar="STEPS",
+                        help="spike calibration's allowance: a neuron silent for longer than its "
+                             "mean interval between spikes plus STEPS emits -1 (0: off)")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")
@@ -812,7 +952,7 @@ def load_ann(path, device):
 def settings_from(args, checkpoint):
     """The Settings the command line asks for, applied to `checkpoint`."""
     return Settings(scaling_percentile(checkpoint, args.percentile), args.gamma, args.v0,
-                    args.lateral_inhibition, args.readout)
+                    args.lateral_inhibition, args.readout, args.norm, args.reset, args.spicalib)
 
 
 def convert_and_simulate(args, device):

@@ -48,7 +48,17 @@ def _run(simulator, snn, images, steps, **kwargs):
 @pytest.mark.parametrize("gamma, v0, inhibition, readout",
                          itertools.product((1, 2), (0.0, 0.5), (True, False), ("analog", "spikes")))
 def test_layerwise_simulation_gives_identical_spikes(gamma, v0, inhibition, readout):
-    snn = _dyadic_snn(gamma=gamma, v0=v0, lateral_inhibition=inhibition, readout=readout)
+    _check_layerwise(gamma=gamma, v0=v0, lateral_inhibition=inhibition, readout=readout)
+
+
+@pytest.mark.parametrize("reset, spicalib, inhibition",
+                         [("zero", 0, True), ("subtract", 2, True), ("zero", 1, False)])
+def test_layerwise_simulation_resets_and_calibrates_identically(reset, spicalib, inhibition):
+    _check_layerwise(reset=reset, spicalib=spicalib, lateral_inhibition=inhibition)
+
+
+def _check_layerwise(**settings):
+    snn = _dyadic_snn(**settings)
     images = torch.rand(13, 1, 32, 32)
     step_outputs, step_counts = _run(simulate, snn, images, 12)
     layer_outputs, layer_counts = _run(simulate_layerwise, snn, images, 12,
@@ -144,8 +154,8 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
                                                          run["as given"]["snn_accuracy"],
                                                          strict=True)] for run in per_seed]
     assert saved["paired"]["qcfs: γ = 1"]["against"] == "qcfs: as given"
-    assert {"lateral inhibition off", "V0 = 0", "γ = 1", "p = 99.9", "p = 100"} <= set(
-        saved["paired"])
+    assert {"lateral inhibition off", "V0 = 0", "γ = 1", "p = 99.9", "p = 100", "norm per channel",
+            "norm per neuron", "reset to 0", "spike calibration 4"} <= set(saved["paired"])
     rows = list(csv.DictReader((tmp_path / "out" / "seeds.csv").open()))
     assert len(rows) == 4 * (3 + len(saved["paired"]))
     assert (tmp_path / "out" / "seeds.png").read_bytes()[:4] == b"\x89PNG"
@@ -155,9 +165,11 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     assert seeds.main(argv)["runs"] == saved["runs"]
     out = capsys.readouterr().out
     assert out.count("(made with the same arguments)") == 4  # both networks of both seeds
-    assert "reusing 13 conversions" in out and "simulating" not in out
+    conversions = len(per_seed[0])  # 15 of the ReLU network, 3 of the QCFS one
+    assert conversions == 18
+    assert f"reusing {conversions} conversions" in out and "simulating" not in out
     seeds.main([*argv, "--timesteps", "3"])  # a change the conversions depend on: run again
-    assert capsys.readouterr().out.count("simulating") == 2 * 13
+    assert capsys.readouterr().out.count("simulating") == 2 * conversions
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").glob("*.pt")}
     relu_argv = seeds.training_argv(1, seeds.parse_args(argv), "relu")
     assert seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import lenet5
@@ -188,16 +189,25 @@ def test_percentiles_match_torch_quantile_on_the_same_activations():
     model = _trained_looking_model()
     images = torch.rand(40, 1, 32, 32)
     batches = [(images[:25], None), (images[25:], None)]  # two batches, one partial
-    recorded = percentile_activations(model, batches, "cpu")
+    recorded, per_channel = percentile_activations(model, batches, "cpu")
     with torch.no_grad():
         act1 = F.relu(model.bn1(model.c1(images)))
+        act5 = nn.Sequential(*list(model)[:11])(images)  # c1 ... act5
         logits = model(images)
     for p in ("99", "99.9", "99.99"):
         expected = torch.quantile(act1.flatten(), float(p) / 100).item()
         assert recorded["act1"][p] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        for c in range(6):  # a convolution's channel: all images and positions
+            expected = torch.quantile(act1[:, c].flatten(), float(p) / 100).item()
+            assert per_channel["act1"][p][c] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        for j in (0, 57, 119):  # a linear layer's neuron: all images
+            expected = torch.quantile(act5[:, j], float(p) / 100).item()
+            assert per_channel["act5"][p][j] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert recorded["act1"]["100"] == pytest.approx(act1.max().item())
+    assert per_channel["act1"]["100"] == pytest.approx(act1.amax((0, 2, 3)).tolist())
     assert recorded["out"]["99"] == pytest.approx(torch.quantile(logits.flatten(), 0.99).item())
-    assert set(recorded) == {"act1", "act3", "act5", "act6", "out"}
+    assert set(recorded) == set(per_channel) == {"act1", "act3", "act5", "act6", "out"}
+    assert [len(per_channel[name]["99"]) for name in per_channel] == [6, 16, 120, 84, 10]
 
 
 def test_hooks_are_removed_afterwards():
@@ -264,10 +274,34 @@ def test_cli_smoke_run_writes_a_self_describing_checkpoint(tmp_path):
         assert key in ck
     assert ck["percentile"] == "99.5" and ck["epoch"] == 1
     assert set(ck["percentiles"]["act3"]) == {"99", "99.5", "99.9", "99.99", "100"}
+    assert set(ck["channel_percentiles"]["act3"]) == set(ck["percentiles"]["act3"])
+    assert len(ck["channel_percentiles"]["act3"]["99.5"]) == 16
+    assert ck["calibration_images"] == 600  # all of them: fewer than the default 2,048
     assert 0 < ck["val_accuracy"] <= 1 and 0 < ck["test_accuracy"] <= 1
     model_from_checkpoint(ck)
     history = json.loads((tmp_path / "ck_history.json").read_text())
     assert [h["epoch"] for h in history] == [1] and history[0]["saved"]
+
+
+def test_percentiles_come_from_the_first_calibration_images_of_the_split(tmp_path):
+    path = _quick_run(tmp_path, "ck.pt", "--calibration-images", "100")
+    ck = load_checkpoint(path)
+    assert ck["calibration_images"] == 100 and ck["args"]["calibration_images"] == 100
+    images, labels = lenet5.load_mnist(DATA, train=True)
+    train_index, _ = split_train_val(len(labels), 500, seed=1, limit_train=600)
+    first = train_index[:100]
+    expected = percentile_activations(model_from_checkpoint(ck),
+                                      lenet5.Batches(images[first], labels[first], 1000), "cpu",
+                                      sorted(float(p) for p in ck["percentiles"]["out"]), seed=1)
+    assert (ck["percentiles"], ck["channel_percentiles"]) == expected
+
+
+def test_more_calibration_images_than_training_images_is_refused(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        _quick_run(tmp_path, "ck.pt", "--calibration-images", "601")
+    assert str(exit_info.value.code) == ("lenet5.py: error: --calibration-images 601: there are "
+                                         "only 600 training images")
+    assert not list(tmp_path.iterdir())
 
 
 def test_interrupted_rerun_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -318,6 +352,10 @@ def _spoiled(tmp_path, change):
     (lambda ck: ck["percentiles"]["act1"].update({"99": None}),
      r"percentiles\['act1'\]\['99'\] is None, not a finite number >= 0"),
     (lambda ck: ck["percentiles"].update({"act6": [1, 2]}), "percentiles is not a table of tables"),
+    (lambda ck: ck["channel_percentiles"]["act3"].update({"99": [1.0, float("nan")]}),
+     r"channel_percentiles\['act3'\]\['99'\] is \[1.0, nan\], not a list of finite numbers >= 0"),
+    (lambda ck: ck["channel_percentiles"]["act3"].update({"99": 2.0}),
+     r"channel_percentiles\['act3'\]\['99'\] is 2.0, not a list of finite numbers >= 0"),
     (lambda ck: ck.update(percentile=99), "percentile is 99, not a key of its percentiles"),
     (lambda ck: ck.update(levels=0), "unknown activation 'relu' with levels 0"),
 ])
@@ -379,6 +417,7 @@ def test_same_seed_gives_the_same_weights(tmp_path):
     (["--limit-train", "many"], "--limit-train: expected a positive integer"),
     (["--activation", "tanh"], "--activation: invalid choice"),
     (["--levels", "0"], "--levels: must be at least 1"),
+    (["--calibration-images", "0"], "--calibration-images: must be at least 1"),
     (["--init-from", "checkpoints/lenet5_best.pt"], "are the same file"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):

@@ -68,7 +68,7 @@ def test_normalised_ann_predicts_exactly_as_the_ann(activation):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.rand(64, 1, 32, 32)
     scales = {name: p["99"] for name, p in percentile_activations(model, [(images, None)],
-                                                                     "cpu").items()}
+                                                                     "cpu")[0].items()}
     with torch.no_grad():
         logits = model(images)
         folded = fold_batchnorm(model)
@@ -79,6 +79,61 @@ def test_normalised_ann_predicts_exactly_as_the_ann(activation):
     assert torch.equal(normalised.argmax(1), logits.argmax(1))
     assert torch.allclose(spiking_readout * scales["out"], logits, atol=1e-4)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # ANN untouched
+
+
+def _channel_scales(seed=0):
+    """Random per-channel scales for LeNet5's hidden layers, a number for the output layer."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = {"act1": 6, "act3": 16, "act5": 120, "act6": 84}
+    return {name: 0.5 + 2 * torch.rand(n, generator=generator, dtype=torch.float64)
+            for name, n in sizes.items()} | {"out": 3.0}
+
+
+def test_channel_normalised_ann_gives_the_ann_per_channel():
+    model = _random_lenet()
+    scales = _channel_scales()
+    images = torch.rand(32, 1, 32, 32)
+    with torch.no_grad():
+        folded = fold_batchnorm(model)
+        normalised = normalise(folded, scales)
+        spiking_readout = normalise(folded, scales, spiking_readout=True)
+        x, y = images, images
+        for (name, layer), normalised_layer in zip(folded.named_children(), normalised,
+                                                   strict=True):
+            x, y = layer(x), normalised_layer(y)
+            if name in ("act1", "act3", "act5", "act6"):  # each channel divided by its scale
+                shape = (1, -1) + (1,) * (x.dim() - 2)
+                assert torch.allclose(y, x / scales[name].view(shape).float(), atol=1e-5), name
+        assert torch.allclose(y, model(images), atol=1e-4)
+        assert torch.allclose(spiking_readout(images) * 3.0, model(images), atol=1e-4)
+    # after pooling and flattening, C5's column j sees channel j // 25 of act3
+    expected = folded.c5.weight * scales["act3"].repeat_interleave(25).float() / scales[
+        "act5"].float()[:, None]
+    assert torch.allclose(normalised.c5.weight, expected)
+    assert torch.allclose(normalised.c5.bias, folded.c5.bias / scales["act5"].float())
+
+
+def test_channel_scales_come_from_the_per_channel_table():
+    checkpoint = {"percentile": "99",
+                  "percentiles": {"act1": {"99": 1.5}, "out": {"99": 7.0}},
+                  "channel_percentiles": {"act1": {"99": [1.0, 0.0, 2.0]}, "out": {"99": [1, 2]}}}
+    scales = activation_scales(checkpoint, "99", per_channel={"act1"})
+    assert scales["act1"].tolist() == [1.0, 1.5, 2.0]  # a silent channel keeps the layer's
+    assert scales["out"] == 7.0  # all classes share one scale
+    assert activation_scales(checkpoint, "99") == {"act1": 1.5, "out": 7.0}
+    with pytest.raises(UserError, match="no per-channel 99th percentile of act1"):
+        activation_scales(checkpoint | {"channel_percentiles": {}}, "99", per_channel={"act1"})
+    with pytest.raises(UserError, match="--norm channel and neuron need activation percentiles"):
+        activation_scales(checkpoint | {"thresholds": {"act1": 0.8}}, None, per_channel={"act1"})
+
+
+def test_norms_choose_the_layers_scaled_per_channel():
+    for activation in ("relu", "qcfs"):
+        model = LeNet5(activation)
+        assert lenet_convert.per_channel_layers(model, "layer") == set()
+        assert lenet_convert.per_channel_layers(model, "channel") == {"act1", "act3"}
+        assert lenet_convert.per_channel_layers(model, "neuron") == {"act1", "act3", "act5",
+                                                                      "act6"}
 
 
 def test_spiking_model_replaces_activations_and_pools():
@@ -160,6 +215,46 @@ def test_spike_rate_tends_to_the_clipped_activation(threshold, gamma):
         if v0 == 0:
             assert (rate <= expected + 1e-6).all()  # V0 = 0 floors the rate
         assert node.counts.sum() == pytest.approx(rate.sum().item() * steps)
+
+
+def test_spike_node_resets_to_zero_after_a_burst():
+    node = SpikeNode(threshold=1.0, gamma=2, v0=0.0, reset="zero")
+    assert node(torch.tensor([2.7])).item() == 2 and node.mem.item() == 0  # by subtraction: 0.7
+    assert node(torch.tensor([0.6])).item() == 0 and node.mem.item() == pytest.approx(0.6)
+    assert node(torch.tensor([3.5])).item() == 2 and node.mem.item() == 0  # 4.1: capped, then 0
+    node = SpikeNode(threshold=0.5, gamma=1, v0=0.0, reset="zero")
+    assert [node(torch.tensor([0.3])).item() for _ in range(6)] == [0, 1, 0, 1, 0, 1]
+
+
+def _calibrated(currents, allowance, gamma=1):
+    """Outputs of a calibrated SpikeNode (threshold 1, V0 = 0) driven by `currents`."""
+    node = SpikeNode(gamma=gamma, v0=0.0, allowance=allowance)
+    return node, [node(torch.tensor([float(c)])).item() for c in currents]
+
+
+def test_spike_calibration_takes_back_an_early_over_estimate():
+    # two spikes at t = 0, 1 (mean interval 0.5), then no input: with an allowance of 1 the
+    # neuron is overdue from t = 3 on and emits -1 until its running total is 0.
+    node, out = _calibrated([1, 1, 0, 0, 0, 0, 0], allowance=1)
+    assert out == [1, 1, 0, -1, -1, 0, 0] and sum(out) == 0
+    assert node.counts.sum() == 4  # |events|: a negative spike crosses its synapses too
+    assert node.mem.item() == 0  # the potential is not touched
+    _, out = _calibrated([1, 1, 0, 0, 0, 0, 0], allowance=3)  # more patience: overdue at t = 5
+    assert out == [1, 1, 0, 0, 0, -1, -1]
+    _, out = _calibrated([2.5, 0, 0, 0, 0], allowance=1, gamma=2)  # a burst counts as one spike
+    assert out == [2, 0, -1, -1, 0]
+
+
+def test_spike_calibration_leaves_a_regular_neuron_alone():
+    _, out = _calibrated([0.5] * 12, allowance=1)  # one spike every second step
+    assert out == [0, 1] * 6
+
+
+def test_spike_calibration_silences_a_late_starter_as_braincog_does():
+    # silent from step 0, a neuron is overdue from t = 2 on; its running total falls to -1, -2
+    # (emitting 0), and its first spike, at t = 4, only brings the total back to -1.
+    _, out = _calibrated([0, 0, 0, 0, 1, 0], allowance=1)
+    assert out == [0, 0, 0, 0, 0, 0]
 
 
 def test_spike_node_resets_by_subtraction():
@@ -312,6 +407,7 @@ def test_converted_network_reaches_its_ann(trained, tmp_path):
         assert key in saved
     assert saved["settings"] == {"percentile": "99", "gamma": 2, "v0": 0.5,
                                  "lateral_inhibition": True, "readout": "analog",
+                                 "norm": "layer", "reset": "subtract", "spicalib": 0,
                                  "activation": "relu", "levels": None}
     efficiency = saved["efficiency"]
     assert efficiency["ann_macs_per_image"] == 416_520 and len(efficiency["snn_energy_pj"]) == 64
@@ -344,8 +440,9 @@ def test_compare_mode_writes_its_figure_and_table(trained, qcfs, tmp_path):
                                   "--out-dir", str(tmp_path)])
     labels = [r["label"] for r in results]
     assert labels == ["as given", "lateral inhibition off", "V0 = 0", "γ = 1", "γ = 4",
-                      "p = 99.9", "p = 99.99", "p = 100", "read-out spikes",
-                      "BrainCog reference", "as given", "γ = 1", "γ = 4"]
+                      "p = 99.9", "p = 99.99", "p = 100", "read-out spikes", "norm per channel",
+                      "norm per neuron", "reset to 0", "spike calibration 2",
+                      "spike calibration 4", "BrainCog reference", "as given", "γ = 1", "γ = 4"]
     reference = results[labels.index("BrainCog reference")]["settings"]
     assert (reference["v0"], reference["gamma"], reference["percentile"],
             reference["lateral_inhibition"]) == (0.0, 2, "99.9", False)
@@ -358,6 +455,41 @@ def test_compare_mode_writes_its_figure_and_table(trained, qcfs, tmp_path):
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert len(saved["runs"]) == len(results) and "efficiency" in saved["runs"][0]
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_old_checkpoint_gets_its_per_channel_percentiles_measured(trained, tmp_path, capsys):
+    old = tmp_path / "old.pt"
+    checkpoint = torch.load(trained, weights_only=True)
+    recorded = checkpoint.pop("channel_percentiles")
+    checkpoint.pop("calibration_images")
+    torch.save(checkpoint, old)
+    argv = ["--limit", "200", "--timesteps", "4", "--norm", "neuron", "--data-dir", str(DATA),
+            "--out-dir", str(tmp_path)]
+    new_run = lenet_convert.main(["--checkpoint", str(trained), *argv])
+    assert "no per-channel percentiles" not in capsys.readouterr().out
+    old_run = lenet_convert.main(["--checkpoint", str(old), *argv])
+    assert f"{old} has no per-channel percentiles: measuring them" in capsys.readouterr().out
+    assert old_run["settings"]["norm"] == "neuron"
+    assert old_run["snn_accuracy"] == new_run["snn_accuracy"]
+    assert old_run["efficiency"]["synops_per_image"] == new_run["efficiency"]["synops_per_image"]
+    measured = lenet5.remeasure_percentiles(checkpoint, lenet5.model_from_checkpoint(checkpoint),
+                                            DATA, "cpu")
+    assert measured == (checkpoint["percentiles"], recorded)  # what lenet5.py recorded
+    assert torch.load(old, weights_only=True).keys() == checkpoint.keys()  # the file unchanged
+
+
+def test_channel_norm_reset_and_calibration_reach_the_json_and_the_plot(trained, tmp_path):
+    result = lenet_convert.main(["--checkpoint", str(trained), "--limit", "200",
+                                 "--timesteps", "8", "--norm", "channel", "--reset", "zero",
+                                 "--spicalib", "4", "--data-dir", str(DATA),
+                                 "--out-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "snn_accuracy.json").read_text())
+    assert {k: saved["settings"][k] for k in ("norm", "reset", "spicalib")} == {
+        "norm": "channel", "reset": "zero", "spicalib": 4}
+    assert lenet_convert.settings_text(saved["settings"]) == (
+        "p=99 per channel, γ=2, V0=0.5θ, reset to 0, lateral inhibition on, analog read-out, "
+        "spike calibration 4")
+    assert result["snn_accuracy"][-1] > 0.5  # far above chance, though not at the ANN's level
 
 
 def test_spiking_readout_agrees_with_the_analog_one(trained, tmp_path):
@@ -426,6 +558,10 @@ def _negative_threshold(checkpoint):
     (_changed(_negative_threshold), [], "thresholds is .*, not positive numbers"),
     (None, ["--percentile", "95"], "no 95th percentile"),
     (None, ["--limit", "20000"], "the test set has only 10000 images"),
+    (_changed(lambda ck: ck["channel_percentiles"]["act5"].update({"99": [1.0, None]})),
+     ["--norm", "channel"], r"channel_percentiles\['act5'\]\['99'\] is \[1.0, None\], not a list"),
+    (_changed(lambda ck: ck["channel_percentiles"]["act5"].update({"99": [1.0, 2.0]})),
+     ["--norm", "neuron"], "act5 has 2 per-channel percentiles, not one per channel"),
 ])
 def test_bad_input_gives_one_line_and_keeps_old_results(trained, tmp_path, spoil, argv, message):
     checkpoint = tmp_path / "ck.pt"
@@ -453,6 +589,10 @@ def test_bad_input_gives_one_line_and_keeps_old_results(trained, tmp_path, spoil
     (["--limit", "0"], "--limit: must be at least 1"),
     (["--readout", "votes"], "--readout: invalid choice"),
     (["--percentile", "-1"], r"--percentile: must be in \(0, 100\]"),
+    (["--spicalib", "-1"], "--spicalib: must be at least 0"),
+    (["--spicalib", "two"], "--spicalib: expected an integer >= 0, got 'two'"),
+    (["--norm", "foo"], "--norm: invalid choice: 'foo'"),
+    (["--reset", "half"], "--reset: invalid choice: 'half'"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -460,6 +600,14 @@ def test_bad_arguments_give_one_line(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(message, err)
+
+
+def test_channel_norm_of_a_qcfs_network_needs_a_percentile(qcfs, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        lenet_convert.main(["--checkpoint", str(qcfs), "--norm", "channel",
+                            "--data-dir", str(DATA), "--out-dir", str(tmp_path)])
+    assert "--norm channel and neuron need activation percentiles" in str(exit_info.value.code)
+    assert not list(tmp_path.iterdir())
 
 
 def test_unwritable_out_dir_fails_before_simulating(trained, tmp_path):

@@ -37,6 +37,7 @@ from lenet5 import (
     IMAGE_SHAPE,
     OUTPUT_LAYER,
     QCFS,
+    QUANTILE_MAX_VALUES,
     ArgumentParser,
     Batches,
     UserError,
@@ -50,9 +51,11 @@ from lenet5 import (
     non_negative_int,
     percentile_arg,
     percentile_key,
+    positive_float,
     positive_int,
     remeasure_percentiles,
     resolve_device,
+    split_train_val,
     write_csv,
     write_json,
 )
@@ -73,6 +76,11 @@ NORM = "layer"  # one activation scale per layer; "channel", "neuron": see NORMS
 RESET = "subtract"  # after spiking, lose s thresholds; "zero": the potential goes to 0
 SPICALIB = 0  # spike calibration's allowance in steps; 0: off
 COMPARE_SPICALIBS = (2, 4)  # the spike calibration allowances --compare tries
+EXIT_RULE = "none"  # per-image early exit: "margin" or "confidence" of the averaged output
+COMPARE_EXIT_RULE = "margin"  # the rule --compare tries
+EXIT_GRID = 200  # thresholds tried on the validation split (quantiles of the recorded values)
+HARDEST = 16  # test images shown in the early-exit figure: those that ran longest
+EXIT_PARK = 0.25  # a batch down to this fraction of its images waits to merge with the others
 ANN_LEVEL = 0.001  # "at the ANN's level": accuracy within 0.1 percentage points of the ANN's
 POOL_K = 1000.0  # BrainCog's weight of the accumulated input in the pool without inhibition
 COMPARE_GAMMAS = (1, 2, 4)  # burst limits every compared checkpoint is run with
@@ -85,13 +93,18 @@ ENERGY_MODEL = ("45 nm: 4.6 pJ per MAC, 0.9 pJ per accumulate (AC). The first la
 READOUTS = ("analog", "spikes")
 NORMS = ("layer", "channel", "neuron")  # per layer; per convolution channel; and per neuron
 RESETS = ("subtract", "zero")
+EXIT_RULES = ("none", "margin", "confidence")
 READOUT_NODE = "readout"  # the SpikeNode appended after the output layer for a spiking read-out
 AT_ANN_LEVEL = f"first_step_within_{100 * ANN_LEVEL:g}pp"  # result key: first step at that level
 GIVEN, BRAINCOG = "as given", "BrainCog reference"  # labels of compare mode's main runs
 
 
 class Settings(NamedTuple):
-    """How a checkpoint is converted; `percentile` None means a QCFS network's trained lambda."""
+    """How a checkpoint is converted and simulated.
+
+    `percentile` None means a QCFS network's trained lambda; `exit_threshold` None means chosen
+    on the validation split, as the fewest mean steps within `exit_margin` of the ANN there.
+    """
 
     percentile: str | None
     gamma: int = GAMMA
@@ -101,6 +114,9 @@ class Settings(NamedTuple):
     norm: str = NORM
     reset: str = RESET
     spicalib: int = SPICALIB
+    exit_rule: str = EXIT_RULE
+    exit_threshold: float | None = None
+    exit_margin: float = ANN_LEVEL
 
 
 BRAINCOG_SETTINGS = Settings("99.9", gamma=2, v0=0.0, lateral_inhibition=False, readout="analog")
@@ -117,6 +133,7 @@ class Counting(nn.Module):
     """
 
     signed = False  # whether the output can be negative; then |output| is counted
+    state = ()  # names of the per-image state tensors (batch first), for `keep`
 
     def reset(self):
         """Forget the state and the counts: a new batch of images."""
@@ -126,6 +143,13 @@ class Counting(nn.Module):
     def restart(self):
         """Forget the state but keep the counts: more images whose spikes add to the same steps."""
         self.step = 0
+
+    def keep(self, index):
+        """Keep the state of the images at `index` of the batch only: the others have stopped."""
+        for name in self.state:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[index])
 
     def count(self, out):
         """Add `out` ([steps, batch, ...], from step `self.step` on) to the counts."""
@@ -155,6 +179,8 @@ class SpikeNode(Counting):
     (`calibrate`) may turn the output negative; then |output| is what is counted.
     """
 
+    state = ("mem", "last", "interval", "fired", "total")
+
     def __init__(self, threshold=1.0, gamma=1, v0=0.5, reset=RESET, allowance=SPICALIB):
         super().__init__()
         self.threshold, self.gamma, self.v0 = threshold, gamma, v0
@@ -165,7 +191,8 @@ class SpikeNode(Counting):
     def restart(self):
         super().restart()
         self.mem = None
-        self.last = None  # spike calibration's state, from the first step on
+        # spike calibration's state, from the first step on
+        self.last = self.interval = self.fired = self.total = None
 
     def forward(self, current):
         if self.mem is None:
@@ -231,6 +258,8 @@ class SMaxPool(Counting):
     With lateral inhibition (exact): out_t = maxpool(C_t) - maxpool(C_{t-1}). Without
     (BrainCog's form): out_t = maxpool(x + K*C_t) - maxpool(K*C_t), which over-estimates a little.
     """
+
+    state = ("acc", "pooled")
 
     def __init__(self, kernel_size=2, lateral_inhibition=True, k=POOL_K, signed=False):
         super().__init__()
@@ -510,6 +539,204 @@ def evaluate_snn(snn, batches, timesteps, device, simulator=simulate):
     return (correct / seen).tolist(), counts
 
 
+# ----------------------------------------------------------------------------- early exit
+
+
+def settledness(total, t, rule):
+    """How settled each image's answer is after t steps (docs/method.md §9).
+
+    margin: top-1 minus top-2 of the time-averaged output total / t; confidence: its largest
+    softmax probability. An image stops once this reaches the threshold.
+    """
+    mean = total / t
+    if rule == "margin":
+        top = mean.topk(2, dim=1).values
+        return top[:, 0] - top[:, 1]
+    return mean.softmax(1).amax(1)
+
+
+@torch.no_grad()
+def record_settledness(snn, batches, timesteps, device, rule):
+    """Every image's settledness and prediction after each step: ([T, N], [T, N], labels [N]).
+
+    All images run all T steps, so any threshold's exit steps follow from this one pass.
+    """
+    readout = getattr(snn.eval(), READOUT_NODE, None)
+    values, predictions, labels = [], [], []
+    for images, batch_labels in tqdm(batches, desc=f"recording the {rule}", unit="batch",
+                                     leave=False, disable=None):
+        steps, total = [], 0
+        for t, output in enumerate(simulate(snn, images.to(device), timesteps), 1):
+            total = total + output
+            steps.append((settledness(total, t, rule), predict(total, readout)))
+        values.append(torch.stack([v for v, _ in steps]).cpu())
+        predictions.append(torch.stack([p for _, p in steps]).cpu())
+        labels.append(batch_labels)
+    return torch.cat(values, 1), torch.cat(predictions, 1), torch.cat(labels)
+
+
+def exit_steps(values, threshold):
+    """Each image's exit step (1-based): the first whose settledness reaches `threshold`, or T."""
+    reached = values >= threshold
+    reached[-1] = True
+    return reached.to(torch.uint8).argmax(0) + 1
+
+
+def exit_curve(values, predictions, labels, thresholds):
+    """[{threshold, accuracy, mean_steps}] of early exit at each threshold, from a recording."""
+    curve = []
+    for threshold in thresholds:
+        steps = exit_steps(values, threshold)
+        chosen = predictions.gather(0, (steps - 1).long()[None])[0]
+        curve.append({"threshold": threshold,
+                      "accuracy": (chosen == labels).double().mean().item(),
+                      "mean_steps": steps.double().mean().item()})
+    return curve
+
+
+def threshold_grid(values, size=EXIT_GRID):
+    """Thresholds to try: quantiles of the recorded settledness, and one no image reaches."""
+    q = torch.linspace(0, 1, size, dtype=torch.float64)
+    flat = values.flatten().double()
+    if flat.numel() > QUANTILE_MAX_VALUES:
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[
+            :QUANTILE_MAX_VALUES]]
+    grid = sorted(set(torch.quantile(flat, q).tolist()))
+    return grid + [math.inf]
+
+
+def choose_threshold(curve, ann_accuracy, margin):
+    """The entry of `curve` with the fewest mean steps among those within `margin` of the ANN.
+
+    None of them within: the most accurate one. Returns (entry, whether it was within).
+    """
+    within = [c for c in curve if c["accuracy"] >= ann_accuracy - margin - 1e-12]
+    if within:
+        return min(within, key=lambda c: (c["mean_steps"], -c["accuracy"])), True
+    return max(curve, key=lambda c: (c["accuracy"], -c["mean_steps"])), False
+
+
+class _Group(NamedTuple):
+    """Images running together: global indices, labels, first-layer current, summed output,
+    steps done, and (while parked) every stateful module's state."""
+
+    index: torch.Tensor
+    labels: torch.Tensor
+    current: torch.Tensor
+    total: torch.Tensor | int
+    t: int
+    state: dict | None = None
+
+    def keep(self, rows):
+        return self._replace(index=self.index[rows], labels=self.labels[rows],
+                             current=self.current[rows], total=self.total[rows])
+
+    def merge(self, other):
+        return self._replace(**{k: torch.cat([getattr(self, k), getattr(other, k)])
+                                for k in ("index", "labels", "current", "total")})
+
+
+def _module_states(counting):
+    return {name: {key: getattr(m, key) for key in m.state} for name, m in counting.items()}
+
+
+def _set_module_states(counting, states, t):
+    for name, module in counting.items():
+        for key, value in states[name].items():
+            setattr(module, key, value)
+        module.step = t
+
+
+def _merged_states(a, b):
+    return {name: {key: None if a[name][key] is None else torch.cat([a[name][key], b[name][key]])
+                   for key in a[name]} for name in a}
+
+
+@torch.no_grad()
+def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, park=EXIT_PARK):
+    """Simulate each image only until its answer is settled (or T steps); docs/method.md §9.
+
+    At each step the images whose settledness reaches `threshold` stop: their prediction is
+    frozen and they leave the batch, with their state in every module, so later steps simulate
+    only the images still running and the spike counts hold only the steps each image ran.
+    When a batch is down to `park` of its images, they are set aside with their state and
+    continue later together with those of the other batches at the same step, so that a few
+    slow images per batch do not each cost a nearly empty step up to T.
+    Returns (accuracy with the steps capped at t = 1..T, counts as from `evaluate_snn`, each
+    image's exit step [N], each image's prediction [N]).
+    """
+    snn.eval()
+    readout = getattr(snn, READOUT_NODE, None)
+    counting = {name: m for name, m in snn.named_modules() if isinstance(m, Counting)}
+    rest = snn[1:]
+    right = torch.zeros(timesteps, dtype=torch.float64)  # right answers of running images
+    right_stopped = torch.zeros(timesteps, dtype=torch.float64)  # ... of those stopping at t
+    exits, counts, parked, seen = [], {}, [], 0
+
+    def advance(group):
+        """One step of `group`; the group of its images still running, or None."""
+        t = group.t + 1
+        total = group.total + rest(group.current)
+        prediction = predict(total, readout)
+        hits = prediction == group.labels
+        right[t - 1] += hits.sum().item()
+        stop = (settledness(total, t, rule) >= threshold if t < timesteps
+                else torch.ones_like(hits))
+        group = group._replace(total=total, t=t)
+        if not stop.any():
+            return group
+        exits.append((group.index[stop].cpu(), t, prediction[stop].cpu()))
+        right_stopped[t - 1] += hits[stop].sum().item()
+        if stop.all():
+            return None
+        rows = (~stop).nonzero()[:, 0]
+        for module in counting.values():
+            module.keep(rows)
+        return group.keep(rows)
+
+    def add_counts():
+        for name, module in counting.items():
+            if module.buffer is None:  # nothing ran since the reset
+                continue
+            padded = torch.zeros(timesteps, *module.counts.shape[1:])
+            padded[:len(module.counts)] = module.counts.cpu()
+            counts[name] = counts.get(name, 0) + padded
+
+    for images, labels in tqdm(batches, desc="early exit", unit="batch", leave=False,
+                               disable=None):
+        images, labels = images.to(device), labels.to(device)
+        clean_mem_spike(snn)
+        index = torch.arange(seen, seen + len(labels), device=device)
+        group, seen = _Group(index, labels, snn[0](images), 0, 0), seen + len(labels)
+        while group is not None:
+            if 0 < group.t < timesteps and len(group.index) <= park * len(labels):
+                parked.append(group._replace(state=_module_states(counting)))
+                break
+            group = advance(group)
+        add_counts()
+    clean_mem_spike(snn)  # the parked images, merged by step
+    parked.sort(key=lambda g: g.t)
+    pool = None
+    while parked or pool is not None:
+        if pool is None:
+            pool = parked.pop(0)
+            _set_module_states(counting, pool.state, pool.t)
+        while parked and parked[0].t == pool.t:
+            other = parked.pop(0)
+            _set_module_states(counting, _merged_states(_module_states(counting), other.state),
+                               pool.t)
+            pool = pool.merge(other)
+        pool = advance(pool)
+    add_counts()
+    steps = torch.full((seen,), timesteps)
+    predictions = torch.empty(seen, dtype=torch.long)
+    for index, t, prediction in exits:
+        steps[index], predictions[index] = t, prediction
+    stopped_before = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                right_stopped.cumsum(0)[:-1]])
+    return ((right + stopped_before) / seen).tolist(), counts, steps, predictions
+
+
 def first_step_within(snn_accuracy, ann_accuracy, margin=ANN_LEVEL):
     """The first step t (1-based) whose accuracy is at least the ANN's minus `margin`, or None."""
     return next((t for t, acc in enumerate(snn_accuracy, 1)
@@ -601,8 +828,11 @@ class Planned(NamedTuple):
     settings: Settings
 
 
-def run(planned, batches, timesteps, device):
-    """Convert and simulate one `planned` conversion on `batches`; the result dict (JSON-ready)."""
+def run(planned, batches, timesteps, device, validation=None):
+    """Convert and simulate one `planned` conversion on `batches`; the result dict (JSON-ready).
+
+    With an exit rule, `validation` (Batches) chooses the threshold unless the settings give one.
+    """
     snn = build_snn(planned.checkpoint, planned.ann, planned.settings).to(device)
     activation = planned.checkpoint.get("activation", "relu")
     settings = planned.settings._asdict() | {  # and the network they apply to
@@ -610,11 +840,16 @@ def run(planned, batches, timesteps, device):
         "levels": planned.checkpoint.get("levels") if activation == "qcfs" else None}
     print(f"simulating {len(batches.labels)} test images for {timesteps} steps on {device}: "
           f"{planned.path}, {settings_text(settings)}")
-    start = time.perf_counter()
-    snn_accuracy, counts = evaluate_snn(snn, batches, timesteps, device)
-    seconds = time.perf_counter() - start
+    early = None
+    if planned.settings.exit_rule == "none":
+        start = time.perf_counter()
+        snn_accuracy, counts = evaluate_snn(snn, batches, timesteps, device)
+        seconds = time.perf_counter() - start
+    else:
+        snn_accuracy, counts, seconds, early = run_early_exit(
+            snn, planned, batches, validation, timesteps, device)
     ann_accuracy = evaluate(planned.ann, batches, device)
-    return {
+    result = {
         "ann_accuracy": ann_accuracy,
         "snn_accuracy": snn_accuracy,
         "timesteps": timesteps,
@@ -627,6 +862,79 @@ def run(planned, batches, timesteps, device):
         "efficiency": efficiency(snn, counts, len(batches.labels), timesteps,
                                  input_shapes(planned.ann)),
     }
+    if early:
+        eff = result["efficiency"]
+        result["early_exit"] = early | {"synops_per_image": eff["synops_per_image"][-1],
+                                        "energy_pj_per_image": eff["snn_energy_pj"][-1]}
+    return result
+
+
+def run_early_exit(snn, planned, batches, validation, timesteps, device):
+    """Early exit of `snn` on `batches`, its threshold chosen on `validation` if not given.
+
+    Returns (accuracy with the steps capped at t, counts, the early-exit simulation's seconds,
+    the record for snn_early_exit.json without the energy). Also simulates every test image
+    for all T steps (the curve over thresholds and the fixed-T accuracy) and for the fixed T
+    that first reaches early exit's accuracy, timed in the same run.
+    """
+    rule, threshold = planned.settings.exit_rule, planned.settings.exit_threshold
+    record = {"rule": rule, "threshold": threshold, "chosen_on": "given"}
+    if threshold is None:
+        values, predictions, labels = record_settledness(snn, validation, timesteps, device, rule)
+        curve = exit_curve(values, predictions, labels, threshold_grid(values))
+        val_ann = evaluate(planned.ann, validation, device)
+        chosen, within = choose_threshold(curve, val_ann, planned.settings.exit_margin)
+        threshold = chosen["threshold"]
+        record |= {"threshold": threshold, "chosen_on": "validation", "curve": curve,
+                   "validation_images": len(labels), "validation_ann_accuracy": val_ann,
+                   "validation_accuracy": chosen["accuracy"],
+                   "validation_mean_steps": chosen["mean_steps"], "within_margin": within}
+    values, predictions, labels = record_settledness(snn, batches, timesteps, device, rule)
+    fixed = (predictions == labels).double().mean(1).tolist()
+    test_curve = exit_curve(values, predictions, labels,
+                            [c["threshold"] for c in record.get("curve", [])] or [threshold])
+    start = time.perf_counter()
+    accuracy, counts, steps, chosen = evaluate_early_exit(snn, batches, timesteps, device, rule,
+                                                          threshold)
+    seconds = time.perf_counter() - start
+    fixed_t = first_step_within(fixed, accuracy[-1], margin=0) or timesteps
+    start = time.perf_counter()
+    evaluate_snn(snn, batches, fixed_t, device)
+    fixed_seconds = time.perf_counter() - start
+    order = sorted(range(len(steps)), key=lambda i: -steps[i].item())[:HARDEST]
+    record |= {
+        "test_accuracy": accuracy[-1],
+        "mean_steps": steps.double().mean().item(),
+        "exit_steps": torch.bincount(steps - 1, minlength=timesteps).tolist(),
+        "seconds": round(seconds, 2),
+        "fixed_timesteps": fixed_t,
+        "fixed_accuracy": fixed[fixed_t - 1],
+        "fixed_seconds": round(fixed_seconds, 2),
+        "fixed_accuracy_per_step": fixed,
+        "test_curve": test_curve,
+        "hardest": [{"index": i, "label": labels[i].item(), "prediction": chosen[i].item(),
+                     "exit_step": steps[i].item()} for i in order],
+    }
+    return accuracy, counts, seconds, record
+
+
+def validation_split(planned, train_images, train_labels, batch_size):
+    """The validation images lenet5.py held out for `planned`'s checkpoint, from its seed."""
+    args = planned.checkpoint.get("args", {})
+    _, index = split_train_val(len(train_labels), args["val_size"], planned.checkpoint["seed"])
+    return Batches(train_images[index], train_labels[index], batch_size)
+
+
+def needs_validation(planned):
+    """Whether `planned` chooses an exit threshold; an error if its checkpoint has no split."""
+    if planned.settings.exit_rule == "none" or planned.settings.exit_threshold is not None:
+        return False
+    args = planned.checkpoint.get("args")
+    if not (isinstance(args, dict) and isinstance(args.get("val_size"), int)
+            and args["val_size"] > 0 and isinstance(planned.checkpoint.get("seed"), int)):
+        raise UserError(f"{planned.path} records no validation split (seed and val_size) to "
+                        "choose the exit threshold on: give --exit-threshold")
+    return True
 
 
 def add_channel_percentiles(planned, data_dir, device):
@@ -646,8 +954,10 @@ def add_channel_percentiles(planned, data_dir, device):
 def run_all(plan, data_dir, limit, batch_size, timesteps, device):
     """`run` every entry of `plan` on the same test images (the first `limit`, or all).
 
-    Every entry's scales are checked first, so a bad setting fails before any data is loaded.
+    Every entry's scales and validation split are checked first, so a bad setting fails before
+    anything is simulated.
     """
+    validated = [needs_validation(planned) for planned in plan]
     for planned in plan:
         if planned.settings.norm != "layer":
             add_channel_percentiles(planned, data_dir, device)
@@ -657,7 +967,10 @@ def run_all(plan, data_dir, limit, batch_size, timesteps, device):
     if limit and limit > len(labels):
         raise UserError(f"--limit {limit}: the test set has only {len(labels)} images")
     batches = Batches(images[:limit], labels[:limit], batch_size)
-    return [run(planned, batches, timesteps, device) for planned in plan]
+    train = load_mnist(data_dir, train=True) if any(validated) else None
+    return [run(planned, batches, timesteps, device,
+                validation_split(planned, *train, batch_size) if needed else None)
+            for planned, needed in zip(plan, validated, strict=True)]
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -677,7 +990,17 @@ def settings_text(settings):
             f"{'to 0' if settings.get('reset', RESET) == 'zero' else 'by subtraction'}, "
             f"lateral inhibition {'on' if settings['lateral_inhibition'] else 'off'}, "
             f"{settings['readout']} read-out"
-            + (f", spike calibration {settings['spicalib']}" if settings.get("spicalib") else ""))
+            + (f", spike calibration {settings['spicalib']}" if settings.get("spicalib") else "")
+            + exit_text(settings))
+
+
+def exit_text(settings):
+    rule = settings.get("exit_rule", EXIT_RULE)
+    if rule == "none":
+        return ""
+    threshold = settings.get("exit_threshold")
+    return (f", early exit at {rule} ≥ " + (f"{threshold:.3g}" if threshold is not None
+                                           else "(chosen on validation)"))
 
 
 def step_axis(ax, timesteps):
@@ -789,6 +1112,79 @@ def print_table(result):
                                        for name, rate in eff["firing_rate"].items()))
 
 
+def early_exit_record(result):
+    """snn_early_exit.json: the early-exit record of `result` and what it was run on."""
+    return result["early_exit"] | {
+        key: result[key] for key in ("ann_accuracy", "checkpoint", "settings", "test_images",
+                                     "timesteps", "device")} | {
+        "accuracy_with_steps_capped": result["snn_accuracy"],
+        "synops_with_steps_capped": result["efficiency"]["synops_per_image"]}
+
+
+def print_early_exit(record):
+    chosen = ("chosen on validation" if record["chosen_on"] == "validation" else "given")
+    ratio = record["seconds"] / record["fixed_seconds"]
+    print(f"early exit, {record['rule']} ≥ {record['threshold']:.3g} ({chosen}): "
+          f"{record['test_accuracy']:.2%} at {record['mean_steps']:.2f} steps on average "
+          f"({record['synops_per_image'] / 1e3:.0f}k SynOps, "
+          f"{record['energy_pj_per_image'] / 1e6:.3f} µJ per image); fixed T reaches that "
+          f"accuracy at t = {record['fixed_timesteps']}; time {record['seconds']:.1f}s against "
+          f"{record['fixed_seconds']:.1f}s for fixed T = {record['fixed_timesteps']} "
+          f"({ratio:.2f}×)")
+    if record.get("within_margin") is False:
+        print("  (no threshold came within --exit-margin of the ANN on validation: the most "
+              "accurate one was taken)")
+
+
+def plot_early_exit(fixed, record, images, path):
+    """Accuracy against mean steps (fixed T and early exit), exit-step histogram, hardest images."""
+    fig = plt.figure(figsize=(16, 5.2))
+    grid = fig.add_gridspec(1, 3, width_ratios=(1.3, 1, 1))
+    ax = fig.add_subplot(grid[0])
+    timesteps = fixed["timesteps"]
+    fixed_accuracy = [100 * a for a in record["fixed_accuracy_per_step"]]
+    ax.plot(range(1, timesteps + 1), fixed_accuracy, marker=".", label="fixed T (test)")
+    for curve, label, style in ((record.get("curve"), "early exit, validation", ":"),
+                                (record["test_curve"], "early exit, test", "-")):
+        if curve and len(curve) > 1:
+            ax.plot([c["mean_steps"] for c in curve], [100 * c["accuracy"] for c in curve],
+                    linestyle=style, label=f"{label} (one point per threshold)")
+    ax.plot(record["mean_steps"], 100 * record["test_accuracy"], marker="*", markersize=15,
+            color="tab:red", linestyle="none", markeredgecolor="k",
+            label=f"chosen: {record['rule']} ≥ {record['threshold']:.3g}")
+    ann = 100 * fixed["ann_accuracy"]
+    margin = 100 * fixed["settings"].get("exit_margin", ANN_LEVEL)
+    ax.axhspan(ann - margin, ann, color="tab:gray", alpha=0.25,
+               label=f"ANN ({ann:.2f} %) minus {margin:g} pp")
+    step_axis(ax, timesteps)
+    ax.set_xlabel("time steps (mean over the test images)")
+    ax.set_ylim(ann - 3, min(100, ann + 0.5))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy against steps")
+    ax.legend(fontsize=7, loc="lower right")
+    ax = fig.add_subplot(grid[1])
+    counts = record["exit_steps"]
+    ax.bar(range(1, len(counts) + 1), counts)
+    ax.set_yscale("log")
+    ax.set_xlabel("exit step")
+    ax.set_ylabel("test images")
+    ax.set_title(f"exit steps (mean {record['mean_steps']:.2f})")
+    hardest = record["hardest"]
+    cells = grid[2].subgridspec(4, 4, wspace=0.05, hspace=0.45)
+    for k, entry in enumerate(hardest):
+        cell = fig.add_subplot(cells[k // 4, k % 4])
+        cell.imshow(images[entry["index"]].numpy(), cmap="gray_r")
+        cell.set_axis_off()
+        colour = "k" if entry["label"] == entry["prediction"] else "tab:red"
+        cell.set_title(f"{entry['label']}→{entry['prediction']} t={entry['exit_step']}",
+                       fontsize=7, color=colour)
+    fig.text(0.83, 0.955, f"the {len(hardest)} test images that ran longest "
+             "(label→prediction, exit step; red: wrong)", ha="center", fontsize=9)
+    fig.suptitle(f"LeNet5 SNN early exit on {fixed['test_images']} MNIST test images: "
+                 f"{settings_text(record['settings'])}", fontsize=10, y=0.995)
+    save_figure(fig, path)
+
+
 # ----------------------------------------------------------------------------- compare mode
 
 
@@ -823,6 +1219,10 @@ def compare_settings(settings, percentiles, every_knob=True):
         for allowance in (0, *COMPARE_SPICALIBS):
             if allowance != settings.spicalib:
                 vary(f"spike calibration {allowance or 'off'}", spicalib=allowance)
+        if settings.exit_rule == "none":
+            vary(f"early exit ({COMPARE_EXIT_RULE})", exit_rule=COMPARE_EXIT_RULE)
+        else:
+            vary("early exit off", exit_rule="none", exit_threshold=None)
         variants.append((BRAINCOG, BRAINCOG_SETTINGS))
     return variants
 
@@ -934,13 +1334,35 @@ def parse_args(argv=None):
     parser.add_argument("--spicalib", type=non_negative_int, default=SPICALIB, metavar="STEPS",
                         help="spike calibration's allowance: a neuron silent for longer than its "
                              "mean interval between spikes plus STEPS emits -1 (0: off)")
+    parser.add_argument("--exit-rule", choices=EXIT_RULES, default=EXIT_RULE,
+                        help="stop each image once its answer is settled: margin = top-1 minus "
+                             "top-2 of its time-averaged output, confidence = the largest "
+                             "softmax of it; writes snn_early_exit.json and .png besides")
+    parser.add_argument("--exit-threshold", type=float, default=None, metavar="X",
+                        help="stop where the rule's value reaches X (margin: X > 0; "
+                             "confidence: 0 < X < 1); default: chosen on the checkpoint's "
+                             "validation split, the fewest mean steps within --exit-margin of "
+                             "the ANN there")
+    parser.add_argument("--exit-margin", type=positive_float, default=100 * ANN_LEVEL,
+                        metavar="PP", help="percentage points below the ANN's validation "
+                        "accuracy the chosen threshold may lose")
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder holding MNIST/")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR,
                         help="where the plots and the JSON go")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    threshold = args.exit_threshold
+    if threshold is not None:
+        if args.exit_rule == "none":
+            parser.error("argument --exit-threshold: needs --exit-rule margin or confidence")
+        if not math.isfinite(threshold) or threshold <= 0 or (
+                args.exit_rule == "confidence" and threshold >= 1):
+            parser.error(f"argument --exit-threshold: {args.exit_rule} needs "
+                         f"{'0 < X < 1' if args.exit_rule == 'confidence' else 'X > 0'}, "
+                         f"got {threshold:g}")
+    return args
 
 
 def load_ann(path, device):
@@ -952,21 +1374,33 @@ def load_ann(path, device):
 def settings_from(args, checkpoint):
     """The Settings the command line asks for, applied to `checkpoint`."""
     return Settings(scaling_percentile(checkpoint, args.percentile), args.gamma, args.v0,
-                    args.lateral_inhibition, args.readout, args.norm, args.reset, args.spicalib)
+                    args.lateral_inhibition, args.readout, args.norm, args.reset, args.spicalib,
+                    args.exit_rule, args.exit_threshold, args.exit_margin / 100)
 
 
 def convert_and_simulate(args, device):
     """One run: load, convert, simulate; write the plots and the JSON; return the result."""
     checkpoint, ann = load_ann(args.checkpoint, device)
-    planned = Planned(GIVEN, args.checkpoint, checkpoint, ann, settings_from(args, checkpoint))
-    result, = run_all([planned], args.data_dir, args.limit, args.batch_size, args.timesteps,
-                      device)
+    settings = settings_from(args, checkpoint)
+    plan = [Planned(GIVEN, args.checkpoint, checkpoint, ann, settings._replace(exit_rule="none"))]
+    if settings.exit_rule != "none":
+        plan.append(Planned("early exit", args.checkpoint, checkpoint, ann, settings))
+    result, *early = run_all(plan, args.data_dir, args.limit, args.batch_size, args.timesteps,
+                             device)
     plot_accuracy(result, args.out_dir / "snn_accuracy.png")
     plot_efficiency(result, args.out_dir / "snn_efficiency.png")
     write_json(args.out_dir / "snn_accuracy.json", result)
     print_table(result)
-    print(f"wrote snn_accuracy.png, snn_efficiency.png and snn_accuracy.json in {args.out_dir} "
-          f"(simulation {result['simulation_seconds']:.0f}s)")
+    written = "snn_accuracy.png, snn_efficiency.png and snn_accuracy.json"
+    if early:
+        record = early_exit_record(early[0])
+        images = load_mnist(args.data_dir, train=False)[0]
+        plot_early_exit(result, record, images, args.out_dir / "snn_early_exit.png")
+        write_json(args.out_dir / "snn_early_exit.json", record)
+        print_early_exit(record)
+        written = written.replace(" and ", ", ") + ", snn_early_exit.png and .json"
+        result = result | {"early_exit": record}
+    print(f"wrote {written} in {args.out_dir} (simulation {result['simulation_seconds']:.0f}s)")
     return result
 
 

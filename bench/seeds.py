@@ -146,8 +146,7 @@ def run_seed(seed, args, device):
                      "settings": planned.settings._asdict(), "timesteps": args.timesteps,
                      "limit": args.limit, "batch_size": args.batch_size}
               for name, planned in plan.items()}  # what a conversion's result depends on
-    done = {name: earlier[name] for name in plan
-            if isinstance(earlier.get(name), dict) and earlier[name].get("run") == inputs[name]}
+    done = {name: earlier[name] for name in plan if _same_run(earlier.get(name), inputs[name])}
     todo = [name for name in plan if name not in done]
     if done:
         print(f"seed {seed}: reusing {len(done)} conversions from {args.out_dir}/seed{seed}.json")
@@ -159,6 +158,14 @@ def run_seed(seed, args, device):
         done[name] |= {"energy_pj_at_ann_level": (at_ann_level(result) or (None,) * 3)[2],
                        "run": inputs[name]}
     return {name: done[name] for name in plan}
+
+
+def _same_run(earlier, inputs):
+    """Whether an earlier result was run with `inputs`; a setting added since was at its default."""
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("run"), dict):
+        return False
+    run = earlier["run"]
+    return run | {"settings": Settings._field_defaults | run.get("settings", {})} == inputs
 
 
 def _read_json(path):

@@ -155,7 +155,8 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
                                                          strict=True)] for run in per_seed]
     assert saved["paired"]["qcfs: γ = 1"]["against"] == "qcfs: as given"
     assert {"lateral inhibition off", "V0 = 0", "γ = 1", "p = 99.9", "p = 100", "norm per channel",
-            "norm per neuron", "reset to 0", "spike calibration 4"} <= set(saved["paired"])
+            "norm per neuron", "reset to 0", "spike calibration 4", "early exit (margin)"} <= set(
+        saved["paired"])
     rows = list(csv.DictReader((tmp_path / "out" / "seeds.csv").open()))
     assert len(rows) == 4 * (3 + len(saved["paired"]))
     assert (tmp_path / "out" / "seeds.png").read_bytes()[:4] == b"\x89PNG"
@@ -165,8 +166,8 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     assert seeds.main(argv)["runs"] == saved["runs"]
     out = capsys.readouterr().out
     assert out.count("(made with the same arguments)") == 4  # both networks of both seeds
-    conversions = len(per_seed[0])  # 15 of the ReLU network, 3 of the QCFS one
-    assert conversions == 18
+    conversions = len(per_seed[0])  # 16 of the ReLU network, 3 of the QCFS one
+    assert conversions == 19
     assert f"reusing {conversions} conversions" in out and "simulating" not in out
     seeds.main([*argv, "--timesteps", "3"])  # a change the conversions depend on: run again
     assert capsys.readouterr().out.count("simulating") == 2 * conversions

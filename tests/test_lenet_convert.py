@@ -408,7 +408,8 @@ def test_converted_network_reaches_its_ann(trained, tmp_path):
     assert saved["settings"] == {"percentile": "99", "gamma": 2, "v0": 0.5,
                                  "lateral_inhibition": True, "readout": "analog",
                                  "norm": "layer", "reset": "subtract", "spicalib": 0,
-                                 "activation": "relu", "levels": None}
+                                 "exit_rule": "none", "exit_threshold": None,
+                                 "exit_margin": 0.001, "activation": "relu", "levels": None}
     efficiency = saved["efficiency"]
     assert efficiency["ann_macs_per_image"] == 416_520 and len(efficiency["snn_energy_pj"]) == 64
     assert set(efficiency["firing_rate"]) == {"act1", "act3", "act5", "act6"}
@@ -442,7 +443,8 @@ def test_compare_mode_writes_its_figure_and_table(trained, qcfs, tmp_path):
     assert labels == ["as given", "lateral inhibition off", "V0 = 0", "γ = 1", "γ = 4",
                       "p = 99.9", "p = 99.99", "p = 100", "read-out spikes", "norm per channel",
                       "norm per neuron", "reset to 0", "spike calibration 2",
-                      "spike calibration 4", "BrainCog reference", "as given", "γ = 1", "γ = 4"]
+                      "spike calibration 4", "early exit (margin)", "BrainCog reference",
+                      "as given", "γ = 1", "γ = 4"]
     reference = results[labels.index("BrainCog reference")]["settings"]
     assert (reference["v0"], reference["gamma"], reference["percentile"],
             reference["lateral_inhibition"]) == (0.0, 2, "99.9", False)
@@ -614,3 +616,167 @@ def test_unwritable_out_dir_fails_before_simulating(trained, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit, match="cannot write to"):
         lenet_convert.main(["--checkpoint", str(trained), "--out-dir", str(tmp_path / "file/x")])
+
+
+# ----------------------------------------------------------------------------- early exit
+
+
+class _BatchSizes(nn.Module):
+    """Passes its input on and notes how many images each call carried."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        return x
+
+
+def _two_class_snn():
+    """first (once) -> IF neuron (V0 = 0) -> spy: after t steps the class scores are
+    floor(t * a) for an input a, so the margin of the averaged output is floor(t * a) / t."""
+    return nn.Sequential(OrderedDict(first=nn.Identity(), act=SpikeNode(gamma=1, v0=0.0),
+                                     spy=_BatchSizes()))
+
+
+def test_early_exit_stops_each_image_at_its_known_step():
+    images = torch.tensor([[1.0, 0], [0.5, 0], [0.375, 0], [0.25, 0.375], [0, 1.0]])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    # margin floor(t a) / t reaches 0.5 at t = 1 for a = 1, at t = 2 for a = 0.5, never for the
+    # third and fourth images (they run to T = 6); the last is class 1 from the first step
+    snn = _two_class_snn()
+    accuracy, counts, steps, predictions = lenet_convert.evaluate_early_exit(
+        snn, [(images, labels)], 6, "cpu", "margin", 0.5)
+    assert steps.tolist() == [1, 2, 6, 6, 1]
+    assert predictions.tolist() == [0, 0, 0, 1, 1]
+    assert snn.spy.sizes == [5, 3, 2, 2, 2, 2]  # stopped images are not simulated further
+    assert counts["act"].sum(1).tolist() == [2, 1, 2, 1, 0, 2]  # their spikes are not counted
+    # with the steps capped at t, the fourth image's scores are (0, 0), (0, 0), (0, 1), (1, 1),
+    # (1, 1), (1, 2): right at t = 3 and 6 only (a tie goes to class 0)
+    assert accuracy == pytest.approx([4 / 5, 4 / 5, 1, 4 / 5, 4 / 5, 1])
+    # the one-pass recording gives the same exit steps and predictions for any threshold
+    values, recorded, _ = lenet_convert.record_settledness(_two_class_snn(), [(images, labels)],
+                                                          6, "cpu", "margin")
+    for threshold in (0.2, 0.5, 0.7, 1.0):
+        steps = lenet_convert.evaluate_early_exit(_two_class_snn(), [(images, labels)], 6, "cpu",
+                                                  "margin", threshold)[2]
+        assert torch.equal(lenet_convert.exit_steps(values, threshold), steps)
+    curve = lenet_convert.exit_curve(values, recorded, labels, [0.5])
+    assert curve == [{"threshold": 0.5, "accuracy": 1.0, "mean_steps": 16 / 5}]
+
+
+def test_exit_threshold_is_the_fewest_steps_within_the_margin():
+    curve = [{"threshold": 1, "accuracy": 0.95, "mean_steps": 1.1},
+             {"threshold": 2, "accuracy": 0.990, "mean_steps": 1.5},
+             {"threshold": 3, "accuracy": 0.992, "mean_steps": 2.0}]
+    assert lenet_convert.choose_threshold(curve, 0.9905, 0.001) == (curve[1], True)
+    assert lenet_convert.choose_threshold(curve, 0.9935, 0.001) == (curve[2], False)
+
+
+def test_settledness_rules():
+    total = torch.tensor([[4.0, 2.0, 0.0], [1.0, 1.0, 1.0]])
+    assert lenet_convert.settledness(total, 2, "margin").tolist() == [1.0, 0.0]
+    confidence = lenet_convert.settledness(total, 2, "confidence")
+    assert confidence.tolist() == pytest.approx([torch.tensor([2.0, 1, 0]).softmax(0)[0].item(),
+                                                 1 / 3])
+
+
+def _early_exit_run(trained, tmp_path, *extra, shuffle_test_labels=False, monkeypatch=None):
+    if shuffle_test_labels:
+        load = lenet5.load_mnist
+
+        def shuffled(data_dir, train):
+            images, labels = load(data_dir, train)
+            return (images, labels) if train else (images, labels[torch.randperm(len(labels))])
+        monkeypatch.setattr(lenet_convert, "load_mnist", shuffled)
+    lenet_convert.main(["--checkpoint", str(trained), "--limit", "300", "--timesteps", "8",
+                        "--data-dir", str(DATA), "--out-dir", str(tmp_path), *extra])
+    return json.loads((tmp_path / "snn_early_exit.json").read_text())
+
+
+@pytest.mark.parametrize("rule, readout", [("margin", "analog"), ("confidence", "spikes")])
+def test_early_exit_writes_its_record_and_figure(trained, tmp_path, rule, readout):
+    record = _early_exit_run(trained, tmp_path, "--exit-rule", rule, "--readout", readout)
+    assert record["rule"] == rule and record["chosen_on"] == "validation"
+    assert record["settings"]["readout"] == readout and record["settings"]["exit_rule"] == rule
+    assert record["validation_images"] == 1000  # the conftest network's split
+    assert sum(record["exit_steps"]) == record["test_images"] == 300
+    assert record["mean_steps"] == pytest.approx(
+        sum(t * n for t, n in enumerate(record["exit_steps"], 1)) / 300)
+    chosen = next(c for c in record["curve"] if c["threshold"] == record["threshold"])
+    assert chosen["accuracy"] == record["validation_accuracy"]
+    on_test = next(c for c in record["test_curve"] if c["threshold"] == record["threshold"])
+    assert on_test["accuracy"] == pytest.approx(record["test_accuracy"])  # recording = real run
+    assert on_test["mean_steps"] == pytest.approx(record["mean_steps"])
+    assert record["accuracy_with_steps_capped"][-1] == record["test_accuracy"]
+    assert record["synops_per_image"] == record["synops_with_steps_capped"][-1]
+    assert record["seconds"] > 0 and record["fixed_seconds"] > 0
+    assert record["fixed_accuracy_per_step"][record["fixed_timesteps"] - 1] >= (
+        record["test_accuracy"]) or record["fixed_timesteps"] == 8
+    assert len(record["hardest"]) == 16
+    assert max(h["exit_step"] for h in record["hardest"]) == max(
+        t for t, n in enumerate(record["exit_steps"], 1) if n)
+    assert (tmp_path / "snn_early_exit.png").read_bytes()[:4] == b"\x89PNG"
+    fixed = json.loads((tmp_path / "snn_accuracy.json").read_text())
+    assert fixed["settings"]["exit_rule"] == "none"  # the usual files stay the fixed-T run
+
+
+def test_exit_threshold_search_never_reads_test_labels(trained, tmp_path, monkeypatch):
+    first = _early_exit_run(trained, tmp_path / "a", "--exit-rule", "margin")
+    shuffled = _early_exit_run(trained, tmp_path / "b", "--exit-rule", "margin",
+                               shuffle_test_labels=True, monkeypatch=monkeypatch)
+    assert shuffled["threshold"] == first["threshold"] and shuffled["curve"] == first["curve"]
+    assert shuffled["exit_steps"] == first["exit_steps"]
+    assert shuffled["test_accuracy"] != first["test_accuracy"]  # the test labels did change
+
+
+def test_given_exit_threshold_skips_the_search(trained, tmp_path):
+    record = _early_exit_run(trained, tmp_path, "--exit-rule", "confidence",
+                             "--exit-threshold", "0.9")
+    assert record["chosen_on"] == "given" and record["threshold"] == 0.9 and "curve" not in record
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--exit-rule", "margin", "--exit-threshold", "-1"], "margin needs X > 0, got -1"),
+    (["--exit-rule", "confidence", "--exit-threshold", "1.5"],
+     "confidence needs 0 < X < 1, got 1.5"),
+    (["--exit-threshold", "0.5"], "--exit-threshold: needs --exit-rule margin or confidence"),
+    (["--exit-rule", "margin", "--exit-margin", "0"], "--exit-margin: must be a positive number"),
+    (["--exit-rule", "votes"], "--exit-rule: invalid choice"),
+])
+def test_bad_early_exit_arguments_give_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lenet_convert.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_early_exit_without_a_validation_split_fails_before_simulating(trained, tmp_path, capsys):
+    checkpoint = torch.load(trained, weights_only=True)
+    del checkpoint["args"]["val_size"]
+    path = tmp_path / "no_split.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(SystemExit) as exit_info:
+        lenet_convert.main(["--checkpoint", str(path), "--exit-rule", "margin",
+                            "--data-dir", str(DATA), "--out-dir", str(tmp_path / "out")])
+    assert "records no validation split" in str(exit_info.value.code)
+    assert "simulating" not in capsys.readouterr().out
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_early_exit_merges_the_slow_images_of_all_batches():
+    images = torch.tensor([[1.0, 0], [0.5, 0], [0.375, 0], [0.25, 0.375], [0, 1.0]])
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    batches = [(images, labels), (images.flip(0), labels.flip(0))]
+    alone, merged = _two_class_snn(), _two_class_snn()
+    apart = lenet_convert.evaluate_early_exit(alone, batches, 6, "cpu", "margin", 0.5, park=0)
+    together = lenet_convert.evaluate_early_exit(merged, batches, 6, "cpu", "margin", 0.5,
+                                                 park=1)
+    assert alone.spy.sizes == [5, 3, 2, 2, 2, 2] * 2
+    # parked after their first step, both batches' running images go on as one group of 6
+    assert merged.spy.sizes == [5, 5, 6, 4, 4, 4, 4]
+    assert apart[0] == together[0] and apart[1]["act"].equal(together[1]["act"])
+    assert torch.equal(apart[2], together[2]) and torch.equal(apart[3], together[3])
+    assert together[2].tolist() == [1, 2, 6, 6, 1, 1, 6, 6, 2, 1]

@@ -2,8 +2,9 @@
 
 The model is chosen on a validation split carved from the 60,000 training images (the test set
 only reports). Every saved checkpoint also holds the activation percentiles (99, 99.9, 99.99 and
-100) of each ReLU and of the output layer, recorded with forward hooks on a fixed calibration
-subset of the training split: `lenet_convert.py` scales the spiking network with them.
+100) of each ReLU and of the output layer, per layer and per channel, recorded with forward hooks
+on a fixed calibration subset of the training split (--calibration-images): `lenet_convert.py`
+scales the spiking network with them.
 
 Example:
     python lenet5.py                       # defaults: about 2 minutes on 2 CPU cores

@@ -5,17 +5,21 @@ the convolutions, normalise each layer by the activation scale recorded in the c
 replace ReLU by integrate-and-fire neurons (SpikeNode) and max-pooling by a spiking max-pool
 (SMaxPool). The spiking network sees the analog image as a constant current at every step; the
 output layer's currents are summed over time (or its spikes counted) and read out by argmax.
+With --exit-rule, each image stops as soon as its answer is settled (docs/method.md §9).
 
 Example:
     python lenet_convert.py                          # checkpoints/lenet5_best.pt, T = 64
     python lenet_convert.py --v0 0 --gamma 2 --percentile 99.9 --no-lateral-inhibition
                                                      # BrainCog's reference setting
     python lenet_convert.py --compare checkpoints/lenet5_qcfs_best.pt   # every setting
+    python lenet_convert.py --norm neuron --reset zero --spicalib 4   # BrainCog's other options
+    python lenet_convert.py --checkpoint checkpoints/lenet5_qcfs_best.pt --exit-rule margin
 
 Writes (into --out-dir, default results/):
     snn_accuracy.png    accuracy against time step, the ANN's as a line
     snn_efficiency.png  firing rates, synaptic operations and energy against time step
     snn_accuracy.json   the numbers of both, the settings and the checkpoint used
+    snn_early_exit.png, snn_early_exit.json   with --exit-rule, besides: per-image early exit
     compare.png, compare.json, compare.csv   with --compare, instead of the three above
 """
 
@@ -1178,10 +1182,11 @@ def plot_early_exit(fixed, record, images, path):
         colour = "k" if entry["label"] == entry["prediction"] else "tab:red"
         cell.set_title(f"{entry['label']}→{entry['prediction']} t={entry['exit_step']}",
                        fontsize=7, color=colour)
-    fig.text(0.83, 0.955, f"the {len(hardest)} test images that ran longest "
-             "(label→prediction, exit step; red: wrong)", ha="center", fontsize=9)
+    settings = record["settings"] | {"exit_threshold": record["threshold"]}
     fig.suptitle(f"LeNet5 SNN early exit on {fixed['test_images']} MNIST test images: "
-                 f"{settings_text(record['settings'])}", fontsize=10, y=0.995)
+                 f"{settings_text(settings)} ({record['chosen_on']})\nright: the {len(hardest)} "
+                 "test images that ran longest (label→prediction, exit step; red: wrong)",
+                 fontsize=10)
     save_figure(fig, path)
 
 

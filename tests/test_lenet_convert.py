@@ -595,6 +595,12 @@ def test_bad_input_gives_one_line_and_keeps_old_results(trained, tmp_path, spoil
     (["--spicalib", "two"], "--spicalib: expected an integer >= 0, got 'two'"),
     (["--norm", "foo"], "--norm: invalid choice: 'foo'"),
     (["--reset", "half"], "--reset: invalid choice: 'half'"),
+    (["--exit-rule", "margin", "--exit-threshold", "-1"], "margin needs X > 0, got -1"),
+    (["--exit-rule", "confidence", "--exit-threshold", "1.5"],
+     "confidence needs 0 < X < 1, got 1.5"),
+    (["--exit-threshold", "0.5"], "--exit-threshold: needs --exit-rule margin or confidence"),
+    (["--exit-rule", "margin", "--exit-margin", "0"], "--exit-margin: must be a positive number"),
+    (["--exit-rule", "votes"], "--exit-rule: invalid choice"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -735,22 +741,6 @@ def test_given_exit_threshold_skips_the_search(trained, tmp_path):
     record = _early_exit_run(trained, tmp_path, "--exit-rule", "confidence",
                              "--exit-threshold", "0.9")
     assert record["chosen_on"] == "given" and record["threshold"] == 0.9 and "curve" not in record
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--exit-rule", "margin", "--exit-threshold", "-1"], "margin needs X > 0, got -1"),
-    (["--exit-rule", "confidence", "--exit-threshold", "1.5"],
-     "confidence needs 0 < X < 1, got 1.5"),
-    (["--exit-threshold", "0.5"], "--exit-threshold: needs --exit-rule margin or confidence"),
-    (["--exit-rule", "margin", "--exit-margin", "0"], "--exit-margin: must be a positive number"),
-    (["--exit-rule", "votes"], "--exit-rule: invalid choice"),
-])
-def test_bad_early_exit_arguments_give_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        lenet_convert.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err
 
 
 def test_early_exit_without_a_validation_split_fails_before_simulating(trained, tmp_path, capsys):

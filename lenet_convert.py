@@ -1196,7 +1196,7 @@ def plot_early_exit(fixed, record, images, path):
 def compare_settings(settings, percentiles, every_knob=True):
     """(label, Settings) pairs: `settings`, then one knob changed at a time, then BrainCog's.
 
-    With every_knob=False, only the burst limits gamma of COMPARE_GAMMAS are varied.
+    With every_knob=False, only the burst limits gamma of COMPARE_GAMMAS and early exit.
     """
     variants = [(GIVEN, settings)]
 
@@ -1224,16 +1224,21 @@ def compare_settings(settings, percentiles, every_knob=True):
         for allowance in (0, *COMPARE_SPICALIBS):
             if allowance != settings.spicalib:
                 vary(f"spike calibration {allowance or 'off'}", spicalib=allowance)
-        if settings.exit_rule == "none":
-            vary(f"early exit ({COMPARE_EXIT_RULE})", exit_rule=COMPARE_EXIT_RULE)
-        else:
-            vary("early exit off", exit_rule="none", exit_threshold=None)
+    if settings.exit_rule == "none":
+        vary(f"early exit ({COMPARE_EXIT_RULE})", exit_rule=COMPARE_EXIT_RULE)
+    else:
+        vary("early exit off", exit_rule="none", exit_threshold=None)
+    if every_knob:
         variants.append((BRAINCOG, BRAINCOG_SETTINGS))
     return variants
 
 
 def compare_rows(results):
-    """One table row per result: accuracy at 1, 2, 4, ... steps, SynOps and energy."""
+    """One table row per result: accuracy at 1, 2, 4, ... steps, SynOps and energy.
+
+    For early exit, the steps are a cap (docs/method.md §9); `early_exit_*` give its own
+    accuracy, mean steps and energy per image with the cap at T.
+    """
     rows = []
     for result in results:
         row = {"checkpoint": result["checkpoint"], "setting": result["label"],
@@ -1246,6 +1251,11 @@ def compare_rows(results):
                 "synops_there": round(reached[1]) if reached else None,
                 "energy_there_uJ": round(reached[2] / 1e6, 3) if reached else None,
                 "ann_energy_uJ": round(eff["ann_energy_pj"] / 1e6, 3)}
+        early = result.get("early_exit")
+        row |= {"early_exit_accuracy": round(100 * early["test_accuracy"], 2) if early else None,
+                "early_exit_mean_steps": round(early["mean_steps"], 3) if early else None,
+                "early_exit_energy_uJ": round(early["energy_pj_per_image"] / 1e6, 3)
+                if early else None}
         rows.append(row)
     return rows
 

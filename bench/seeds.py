@@ -4,12 +4,13 @@ For each seed: train the ReLU LeNet5 (`lenet5.py --seed S`) and fine-tune the QC
 it (`lenet5.py --activation qcfs --init-from ...`), reusing a checkpoint already in
 --checkpoint-dir when it was made with the same arguments; convert the ReLU network with the
 default settings, with every knob of `lenet_convert.py --compare` changed alone and with
-BrainCog's reference setting, and the QCFS network with its default settings and the other
-burst limits of compare mode (gamma 1 and 4), reusing a conversion from an earlier seed<S>.json
-when nothing it depends on changed (checkpoint file, settings, T, test images, batch size).
-Then summarise: the mean, standard deviation (n - 1 in the denominator), minimum and maximum
-over the seeds of each accuracy, and for each knob the paired difference to the default (same
-seed, same network), which removes the seed-to-seed spread that the networks themselves have.
+BrainCog's reference setting, and the QCFS network with its default settings, the other burst
+limits of compare mode (gamma 1 and 4) and early exit, reusing a conversion from an earlier
+seed<S>.json when nothing it depends on changed (checkpoint file, settings, T, test images,
+batch size). Then summarise: the mean, standard deviation (n - 1 in the denominator), minimum and
+maximum over the seeds of each accuracy, for each knob the paired difference to the default
+(same seed, same network), which removes the seed-to-seed spread that the networks themselves
+have, and for early exit its accuracy, mean steps and time against fixed T.
 
 Example:
     python bench/seeds.py --seeds 1 2 3 4 5        # about 55 minutes on 2 CPU cores
@@ -66,6 +67,9 @@ OUT_DIR = Path("results/seeds")
 
 RELU, RELU_BRAINCOG, QCFS = "relu", "relu_braincog_reference", "qcfs"  # the networks summarised
 NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that may differ on reuse
+EARLY_EXIT_KEYS = ("threshold", "validation_accuracy", "validation_ann_accuracy",
+                   "test_accuracy", "mean_steps", "fixed_timesteps", "fixed_accuracy", "seconds",
+                   "fixed_seconds", "synops_per_image", "energy_pj_per_image")
 
 
 # ----------------------------------------------------------------------------- training
@@ -157,6 +161,8 @@ def run_seed(seed, args, device):
                                                    "settings", "checkpoint", "test_images")}
         done[name] |= {"energy_pj_at_ann_level": (at_ann_level(result) or (None,) * 3)[2],
                        "run": inputs[name]}
+        if "early_exit" in result:
+            done[name]["early_exit"] = {key: result["early_exit"][key] for key in EARLY_EXIT_KEYS}
     return {name: done[name] for name in plan}
 
 
@@ -223,10 +229,19 @@ def summarise(seeds, per_seed, timesteps):
         mean, std, low, high = _stats(diffs)
         paired[knob] = {"against": base, "per_seed": diffs, "mean": mean, "std": std,
                         "min": low, "max": high}
+    early_exit = {}
+    for knob, result in per_seed[seeds[0]].items():
+        if "early_exit" in result:
+            records = [per_seed[s][knob]["early_exit"] for s in seeds]
+            rows = {key: [r[key] for r in records] for key in EARLY_EXIT_KEYS} | {
+                "time_ratio": [r["seconds"] / r["fixed_seconds"] for r in records]}
+            early_exit[knob] = {key: {"per_seed": values} | dict(zip(
+                ("mean", "std", "min", "max"), (v[0] for v in _stats([[x] for x in values])),
+                strict=True)) for key, values in rows.items()}
     test_images = per_seed[seeds[0]][GIVEN]["test_images"]
     return {"seeds": list(seeds), "timesteps": timesteps, "test_images": test_images,
-            "runs": runs, "summary": summary,
-            "paired": paired, "std": "sample standard deviation over the seeds (n - 1)"}
+            "runs": runs, "summary": summary, "paired": paired, "early_exit": early_exit,
+            "std": "sample standard deviation over the seeds (n - 1)"}
 
 
 def table_rows(study):
@@ -362,6 +377,11 @@ def print_summary(study):
     for knob, e in study["paired"].items():
         print(f"{knob[:34]:34s}" + "".join(cell(e["mean"][t - 1], e["std"][t - 1], "+")
                                            for t in steps))
+    for knob, e in study["early_exit"].items():
+        print(f"{knob}: test accuracy {cell(e['test_accuracy']['mean'], e['test_accuracy']['std'])}"
+              f" % at {e['mean_steps']['mean']:.2f} ± {e['mean_steps']['std']:.2f} steps on "
+              f"average; time {e['time_ratio']['mean']:.2f} ± {e['time_ratio']['std']:.2f} × the "
+              f"fixed T reaching the same accuracy ({e['fixed_timesteps']['per_seed']} steps)")
 
 
 if __name__ == "__main__":

@@ -157,6 +157,11 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     assert {"lateral inhibition off", "V0 = 0", "γ = 1", "p = 99.9", "p = 100", "norm per channel",
             "norm per neuron", "reset to 0", "spike calibration 4", "early exit (margin)"} <= set(
         saved["paired"])
+    early = saved["early_exit"]
+    assert set(early) == {"early exit (margin)", "qcfs: early exit (margin)"}
+    steps = [run["qcfs: early exit (margin)"]["early_exit"]["mean_steps"] for run in per_seed]
+    assert early["qcfs: early exit (margin)"]["mean_steps"]["per_seed"] == steps
+    assert early["qcfs: early exit (margin)"]["mean_steps"]["mean"] == pytest.approx(sum(steps) / 2)
     rows = list(csv.DictReader((tmp_path / "out" / "seeds.csv").open()))
     assert len(rows) == 4 * (3 + len(saved["paired"]))
     assert (tmp_path / "out" / "seeds.png").read_bytes()[:4] == b"\x89PNG"
@@ -166,8 +171,8 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     assert seeds.main(argv)["runs"] == saved["runs"]
     out = capsys.readouterr().out
     assert out.count("(made with the same arguments)") == 4  # both networks of both seeds
-    conversions = len(per_seed[0])  # 16 of the ReLU network, 3 of the QCFS one
-    assert conversions == 19
+    conversions = len(per_seed[0])  # 16 of the ReLU network, 4 of the QCFS one
+    assert conversions == 20
     assert f"reusing {conversions} conversions" in out and "simulating" not in out
     seeds.main([*argv, "--timesteps", "3"])  # a change the conversions depend on: run again
     assert capsys.readouterr().out.count("simulating") == 2 * conversions

@@ -444,12 +444,12 @@ def test_compare_mode_writes_its_figure_and_table(trained, qcfs, tmp_path):
                       "p = 99.9", "p = 99.99", "p = 100", "read-out spikes", "norm per channel",
                       "norm per neuron", "reset to 0", "spike calibration 2",
                       "spike calibration 4", "early exit (margin)", "BrainCog reference",
-                      "as given", "γ = 1", "γ = 4"]
+                      "as given", "γ = 1", "γ = 4", "early exit (margin)"]
     reference = results[labels.index("BrainCog reference")]["settings"]
     assert (reference["v0"], reference["gamma"], reference["percentile"],
             reference["lateral_inhibition"]) == (0.0, 2, "99.9", False)
     assert results[-1]["checkpoint"] == str(qcfs) and results[-1]["settings"]["levels"] == 2
-    assert results[-1]["settings"]["gamma"] == 4
+    assert results[-2]["settings"]["gamma"] == 4 and results[-1]["early_exit"]["mean_steps"] >= 1
     rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
     assert [r["setting"] for r in rows] == labels
     assert [float(r["t=4"]) for r in rows] == [round(100 * r["snn_accuracy"][3], 2)

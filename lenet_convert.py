@@ -107,7 +107,9 @@ class Settings(NamedTuple):
     """How a checkpoint is converted and simulated.
 
     `percentile` None means a QCFS network's trained lambda; `exit_threshold` None means chosen
-    on the validation split, as the fewest mean steps within `exit_margin` of the ANN there.
+    on the validation split, as the fewest mean steps within `exit_margin` of the ANN there,
+    with `exit_deadline` (the step by which every image stops; None: chosen with it, or T when
+    the threshold is given).
     """
 
     percentile: str | None
@@ -121,6 +123,7 @@ class Settings(NamedTuple):
     exit_rule: str = EXIT_RULE
     exit_threshold: float | None = None
     exit_margin: float = ANN_LEVEL
+    exit_deadline: int | None = None
 
 
 BRAINCOG_SETTINGS = Settings("99.9", gamma=2, v0=0.0, lateral_inhibition=False, readout="analog")
@@ -579,23 +582,50 @@ def record_settledness(snn, batches, timesteps, device, rule):
     return torch.cat(values, 1), torch.cat(predictions, 1), torch.cat(labels)
 
 
-def exit_steps(values, threshold):
-    """Each image's exit step (1-based): the first whose settledness reaches `threshold`, or T."""
+def exit_steps(values, threshold, deadline=None):
+    """Each image's exit step (1-based): the first whose settledness reaches `threshold`, or
+    the `deadline` (default: the last step recorded) if that comes first."""
     reached = values >= threshold
-    reached[-1] = True
+    reached[(deadline or len(values)) - 1:] = True
     return reached.to(torch.uint8).argmax(0) + 1
 
 
-def exit_curve(values, predictions, labels, thresholds):
-    """[{threshold, accuracy, mean_steps}] of early exit at each threshold, from a recording."""
-    curve = []
+def exit_table(values, predictions, labels, thresholds):
+    """Accuracy and mean steps of early exit for every threshold and deadline, from a recording.
+
+    Returns two tensors [thresholds, T]: element [i, D - 1] for thresholds[i] and deadline D.
+    """
+    right = predictions == labels  # [T, N]
+    deadlines = torch.arange(1, len(values) + 1)[:, None]
+    accuracy, steps = [], []
     for threshold in thresholds:
-        steps = exit_steps(values, threshold)
-        chosen = predictions.gather(0, (steps - 1).long()[None])[0]
-        curve.append({"threshold": threshold,
-                      "accuracy": (chosen == labels).double().mean().item(),
-                      "mean_steps": steps.double().mean().item()})
-    return curve
+        first = exit_steps(values, threshold)
+        right_there = right.gather(0, (first - 1)[None])[0]
+        stopped = first[None] <= deadlines  # [D, N]: stopped by the rule before the deadline
+        accuracy.append(torch.where(stopped, right_there[None], right).double().mean(1))
+        steps.append(torch.minimum(first[None], deadlines).double().mean(1))
+    return torch.stack(accuracy), torch.stack(steps)
+
+
+def exit_curve(table, thresholds, deadline):
+    """[{threshold, accuracy, mean_steps}] at one deadline, from `exit_table`'s output."""
+    accuracy, steps = table
+    return [{"threshold": threshold, "accuracy": accuracy[i, deadline - 1].item(),
+             "mean_steps": steps[i, deadline - 1].item()} for i, threshold in enumerate(thresholds)]
+
+
+def choose_exit(table, thresholds, ann_accuracy, margin, deadlines):
+    """(threshold, deadline, whether within): the fewest mean steps within `margin` of the ANN.
+
+    Over every threshold and each deadline in `deadlines`; ties go to the higher accuracy. If
+    none is within the margin, the most accurate one is taken.
+    """
+    accuracy, steps = table
+    candidates = [(steps[i, d - 1].item(), -accuracy[i, d - 1].item(), i, d)
+                  for i in range(len(thresholds)) for d in deadlines]
+    within = [c for c in candidates if -c[1] >= ann_accuracy - margin - 1e-12]
+    best = min(within) if within else min(candidates, key=lambda c: (c[1], c[0]))
+    return thresholds[best[2]], best[3], bool(within)
 
 
 def threshold_grid(values, size=EXIT_GRID):
@@ -607,17 +637,6 @@ def threshold_grid(values, size=EXIT_GRID):
             :QUANTILE_MAX_VALUES]]
     grid = sorted(set(torch.quantile(flat, q).tolist()))
     return grid + [math.inf]
-
-
-def choose_threshold(curve, ann_accuracy, margin):
-    """The entry of `curve` with the fewest mean steps among those within `margin` of the ANN.
-
-    None of them within: the most accurate one. Returns (entry, whether it was within).
-    """
-    within = [c for c in curve if c["accuracy"] >= ann_accuracy - margin - 1e-12]
-    if within:
-        return min(within, key=lambda c: (c["mean_steps"], -c["accuracy"])), True
-    return max(curve, key=lambda c: (c["accuracy"], -c["mean_steps"])), False
 
 
 class _Group(NamedTuple):
@@ -635,9 +654,16 @@ class _Group(NamedTuple):
         return self._replace(index=self.index[rows], labels=self.labels[rows],
                              current=self.current[rows], total=self.total[rows])
 
-    def merge(self, other):
-        return self._replace(**{k: torch.cat([getattr(self, k), getattr(other, k)])
-                                for k in ("index", "labels", "current", "total")})
+    @staticmethod
+    def merge(groups):
+        """One group of `groups` (all at the same step, parked with their state)."""
+        def cat(tensors):
+            return None if tensors[0] is None else torch.cat(tensors)
+        first = groups[0]
+        state = {name: {key: cat([g.state[name][key] for g in groups]) for key in keys}
+                 for name, keys in first.state.items()}
+        return first._replace(state=state, **{k: cat([getattr(g, k) for g in groups])
+                                              for k in ("index", "labels", "current", "total")})
 
 
 def _module_states(counting):
@@ -651,15 +677,12 @@ def _set_module_states(counting, states, t):
         module.step = t
 
 
-def _merged_states(a, b):
-    return {name: {key: None if a[name][key] is None else torch.cat([a[name][key], b[name][key]])
-                   for key in a[name]} for name in a}
-
-
 @torch.no_grad()
-def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, park=EXIT_PARK):
-    """Simulate each image only until its answer is settled (or T steps); docs/method.md §9.
+def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, deadline=None,
+                        park=EXIT_PARK):
+    """Simulate each image only until its answer is settled, or the deadline (default T).
 
+    docs/method.md §9.
     At each step the images whose settledness reaches `threshold` stop: their prediction is
     frozen and they leave the batch, with their state in every module, so later steps simulate
     only the images still running and the spike counts hold only the steps each image ran.
@@ -684,7 +707,7 @@ def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, park=E
         prediction = predict(total, readout)
         hits = prediction == group.labels
         right[t - 1] += hits.sum().item()
-        stop = (settledness(total, t, rule) >= threshold if t < timesteps
+        stop = (settledness(total, t, rule) >= threshold if t < (deadline or timesteps)
                 else torch.ones_like(hits))
         group = group._replace(total=total, t=t)
         if not stop.any():
@@ -713,7 +736,7 @@ def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, park=E
         index = torch.arange(seen, seen + len(labels), device=device)
         group, seen = _Group(index, labels, snn[0](images), 0, 0), seen + len(labels)
         while group is not None:
-            if 0 < group.t < timesteps and len(group.index) <= park * len(labels):
+            if 0 < group.t and len(group.index) <= park * len(labels):
                 parked.append(group._replace(state=_module_states(counting)))
                 break
             group = advance(group)
@@ -722,14 +745,13 @@ def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, park=E
     parked.sort(key=lambda g: g.t)
     pool = None
     while parked or pool is not None:
-        if pool is None:
-            pool = parked.pop(0)
-            _set_module_states(counting, pool.state, pool.t)
-        while parked and parked[0].t == pool.t:
-            other = parked.pop(0)
-            _set_module_states(counting, _merged_states(_module_states(counting), other.state),
-                               pool.t)
-            pool = pool.merge(other)
+        if pool is None or (parked and parked[0].t == pool.t):  # merge all at this step at once
+            same = [] if pool is None else [pool._replace(state=_module_states(counting))]
+            t = parked[0].t if pool is None else pool.t
+            while parked and parked[0].t == t:
+                same.append(parked.pop(0))
+            pool = _Group.merge(same)
+            _set_module_states(counting, pool.state, t)
         pool = advance(pool)
     add_counts()
     steps = torch.full((seen,), timesteps)
@@ -882,24 +904,31 @@ def run_early_exit(snn, planned, batches, validation, timesteps, device):
     that first reaches early exit's accuracy, timed in the same run.
     """
     rule, threshold = planned.settings.exit_rule, planned.settings.exit_threshold
-    record = {"rule": rule, "threshold": threshold, "chosen_on": "given"}
+    deadline = planned.settings.exit_deadline
+    record = {"rule": rule, "threshold": threshold, "deadline": deadline or timesteps,
+              "chosen_on": "given"}
+    grid = [threshold]
     if threshold is None:
         values, predictions, labels = record_settledness(snn, validation, timesteps, device, rule)
-        curve = exit_curve(values, predictions, labels, threshold_grid(values))
+        grid = threshold_grid(values)
+        table = exit_table(values, predictions, labels, grid)
         val_ann = evaluate(planned.ann, validation, device)
-        chosen, within = choose_threshold(curve, val_ann, planned.settings.exit_margin)
-        threshold = chosen["threshold"]
-        record |= {"threshold": threshold, "chosen_on": "validation", "curve": curve,
-                   "validation_images": len(labels), "validation_ann_accuracy": val_ann,
-                   "validation_accuracy": chosen["accuracy"],
+        threshold, deadline, within = choose_exit(
+            table, grid, val_ann, planned.settings.exit_margin,
+            [deadline] if deadline else range(1, timesteps + 1))
+        curve = exit_curve(table, grid, deadline)
+        chosen = next(c for c in curve if c["threshold"] == threshold)
+        record |= {"threshold": threshold, "deadline": deadline, "chosen_on": "validation",
+                   "curve": curve, "validation_images": len(labels),
+                   "validation_ann_accuracy": val_ann, "validation_accuracy": chosen["accuracy"],
                    "validation_mean_steps": chosen["mean_steps"], "within_margin": within}
+    deadline = record["deadline"]
     values, predictions, labels = record_settledness(snn, batches, timesteps, device, rule)
     fixed = (predictions == labels).double().mean(1).tolist()
-    test_curve = exit_curve(values, predictions, labels,
-                            [c["threshold"] for c in record.get("curve", [])] or [threshold])
+    test_curve = exit_curve(exit_table(values, predictions, labels, grid), grid, deadline)
     start = time.perf_counter()
     accuracy, counts, steps, chosen = evaluate_early_exit(snn, batches, timesteps, device, rule,
-                                                          threshold)
+                                                          threshold, deadline)
     seconds = time.perf_counter() - start
     fixed_t = first_step_within(fixed, accuracy[-1], margin=0) or timesteps
     start = time.perf_counter()
@@ -1002,9 +1031,12 @@ def exit_text(settings):
     rule = settings.get("exit_rule", EXIT_RULE)
     if rule == "none":
         return ""
-    threshold = settings.get("exit_threshold")
-    return (f", early exit at {rule} ≥ " + (f"{threshold:.3g}" if threshold is not None
-                                           else "(chosen on validation)"))
+    threshold, deadline = settings.get("exit_threshold"), settings.get("exit_deadline")
+    text = f", early exit at {rule} ≥ " + ("X" if threshold is None else f"{threshold:.3g}")
+    text += f" by step {deadline}" if deadline else ""
+    if threshold is None:
+        text += " (X chosen on validation)" if deadline else " (X, deadline on validation)"
+    return text
 
 
 def step_axis(ax, timesteps):
@@ -1128,7 +1160,8 @@ def early_exit_record(result):
 def print_early_exit(record):
     chosen = ("chosen on validation" if record["chosen_on"] == "validation" else "given")
     ratio = record["seconds"] / record["fixed_seconds"]
-    print(f"early exit, {record['rule']} ≥ {record['threshold']:.3g} ({chosen}): "
+    print(f"early exit, {record['rule']} ≥ {record['threshold']:.3g} by step "
+          f"{record['deadline']} ({chosen}): "
           f"{record['test_accuracy']:.2%} at {record['mean_steps']:.2f} steps on average "
           f"({record['synops_per_image'] / 1e3:.0f}k SynOps, "
           f"{record['energy_pj_per_image'] / 1e6:.3f} µJ per image); fixed T reaches that "
@@ -1152,10 +1185,12 @@ def plot_early_exit(fixed, record, images, path):
                                 (record["test_curve"], "early exit, test", "-")):
         if curve and len(curve) > 1:
             ax.plot([c["mean_steps"] for c in curve], [100 * c["accuracy"] for c in curve],
-                    linestyle=style, label=f"{label} (one point per threshold)")
+                    linestyle=style, label=f"{label} (one point per threshold, deadline "
+                                           f"{record['deadline']})")
     ax.plot(record["mean_steps"], 100 * record["test_accuracy"], marker="*", markersize=15,
             color="tab:red", linestyle="none", markeredgecolor="k",
-            label=f"chosen: {record['rule']} ≥ {record['threshold']:.3g}")
+            label=f"chosen: {record['rule']} ≥ {record['threshold']:.3g} by step "
+                  f"{record['deadline']}")
     ann = 100 * fixed["ann_accuracy"]
     margin = 100 * fixed["settings"].get("exit_margin", ANN_LEVEL)
     ax.axhspan(ann - margin, ann, color="tab:gray", alpha=0.25,
@@ -1182,7 +1217,8 @@ def plot_early_exit(fixed, record, images, path):
         colour = "k" if entry["label"] == entry["prediction"] else "tab:red"
         cell.set_title(f"{entry['label']}→{entry['prediction']} t={entry['exit_step']}",
                        fontsize=7, color=colour)
-    settings = record["settings"] | {"exit_threshold": record["threshold"]}
+    settings = record["settings"] | {"exit_threshold": record["threshold"],
+                                     "exit_deadline": record["deadline"]}
     fig.suptitle(f"LeNet5 SNN early exit on {fixed['test_images']} MNIST test images: "
                  f"{settings_text(settings)} ({record['chosen_on']})\nright: the {len(hardest)} "
                  "test images that ran longest (label→prediction, exit step; red: wrong)",
@@ -1227,7 +1263,7 @@ def compare_settings(settings, percentiles, every_knob=True):
     if settings.exit_rule == "none":
         vary(f"early exit ({COMPARE_EXIT_RULE})", exit_rule=COMPARE_EXIT_RULE)
     else:
-        vary("early exit off", exit_rule="none", exit_threshold=None)
+        vary("early exit off", exit_rule="none", exit_threshold=None, exit_deadline=None)
     if every_knob:
         variants.append((BRAINCOG, BRAINCOG_SETTINGS))
     return variants
@@ -1358,6 +1394,10 @@ def parse_args(argv=None):
                              "confidence: 0 < X < 1); default: chosen on the checkpoint's "
                              "validation split, the fewest mean steps within --exit-margin of "
                              "the ANN there")
+    parser.add_argument("--exit-deadline", type=positive_int, default=None, metavar="D",
+                        help="the step by which every image stops (at most --timesteps); "
+                             "default: chosen on validation with the threshold, or --timesteps "
+                             "when --exit-threshold is given")
     parser.add_argument("--exit-margin", type=positive_float, default=100 * ANN_LEVEL,
                         metavar="PP", help="percentage points below the ANN's validation "
                         "accuracy the chosen threshold may lose")
@@ -1369,6 +1409,11 @@ def parse_args(argv=None):
                         help="where the plots and the JSON go")
     args = parser.parse_args(argv)
     threshold = args.exit_threshold
+    if args.exit_deadline is not None and args.exit_rule == "none":
+        parser.error("argument --exit-deadline: needs --exit-rule margin or confidence")
+    if (args.exit_deadline or 0) > args.timesteps:
+        parser.error(f"argument --exit-deadline: {args.exit_deadline} is beyond --timesteps "
+                     f"{args.timesteps}")
     if threshold is not None:
         if args.exit_rule == "none":
             parser.error("argument --exit-threshold: needs --exit-rule margin or confidence")
@@ -1390,7 +1435,8 @@ def settings_from(args, checkpoint):
     """The Settings the command line asks for, applied to `checkpoint`."""
     return Settings(scaling_percentile(checkpoint, args.percentile), args.gamma, args.v0,
                     args.lateral_inhibition, args.readout, args.norm, args.reset, args.spicalib,
-                    args.exit_rule, args.exit_threshold, args.exit_margin / 100)
+                    args.exit_rule, args.exit_threshold, args.exit_margin / 100,
+                    args.exit_deadline)
 
 
 def convert_and_simulate(args, device):

@@ -67,7 +67,7 @@ OUT_DIR = Path("results/seeds")
 
 RELU, RELU_BRAINCOG, QCFS = "relu", "relu_braincog_reference", "qcfs"  # the networks summarised
 NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that may differ on reuse
-EARLY_EXIT_KEYS = ("threshold", "validation_accuracy", "validation_ann_accuracy",
+EARLY_EXIT_KEYS = ("threshold", "deadline", "validation_accuracy", "validation_ann_accuracy",
                    "test_accuracy", "mean_steps", "fixed_timesteps", "fixed_accuracy", "seconds",
                    "fixed_seconds", "synops_per_image", "energy_pj_per_image")
 

@@ -601,6 +601,9 @@ def test_bad_input_gives_one_line_and_keeps_old_results(trained, tmp_path, spoil
     (["--exit-threshold", "0.5"], "--exit-threshold: needs --exit-rule margin or confidence"),
     (["--exit-rule", "margin", "--exit-margin", "0"], "--exit-margin: must be a positive number"),
     (["--exit-rule", "votes"], "--exit-rule: invalid choice"),
+    (["--exit-rule", "margin", "--exit-deadline", "65"],
+     "--exit-deadline: 65 is beyond --timesteps 64"),
+    (["--exit-deadline", "3"], "--exit-deadline: needs --exit-rule margin or confidence"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -668,16 +671,27 @@ def test_early_exit_stops_each_image_at_its_known_step():
         steps = lenet_convert.evaluate_early_exit(_two_class_snn(), [(images, labels)], 6, "cpu",
                                                   "margin", threshold)[2]
         assert torch.equal(lenet_convert.exit_steps(values, threshold), steps)
-    curve = lenet_convert.exit_curve(values, recorded, labels, [0.5])
-    assert curve == [{"threshold": 0.5, "accuracy": 1.0, "mean_steps": 16 / 5}]
+    table = lenet_convert.exit_table(values, recorded, labels, [0.5])
+    assert lenet_convert.exit_curve(table, [0.5], 6) == [
+        {"threshold": 0.5, "accuracy": 1.0, "mean_steps": 16 / 5}]
+    # with a deadline of 3 the two slow images stop there, both right at t = 3
+    assert lenet_convert.exit_curve(table, [0.5], 3) == [
+        {"threshold": 0.5, "accuracy": 1.0, "mean_steps": 2.0}]
+    snn = _two_class_snn()
+    accuracy, _, steps, predictions = lenet_convert.evaluate_early_exit(
+        snn, [(images, labels)], 6, "cpu", "margin", 0.5, deadline=3)
+    assert steps.tolist() == [1, 2, 3, 3, 1] and predictions.tolist() == [0, 0, 0, 1, 1]
+    assert snn.spy.sizes == [5, 3, 2] and accuracy == pytest.approx([0.8, 0.8, 1, 1, 1, 1])
 
 
-def test_exit_threshold_is_the_fewest_steps_within_the_margin():
-    curve = [{"threshold": 1, "accuracy": 0.95, "mean_steps": 1.1},
-             {"threshold": 2, "accuracy": 0.990, "mean_steps": 1.5},
-             {"threshold": 3, "accuracy": 0.992, "mean_steps": 2.0}]
-    assert lenet_convert.choose_threshold(curve, 0.9905, 0.001) == (curve[1], True)
-    assert lenet_convert.choose_threshold(curve, 0.9935, 0.001) == (curve[2], False)
+def test_exit_threshold_and_deadline_are_the_fewest_steps_within_the_margin():
+    accuracy = torch.tensor([[0.95, 0.97], [0.990, 0.992]], dtype=torch.float64)
+    steps = torch.tensor([[1.0, 1.05], [1.3, 1.5]], dtype=torch.float64)  # [threshold, deadline]
+    table, thresholds = (accuracy, steps), [1.0, 2.0]
+    choose = lenet_convert.choose_exit
+    assert choose(table, thresholds, 0.9905, 0.001, [1, 2]) == (2.0, 1, True)
+    assert choose(table, thresholds, 0.9905, 0.001, [2]) == (2.0, 2, True)  # a given deadline
+    assert choose(table, thresholds, 0.9935, 0.001, [1, 2]) == (2.0, 2, False)  # none within
 
 
 def test_settledness_rules():
@@ -741,6 +755,7 @@ def test_given_exit_threshold_skips_the_search(trained, tmp_path):
     record = _early_exit_run(trained, tmp_path, "--exit-rule", "confidence",
                              "--exit-threshold", "0.9")
     assert record["chosen_on"] == "given" and record["threshold"] == 0.9 and "curve" not in record
+    assert record["deadline"] == 8  # --timesteps, unless --exit-deadline
 
 
 def test_early_exit_without_a_validation_split_fails_before_simulating(trained, tmp_path, capsys):

@@ -7,10 +7,11 @@ default settings, with every knob of `lenet_convert.py --compare` changed alone 
 BrainCog's reference setting, and the QCFS network with its default settings, the other burst
 limits of compare mode (gamma 1 and 4) and early exit, reusing a conversion from an earlier
 seed<S>.json when nothing it depends on changed (checkpoint file, settings, T, test images,
-batch size). Then summarise: the mean, standard deviation (n - 1 in the denominator), minimum and
-maximum over the seeds of each accuracy, for each knob the paired difference to the default
-(same seed, same network), which removes the seed-to-seed spread that the networks themselves
-have, and for early exit its accuracy, mean steps and time against fixed T.
+batch size; not the code: after changing what a conversion computes, delete those files).
+Then summarise: the mean, standard deviation (n - 1 in the denominator), minimum and maximum
+over the seeds of each accuracy, for each knob the paired difference to the default (same seed,
+same network), which removes the seed-to-seed spread that the networks themselves have, and for
+early exit its accuracy, mean steps and time against fixed T.
 
 Example:
     python bench/seeds.py --seeds 1 2 3 4 5        # about 55 minutes on 2 CPU cores

@@ -690,7 +690,8 @@ def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, deadli
     only the images still running and the spike counts hold only the steps each image ran.
     When a batch is down to `park` of its images, they are set aside with their state and
     continue later together with those of the other batches at the same step, so that a few
-    slow images per batch do not each cost a nearly empty step up to T.
+    slow images per batch do not each cost a nearly empty step up to T (up to a batch's worth of
+    images run together, the size that keeps a layer's state in the cache).
     Returns (accuracy with the steps capped at t = 1..T, counts as from `evaluate_snn`, each
     image's exit step [N], each image's prediction [N]).
     """
@@ -700,7 +701,7 @@ def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, deadli
     rest = snn[1:]
     right = torch.zeros(timesteps, dtype=torch.float64)  # right answers of running images
     right_stopped = torch.zeros(timesteps, dtype=torch.float64)  # ... of those stopping at t
-    exits, counts, parked, seen = [], {}, [], 0
+    exits, counts, parked, seen, most = [], {}, [], 0, 0
 
     def advance(group):
         """One step of `group`; the group of its images still running, or None."""
@@ -734,6 +735,7 @@ def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, deadli
     for images, labels in tqdm(batches, desc="early exit", unit="batch", leave=False,
                                disable=None):
         images, labels = images.to(device), labels.to(device)
+        most = max(most, len(labels))  # a pool of parked images runs up to a batch at once
         clean_mem_spike(snn)
         index = torch.arange(seen, seen + len(labels), device=device)
         group, seen = _Group(index, labels, snn[0](images), 0, 0), seen + len(labels)
@@ -746,11 +748,13 @@ def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, deadli
     clean_mem_spike(snn)  # the parked images, merged by step
     parked.sort(key=lambda g: g.t)
     pool = None
-    while parked or pool is not None:
-        if pool is None or (parked and parked[0].t == pool.t):  # merge all at this step at once
+    while parked or pool is not None:  # merge those at the same step, up to a batch at once
+        if pool is None or (parked and parked[0].t == pool.t
+                            and len(pool.index) + len(parked[0].index) <= most):
             same = [] if pool is None else [pool._replace(state=_module_states(counting))]
             t = parked[0].t if pool is None else pool.t
-            while parked and parked[0].t == t:
+            while parked and parked[0].t == t and (
+                    not same or sum(len(g.index) for g in same) + len(parked[0].index) <= most):
                 same.append(parked.pop(0))
             pool = _Group.merge(same)
             _set_module_states(counting, pool.state, t)

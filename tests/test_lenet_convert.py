@@ -772,16 +772,17 @@ def test_early_exit_without_a_validation_split_fails_before_simulating(trained, 
 
 
 def test_early_exit_merges_the_slow_images_of_all_batches():
-    images = torch.tensor([[1.0, 0], [0.5, 0], [0.375, 0], [0.25, 0.375], [0, 1.0]])
-    labels = torch.tensor([0, 0, 0, 1, 1])
-    batches = [(images, labels), (images.flip(0), labels.flip(0))]
+    images = torch.tensor([[1.0, 0], [0, 1.0], [0.375, 0], [0.25, 0.375], [1.0, 0]])
+    labels = torch.tensor([0, 1, 0, 1, 0])
+    batches = [(images, labels), (images.flip(0), labels.flip(0)), (images, labels)]
     alone, merged = _two_class_snn(), _two_class_snn()
     apart = lenet_convert.evaluate_early_exit(alone, batches, 6, "cpu", "margin", 0.5, park=0)
     together = lenet_convert.evaluate_early_exit(merged, batches, 6, "cpu", "margin", 0.5,
                                                  park=1)
-    assert alone.spy.sizes == [5, 3, 2, 2, 2, 2] * 2
-    # parked after their first step, both batches' running images go on as one group of 6
-    assert merged.spy.sizes == [5, 5, 6, 4, 4, 4, 4]
+    assert alone.spy.sizes == [5, 2, 2, 2, 2, 2] * 3
+    # parked after their first step, two images from each batch: the first two batches' go on
+    # as one group of 4, the third's (6 would be more than a batch of 5) after them
+    assert merged.spy.sizes == [5, 5, 5] + [4] * 5 + [2] * 5
     assert apart[0] == together[0] and apart[1]["act"].equal(together[1]["act"])
     assert torch.equal(apart[2], together[2]) and torch.equal(apart[3], together[3])
-    assert together[2].tolist() == [1, 2, 6, 6, 1, 1, 6, 6, 2, 1]
+    assert together[2].tolist() == [1, 1, 6, 6, 1] + [1, 6, 6, 1, 1] + [1, 1, 6, 6, 1]

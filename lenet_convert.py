@@ -1312,7 +1312,8 @@ def plot_compare(results, path):
     """Accuracy per step of every run overlaid; accuracy against energy of the main runs.
 
     Runs of --checkpoint are solid lines, those of further checkpoints dashed. The energy panel
-    shows each checkpoint's run as given and BrainCog's reference, to stay readable.
+    shows each checkpoint's run as given and BrainCog's reference, to stay readable, and each
+    early-exit run as one point.
     """
     labels = [f"{Path(r['checkpoint']).stem}: {r['label']}" for r in results]
     first = results[0]["checkpoint"]
@@ -1334,6 +1335,12 @@ def plot_compare(results, path):
     main = [i for i, r in enumerate(results) if r["label"] in (GIVEN, BRAINCOG)]
     plot_energy_axis(axes[1], [results[i] for i in main], [labels[i] for i in main],
                      [styles[i] for i in main])
+    for result, label, style in zip(results, labels, styles, strict=True):
+        if "early_exit" in result:  # one point: its accuracy and energy per image
+            early = result["early_exit"]
+            axes[1].plot(early["energy_pj_per_image"] / 1e6, 100 * early["test_accuracy"],
+                         marker="X", markersize=10, linestyle="none", color=style["color"],
+                         markeredgecolor="k", label=f"{label} ({early['mean_steps']:.2f} steps)")
     axes[1].legend(fontsize=7, loc="lower right")
     axes[1].set_title("accuracy against estimated energy per image (memory traffic ignored)")
     fig.suptitle(f"LeNet5 SNN settings compared on {results[0]['test_images']} MNIST test images, "
@@ -1344,12 +1351,14 @@ def plot_compare(results, path):
 def print_compare(rows):
     steps = [key for key in rows[0] if key.startswith("t=")]
     print(f"{'setting':42s} " + " ".join(f"{s:>6}" for s in steps) + f" {'ANN':>6} "
-          f"{'at ANN':>8} {'µJ there':>8}")
+          f"{'at ANN':>8} {'µJ there':>8}   early exit: accuracy at mean steps")
     for row in rows:
         name = f"{Path(row['checkpoint']).stem}: {row['setting']}"[:42]
         there = row[AT_ANN_LEVEL]
+        early = (f"   {row['early_exit_accuracy']:.2f} at {row['early_exit_mean_steps']:.2f}"
+                 if row["early_exit_mean_steps"] is not None else "")
         print(f"{name:42s} " + " ".join(f"{row[s]:6.2f}" for s in steps) + f" {row['ann']:6.2f} "
-              f"{there or '-':>8} {row['energy_there_uJ'] or '-':>8}")
+              f"{there or '-':>8} {row['energy_there_uJ'] or '-':>8}{early}")
 
 
 # ----------------------------------------------------------------------------- command line

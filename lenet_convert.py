@@ -1044,7 +1044,7 @@ def exit_text(settings):
     if rule == "none":
         return ""
     threshold, deadline = settings.get("exit_threshold"), settings.get("exit_deadline")
-    text = f", early exit at {rule} ≥ " + ("X" if threshold is None else f"{threshold:.3g}")
+    text = f", early exit at {rule} ≥ " + ("X" if threshold is None else f"{threshold:.5g}")
     text += f" by step {deadline}" if deadline else ""
     if threshold is None:
         text += " (X chosen on validation)" if deadline else " (X, deadline on validation)"
@@ -1172,7 +1172,7 @@ def early_exit_record(result):
 def print_early_exit(record):
     chosen = ("chosen on validation" if record["chosen_on"] == "validation" else "given")
     ratio = record["seconds"] / record["fixed_seconds"]
-    print(f"early exit, {record['rule']} ≥ {record['threshold']:.3g} by step "
+    print(f"early exit, {record['rule']} ≥ {record['threshold']:.5g} by step "
           f"{record['deadline']} ({chosen}): "
           f"{record['test_accuracy']:.2%} at {record['mean_steps']:.2f} steps on average "
           f"({record['synops_per_image'] / 1e3:.0f}k SynOps, "
@@ -1201,7 +1201,7 @@ def plot_early_exit(fixed, record, images, path):
                                            f"{record['deadline']})")
     ax.plot(record["mean_steps"], 100 * record["test_accuracy"], marker="*", markersize=15,
             color="tab:red", linestyle="none", markeredgecolor="k",
-            label=f"chosen: {record['rule']} ≥ {record['threshold']:.3g} by step "
+            label=f"chosen: {record['rule']} ≥ {record['threshold']:.5g} by step "
                   f"{record['deadline']}")
     ann = 100 * fixed["ann_accuracy"]
     margin = 100 * fixed["settings"].get("exit_margin", ANN_LEVEL)

@@ -1,6 +1,7 @@
 import csv
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -181,3 +182,30 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     assert seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv)
     assert not seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv + ["--lr", "0.02"])
     assert not seeds.reusable(tmp_path / "ck" / "relu_seed3.pt", relu_argv)
+
+
+@pytest.mark.parametrize("settings", [
+    {"spicalib": 2, "reset": "zero", "readout": "spikes"},
+    {"spicalib": 1, "lateral_inhibition": False, "gamma": 1},
+])
+def test_early_exit_carries_every_module_state_when_images_leave_or_merge(settings):
+    """Stopping images and merging the slow ones of several batches moves the state of every
+    stateful module (potentials, calibration, pools): the results must not depend on it."""
+    torch.manual_seed(1)
+    images, labels = torch.rand(24, 1, 32, 32), torch.randint(0, 10, (24,))
+    batches = [(images[:8], labels[:8]), (images[8:16], labels[8:16]), (images[16:], labels[16:])]
+    values, _, _ = lenet_convert.record_settledness(_dyadic_snn(**settings), batches, 10, "cpu",
+                                                    "margin")
+    middle = values[2].median().item()  # about half the images stop by step 3
+    runs = [lenet_convert.evaluate_early_exit(_dyadic_snn(**settings), batches, 10, "cpu",
+                                              "margin", threshold, park=park)
+            for threshold, park in ((math.inf, 0), (middle, 0), (middle, 1))]
+    everything, alone, merged = runs
+    assert 1 < alone[2].double().mean() < 10  # some images stop early, some run on
+    assert torch.equal(alone[2], merged[2]) and torch.equal(alone[3], merged[3])
+    assert alone[0] == merged[0]
+    for name, counts in alone[1].items():
+        assert torch.equal(counts, merged[1][name]), name
+    # an image's predictions up to its exit step are those it has when nothing stops
+    full = evaluate_snn(_dyadic_snn(**settings), [(images, labels)], 10, "cpu")[0]
+    assert everything[0] == pytest.approx(full)

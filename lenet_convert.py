@@ -945,7 +945,9 @@ def run_early_exit(snn, planned, batches, validation, timesteps, device):
             simulate_them()
             times[name].append(time.perf_counter() - start)
     seconds, fixed_seconds = (statistics.median(times[k]) for k in ("early exit", "fixed"))
-    order = sorted(range(len(steps)), key=lambda i: -steps[i].item())[:HARDEST]
+    settled = values.gather(0, (steps - 1)[None])[0]  # each image's value when it stopped
+    order = sorted(range(len(steps)), key=lambda i: (-steps[i].item(), settled[i].item()))
+    order = order[:HARDEST]  # the longest runs, the least settled first
     record |= {
         "test_accuracy": accuracy[-1],
         "mean_steps": steps.double().mean().item(),
@@ -958,7 +960,7 @@ def run_early_exit(snn, planned, batches, validation, timesteps, device):
         "fixed_accuracy_per_step": fixed,
         "test_curve": test_curve,
         "hardest": [{"index": i, "label": labels[i].item(), "prediction": chosen[i].item(),
-                     "exit_step": steps[i].item()} for i in order],
+                     "exit_step": steps[i].item(), rule: settled[i].item()} for i in order],
     }
     return accuracy, counts, seconds, record
 
@@ -1216,6 +1218,7 @@ def plot_early_exit(fixed, record, images, path):
     ax = fig.add_subplot(grid[1])
     counts = record["exit_steps"]
     ax.bar(range(1, len(counts) + 1), counts)
+    ax.set_xlim(0.4, record["deadline"] + 0.6)
     ax.set_yscale("log")
     ax.set_xlabel("exit step")
     ax.set_ylabel("test images")
@@ -1233,7 +1236,8 @@ def plot_early_exit(fixed, record, images, path):
                                      "exit_deadline": record["deadline"]}
     fig.suptitle(f"LeNet5 SNN early exit on {fixed['test_images']} MNIST test images: "
                  f"{settings_text(settings)} ({record['chosen_on']})\nright: the {len(hardest)} "
-                 "test images that ran longest (label→prediction, exit step; red: wrong)",
+                 f"test images that ran longest, the least settled first (label→prediction, exit "
+                 f"step; red: wrong)",
                  fontsize=10)
     save_figure(fig, path)
 

@@ -14,7 +14,7 @@ same network), which removes the seed-to-seed spread that the networks themselve
 early exit its accuracy, mean steps and time against fixed T.
 
 Example:
-    python bench/seeds.py --seeds 1 2 3 4 5        # about 55 minutes on 2 CPU cores
+    python bench/seeds.py --seeds 1 2 3 4 5        # about 70 minutes on 2 CPU cores
     python bench/seeds.py --seeds 1 2 --limit-train 500 --epochs 1 --limit 500   # a quick look
 
 Writes (into --out-dir, default results/seeds/):

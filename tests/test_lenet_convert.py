@@ -409,7 +409,8 @@ def test_converted_network_reaches_its_ann(trained, tmp_path):
                                  "lateral_inhibition": True, "readout": "analog",
                                  "norm": "layer", "reset": "subtract", "spicalib": 0,
                                  "exit_rule": "none", "exit_threshold": None,
-                                 "exit_margin": 0.001, "activation": "relu", "levels": None}
+                                 "exit_margin": 0.001, "exit_deadline": None,
+                                 "activation": "relu", "levels": None}
     efficiency = saved["efficiency"]
     assert efficiency["ann_macs_per_image"] == 416_520 and len(efficiency["snn_energy_pj"]) == 64
     assert set(efficiency["firing_rate"]) == {"act1", "act3", "act5", "act6"}
@@ -735,6 +736,8 @@ def test_early_exit_writes_its_record_and_figure(trained, tmp_path, rule, readou
     assert record["fixed_accuracy_per_step"][record["fixed_timesteps"] - 1] >= (
         record["test_accuracy"]) or record["fixed_timesteps"] == 8
     assert len(record["hardest"]) == 16
+    order = [(-h["exit_step"], h[rule]) for h in record["hardest"]]
+    assert order == sorted(order)  # the longest runs, the least settled first
     assert max(h["exit_step"] for h in record["hardest"]) == max(
         t for t, n in enumerate(record["exit_steps"], 1) if n)
     assert (tmp_path / "snn_early_exit.png").read_bytes()[:4] == b"\x89PNG"

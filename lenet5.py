@@ -372,12 +372,16 @@ def record_activations(model, batches, device, names):
     return {name: torch.cat(chunks) for name, chunks in values.items()}
 
 
-def percentiles_of(values, percentiles, generator):
-    """The given percentiles of a 1-D tensor (a seeded subsample if it is too large)."""
+def quantiles_of(values, q, generator):
+    """The quantiles q (fractions) of a 1-D tensor (a seeded subsample if it is too large)."""
     if values.numel() > QUANTILE_MAX_VALUES:
         values = values[torch.randint(values.numel(), (QUANTILE_MAX_VALUES,), generator=generator)]
-    q = torch.tensor([p / 100 for p in percentiles], dtype=values.dtype)
-    return torch.quantile(values, q).tolist()
+    return torch.quantile(values, torch.as_tensor(q, dtype=values.dtype)).tolist()
+
+
+def percentiles_of(values, percentiles, generator):
+    """The given percentiles of a 1-D tensor (a seeded subsample if it is too large)."""
+    return quantiles_of(values, [p / 100 for p in percentiles], generator)
 
 
 def percentile_activations(model, batches, device, percentiles=PERCENTILES, seed=0):
@@ -402,6 +406,13 @@ def percentile_activations(model, batches, device, percentiles=PERCENTILES, seed
     return per_layer, per_channel
 
 
+def calibration_set(images, labels, train_index, n=None):
+    """The images the percentiles are measured on: the first n (default CALIBRATION_IMAGES, or
+    all if fewer) of the training split."""
+    index = train_index[:n or CALIBRATION_IMAGES]
+    return Batches(images[index], labels[index], batch_size=1000)
+
+
 def remeasure_percentiles(checkpoint, model, data_dir, device):
     """`percentile_activations` of `model` on the training images `checkpoint`'s were measured on.
 
@@ -414,9 +425,9 @@ def remeasure_percentiles(checkpoint, model, data_dir, device):
     images, labels = load_mnist(data_dir, train=True)
     train_index, _ = split_train_val(len(labels), args.get("val_size", VAL_SIZE), seed,
                                      args.get("limit_train"))
-    index = train_index[:checkpoint.get("calibration_images", CALIBRATION_IMAGES)]
     percentiles = [float(key) for key in next(iter(checkpoint["percentiles"].values()))]
-    calibration = Batches(images[index], labels[index], batch_size=1000)
+    calibration = calibration_set(images, labels, train_index,
+                                  checkpoint.get("calibration_images"))
     return percentile_activations(model, calibration, device, percentiles, seed)
 
 
@@ -684,8 +695,7 @@ def train(args):
     train_batches = Batches(images[train_index], labels[train_index], args.batch_size,
                             shuffle=True, max_shift=args.max_shift, generator=generator)
     val = Batches(images[val_index], labels[val_index], batch_size=1000)
-    calibration_index = train_index[:args.calibration_images or CALIBRATION_IMAGES]
-    calibration = Batches(images[calibration_index], labels[calibration_index], batch_size=1000)
+    calibration = calibration_set(images, labels, train_index, args.calibration_images)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(

@@ -42,7 +42,6 @@ from lenet5 import (
     IMAGE_SHAPE,
     OUTPUT_LAYER,
     QCFS,
-    QUANTILE_MAX_VALUES,
     ArgumentParser,
     Batches,
     UserError,
@@ -58,6 +57,7 @@ from lenet5 import (
     percentile_key,
     positive_float,
     positive_int,
+    quantiles_of,
     remeasure_percentiles,
     resolve_device,
     split_train_val,
@@ -376,10 +376,9 @@ def _scale_layer(layer, scale_in, scale_out):
         scale_in = scale_in.view(1, -1, *[1] * (weight.dim() - 2)).to(weight)
     if torch.is_tensor(scale_out):
         scale_out = scale_out.to(weight)
-        layer.bias.div_(scale_out)
+    layer.bias.div_(scale_out)
+    if torch.is_tensor(scale_out):
         scale_out = scale_out.view(-1, *[1] * (weight.dim() - 1))
-    else:
-        layer.bias.div_(scale_out)
     weight.mul_(scale_in / scale_out)
 
 
@@ -633,12 +632,8 @@ def choose_exit(table, thresholds, ann_accuracy, margin, deadlines):
 def threshold_grid(values, size=EXIT_GRID):
     """Thresholds to try: quantiles of the recorded settledness, and one no image reaches."""
     q = torch.linspace(0, 1, size, dtype=torch.float64)
-    flat = values.flatten().double()
-    if flat.numel() > QUANTILE_MAX_VALUES:
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[
-            :QUANTILE_MAX_VALUES]]
-    grid = sorted(set(torch.quantile(flat, q).tolist()))
-    return grid + [math.inf]
+    grid = quantiles_of(values.flatten().double(), q, torch.Generator().manual_seed(0))
+    return sorted(set(grid)) + [math.inf]
 
 
 class _Group(NamedTuple):

@@ -19,22 +19,15 @@ Writes:
     data/MNIST/raw/*-ubyte                the shipped .gz files, extracted and MD5-checked once
 """
 
-import argparse
-import contextlib
-import csv
-import gzip
-import hashlib
-import json
+import cli  # first: see its docstring
+
+# isort: split
 import math
 import os
 import random
-import re
 import reprlib
 import shutil
-import sys
-import tempfile
 import time
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -45,15 +38,10 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-# The extracted MNIST files, as published by torchvision and others (see data/MNIST/raw/MD5SUMS.*).
-MNIST_MD5 = {
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-}
+from cli import UserError, atomic_path, first_line, positive_int
+from mnist import TRAIN_IMAGES, Batches, load_mnist, split_train_val
+
 ARCH = "LeNet5-BN"
-IMAGE_SHAPE = (1, 32, 32)  # MNIST's 28 x 28 padded by 2 pixels, as in the original LeNet5
 OUTPUT_LAYER = "out"  # the last layer's name; its percentiles scale a spiking read-out
 
 # ----------------------------------------------------------------------------- defaults
@@ -69,10 +57,6 @@ PERCENTILE = 99.0  # the activation percentile the conversion uses by default
 PERCENTILES = (99.0, 99.9, 99.99, 100.0)  # recorded for every hooked layer
 CALIBRATION_IMAGES = 2048  # training images the percentiles are measured on
 QUANTILE_MAX_VALUES = 2**24  # torch.quantile refuses larger inputs: subsample (seeded) above this
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad file, bad value); `main` prints it as one line."""
 
 
 # ----------------------------------------------------------------------------- model
@@ -138,178 +122,12 @@ def thresholds(model):
     return {name: m.threshold.item() for name, m in model.named_children() if isinstance(m, QCFS)}
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
 def set_seed(seed):
     """Seed random, numpy and torch; return a torch.Generator for shuffling and augmentation."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def resolve_device(name):
-    """'auto' -> the GPU when there is one, else the CPU; otherwise check that `name` is usable."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but no CUDA GPU is available")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
-    return device
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-
-    So an interrupted write never leaves a half-written file, and the previous one stays intact.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path, obj):
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def write_csv(path, rows):
-    """Write a list of dicts with the same keys as a CSV table, atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def check_writable_dir(directory):
-    """Create `directory` if needed and make sure a file can be written there, before long work."""
-    try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to {directory}: {e.strerror or e}") from None
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def md5sum(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def extract_checked(gz_path, target, expected_md5):
-    """Extract `gz_path` to `target` through a temporary file; rename only if the MD5 matches."""
-    digest = hashlib.md5()
-    with atomic_path(target) as tmp:
-        try:
-            with gzip.open(gz_path, "rb") as src, open(tmp, "wb") as dst:
-                for block in iter(lambda: src.read(1 << 20), b""):
-                    digest.update(block)
-                    dst.write(block)
-        except (OSError, EOFError, zlib.error) as e:
-            raise UserError(f"{gz_path} is corrupt or truncated ({e}); restore it "
-                            "(git checkout -- data/) and run again") from None
-        if digest.hexdigest() != expected_md5:
-            raise UserError(f"{gz_path} does not extract to the official {target.name} "
-                            "(MD5 mismatch); restore it (git checkout -- data/) and run again")
-
-
-def prepare_mnist(data_dir):
-    """Make sure `data_dir`/MNIST/raw holds the four extracted, MD5-checked MNIST files.
-
-    Each shipped .gz is extracted on first use. Without the shipped files, torchvision's download
-    is tried (it needs internet); if that fails too, the error says what is missing and where.
-    """
-    raw = Path(data_dir) / "MNIST" / "raw"
-    missing = []
-    for name, md5 in MNIST_MD5.items():
-        target, gz = raw / name, raw / f"{name}.gz"
-        if target.exists() and md5sum(target) == md5:
-            continue
-        if gz.exists():
-            extract_checked(gz, target, md5)
-        elif target.exists():
-            raise UserError(f"{target} is corrupt (MD5 mismatch) and {gz.name} is not there to "
-                            "restore it from; restore data/ (git checkout -- data/)")
-        else:
-            missing.append(gz.name)
-    if missing:
-        try:
-            torchvision.datasets.MNIST(data_dir, train=True, download=True)
-            torchvision.datasets.MNIST(data_dir, train=False, download=True)
-        except Exception:  # no internet, or a mirror failed: say what to put where
-            raise UserError(f"MNIST files missing from {raw}: {', '.join(missing)} (download "
-                            "failed too); restore them with git checkout -- data/") from None
-
-
-def load_mnist(data_dir, train):
-    """MNIST images padded to 32x32 (uint8, [N, 32, 32]) and labels (int64, [N])."""
-    prepare_mnist(data_dir)
-    dataset = torchvision.datasets.MNIST(data_dir, train=train, download=False)
-    return F.pad(dataset.data, (2, 2, 2, 2)), dataset.targets.long()
-
-
-def split_train_val(n, val_size, seed, limit_train=None):
-    """A seeded split of range(n): (train indices, the first `limit_train` only; validation)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[val_size:][:limit_train], order[:val_size]
-
-
-def random_shift(images, max_shift, generator):
-    """Shift each uint8 image [N, H, W] by up to `max_shift` pixels each way, zero-filled."""
-    n, h, w = images.shape
-    padded = F.pad(images, (max_shift,) * 4)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator)
-    rows = (dy + torch.arange(h))[:, :, None]
-    cols = (dx + torch.arange(w))[:, None, :]
-    return padded[torch.arange(n)[:, None, None], rows, cols]
-
-
-class Batches:
-    """Mini-batches (float images in [0, 1] of shape [B, 1, 32, 32], labels) from memory.
-
-    Much faster than a per-image DataLoader on a small dataset held whole in memory. Shuffling
-    and shifts draw from `generator`, so the sequence of batches is reproducible.
-    """
-
-    def __init__(self, images, labels, batch_size, shuffle=False, max_shift=0, generator=None):
-        self.images, self.labels = images, labels
-        self.batch_size, self.shuffle, self.max_shift = batch_size, shuffle, max_shift
-        self.generator = generator
-
-    def __len__(self):
-        return math.ceil(len(self.labels) / self.batch_size)
-
-    def __iter__(self):
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            index = order[start:start + self.batch_size]
-            images = self.images[index]
-            if self.max_shift:
-                images = random_shift(images, self.max_shift, self.generator)
-            yield images.unsqueeze(1).float().div_(255), self.labels[index]
-
-
-# ----------------------------------------------------------------------------- training
 
 
 def train_epoch(model, batches, optimizer, scheduler, device, desc="train"):
@@ -341,6 +159,69 @@ def evaluate(model, batches, device):
         correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
         seen += len(labels)
     return correct / seen
+
+
+def train(args):
+    """Train; return the checkpoint with the best validation accuracy.
+
+    The run's best checkpoint and history go to `partial_path(args.checkpoint)` and its history
+    beside it; `main` moves them onto args.checkpoint only once the run has completed.
+    """
+    device = cli.resolve_device(args.device)
+    cli.check_writable(args.checkpoint)
+    generator = set_seed(args.seed)
+    model = LeNet5(args.activation, args.levels)
+    if args.init_from:
+        init_from(model, args.init_from, percentile_key(args.percentile))
+    model = model.to(device)
+    images, labels = load_mnist(args.data_dir, train=True)
+    test = Batches(*load_mnist(args.data_dir, train=False), batch_size=1000)
+    train_index, val_index = split_train_val(len(labels), args.val_size, args.seed,
+                                             args.limit_train)
+    if (args.calibration_images or 0) > len(train_index):
+        raise UserError(f"--calibration-images {args.calibration_images}: there are only "
+                        f"{len(train_index)} training images")
+    train_batches = Batches(images[train_index], labels[train_index], args.batch_size,
+                            shuffle=True, max_shift=args.max_shift, generator=generator)
+    val = Batches(images[val_index], labels[val_index], batch_size=1000)
+    calibration = calibration_set(images, labels, train_index, args.calibration_images)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train_batches))
+    print(f"training on {len(train_index)} images, validating on {len(val_index)}, device {device}")
+    best, history = None, []
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        loss, train_acc = train_epoch(model, train_batches, optimizer, scheduler, device,
+                                      desc=f"epoch {epoch}/{args.epochs}")
+        val_acc, test_acc = evaluate(model, val, device), evaluate(model, test, device)
+        improved = best is None or val_acc > best["val_accuracy"]
+        if improved:
+            best = make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc)
+            save_checkpoint(best, partial_path(args.checkpoint))
+        seconds = time.perf_counter() - start
+        history.append({"epoch": epoch, "train_loss": loss, "train_accuracy": train_acc,
+                        "val_accuracy": val_acc, "test_accuracy": test_acc,
+                        "seconds": round(seconds, 2), "saved": improved})
+        cli.write_json(history_path(partial_path(args.checkpoint)), history)
+        print(f"epoch {epoch:2d}  loss {loss:.4f}  train {train_acc:.2%}  val {val_acc:.2%}  "
+              f"test {test_acc:.2%}  {seconds:5.1f}s{'  saved' if improved else ''}")
+    return best
+
+
+def init_from(model, path, key):
+    """Load a checkpoint's weights into `model`; a QCFS layer new there gets lambda = percentile."""
+    checkpoint = load_checkpoint(path)
+    source = model_from_checkpoint(checkpoint, path)
+    missing, _ = model.load_state_dict(source.state_dict(), strict=False)
+    for name in {k.rsplit(".", 1)[0] for k in missing}:  # thresholds of a ReLU checkpoint
+        try:
+            value = float(checkpoint["percentiles"][name][key])
+        except (KeyError, TypeError):
+            raise UserError(f"{path} has no {key}th percentile of {name} to start its QCFS "
+                            "threshold from") from None
+        getattr(model, name).threshold.data.fill_(value)
 
 
 # ----------------------------------------------------------------------------- the hook
@@ -434,14 +315,6 @@ def remeasure_percentiles(checkpoint, model, data_dir, device):
 # ----------------------------------------------------------------------------- checkpoint
 
 
-def first_line(error):
-    """An exception's first sentence without terminal colour codes, for a one-line message."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
-    if not text:
-        return type(error).__name__
-    return re.split(r"\.\s", text.splitlines()[0])[0].rstrip(" .,:")
-
-
 def save_checkpoint(checkpoint, path):
     """Write atomically: Ctrl-C at any moment leaves the previous file intact."""
     with atomic_path(path) as tmp:
@@ -512,135 +385,29 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     return model.eval()
 
 
-# ----------------------------------------------------------------------------- command line
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Help texts end with the default, except where there is none to state (None, a flag)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument gives one line on stderr (exit 2) instead of the usage."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _int_at_least(text, lowest, kind):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
-    if value < lowest:
-        raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
-    return value
-
-
-def positive_int(text):
-    return _int_at_least(text, 1, "a positive integer")
-
-
-def non_negative_int(text):
-    return _int_at_least(text, 0, "an integer >= 0")
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def percentile_arg(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentile, got {text!r}") from None
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
-    return value
-
-
-def fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def parse_args(argv=None):
-    parser = ArgumentParser(
-        description="Train LeNet5-BN on MNIST; save the best checkpoint (chosen on a validation "
-                    "split) with activation percentiles for ANN->SNN conversion.")
-    parser.add_argument("--epochs", type=positive_int, default=None,
-                        help=f"training epochs (default: {TRAINING['epochs']}; "
-                             f"{FINE_TUNING['epochs']} when fine-tuning with --init-from)")
-    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
-                        help="training batch size")
-    parser.add_argument("--lr", type=positive_float, default=None,
-                        help="peak learning rate of the one-cycle schedule, SGD with Nesterov "
-                             f"momentum 0.9 (default: {TRAINING['lr']}; {FINE_TUNING['lr']} "
-                             "when fine-tuning)")
-    parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
-                        help="L2 weight decay")
-    parser.add_argument("--max-shift", type=int, default=MAX_SHIFT, choices=range(0, 5),
-                        metavar="{0..4}",
-                        help="augmentation: random shift of each training image, in pixels")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed for everything")
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"),
-                        help="folder holding MNIST/raw (the shipped .gz files)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="where the best checkpoint goes, history JSON beside it (default: "
-                             "checkpoints/lenet5_best.pt, or lenet5_qcfs_best.pt for QCFS)")
-    parser.add_argument("--activation", choices=ACTIVATIONS, default="relu",
-                        help="relu, or qcfs: conversion-aware training with a trained "
-                             "quantised clip per layer (an SNN that needs only a few steps)")
-    parser.add_argument("--levels", type=positive_int, default=LEVELS,
-                        help="QCFS quantisation levels L (the SNN matches the ANN in "
-                             "expectation after L steps)")
-    parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
-                        help="start from this checkpoint's weights (fine-tuning); for QCFS each "
-                             "layer's lambda starts at its --percentile activation there")
-    parser.add_argument("--percentile", type=percentile_arg, default=PERCENTILE,
-                        help="the activation percentile the conversion uses by default "
-                             f"(recorded always: {', '.join(map(percentile_key, PERCENTILES))})")
-    parser.add_argument("--val-size", type=positive_int, default=VAL_SIZE,
-                        help="validation images carved from the 60,000 training images")
-    parser.add_argument("--calibration-images", type=positive_int, default=None, metavar="N",
-                        help="training images the activation percentiles are measured on "
-                             f"(BrainCog's batch_num times its batch size; default: "
-                             f"{CALIBRATION_IMAGES}, or all if there are fewer)")
-    parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
-                        help="train on the first N training images only (quick runs, tests)")
-    args = parser.parse_args(argv)
-    if args.val_size >= 60000:
-        parser.error(f"argument --val-size: must be below 60000, got {args.val_size}")
-    for key, value in (FINE_TUNING if args.init_from else TRAINING).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.checkpoint is None:
-        name = "lenet5_best.pt" if args.activation == "relu" else "lenet5_qcfs_best.pt"
-        args.checkpoint = Path("checkpoints") / name
-    if args.init_from and args.init_from.resolve() == args.checkpoint.resolve():
-        parser.error(f"--init-from and --checkpoint are the same file ({args.checkpoint}): "
-                     "training would overwrite its own starting point; choose another "
-                     "--checkpoint")
-    return args
+def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
+    """A self-describing checkpoint of `model` with its activation percentiles."""
+    percentiles = sorted(set(PERCENTILES) | {args.percentile})
+    per_layer, per_channel = percentile_activations(model, calibration, device, percentiles,
+                                                    args.seed)
+    return {
+        "arch": ARCH,
+        "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "percentiles": per_layer,
+        "channel_percentiles": per_channel,
+        "calibration_images": len(calibration.labels),
+        "percentile": percentile_key(args.percentile),
+        "activation": args.activation,
+        "levels": args.levels,
+        "thresholds": thresholds(model),
+        "epoch": epoch,
+        "val_accuracy": val_acc,
+        "test_accuracy": test_acc,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "seed": args.seed,
+        "torch_version": str(torch.__version__),
+        "torchvision_version": str(torchvision.__version__),
+    }
 
 
 def history_path(checkpoint_path):
@@ -672,105 +439,76 @@ def promote(partial, target):
     return kept
 
 
-def train(args):
-    """Train; return the checkpoint with the best validation accuracy.
+# ----------------------------------------------------------------------------- command line
 
-    The run's best checkpoint and history go to `partial_path(args.checkpoint)` and its history
-    beside it; `main` moves them onto args.checkpoint only once the run has completed.
+
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(
+        description="Train LeNet5-BN on MNIST; save the best checkpoint (chosen on a validation "
+                    "split) with activation percentiles for ANN->SNN conversion.")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help=f"training epochs (default: {TRAINING['epochs']}; "
+                             f"{FINE_TUNING['epochs']} when fine-tuning with --init-from)")
+    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                        help="training batch size")
+    parser.add_argument("--lr", type=cli.positive_float, default=None,
+                        help="peak learning rate of the one-cycle schedule, SGD with Nesterov "
+                             f"momentum 0.9 (default: {TRAINING['lr']}; {FINE_TUNING['lr']} "
+                             "when fine-tuning)")
+    parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
+                        help="L2 weight decay")
+    parser.add_argument("--max-shift", type=int, default=MAX_SHIFT, choices=range(0, 5),
+                        metavar="{0..4}",
+                        help="augmentation: random shift of each training image, in pixels")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed for everything")
+    cli.add_device_and_data(parser)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="where the best checkpoint goes, history JSON beside it (default: "
+                             "checkpoints/lenet5_best.pt, or lenet5_qcfs_best.pt for QCFS)")
+    parser.add_argument("--activation", choices=ACTIVATIONS, default="relu",
+                        help="relu, or qcfs: conversion-aware training with a trained "
+                             "quantised clip per layer (an SNN that needs only a few steps)")
+    parser.add_argument("--levels", type=positive_int, default=LEVELS,
+                        help="QCFS quantisation levels L (the SNN matches the ANN in "
+                             "expectation after L steps)")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                        help="start from this checkpoint's weights (fine-tuning); for QCFS each "
+                             "layer's lambda starts at its --percentile activation there")
+    parser.add_argument("--percentile", type=cli.percentile_arg, default=PERCENTILE,
+                        help="the activation percentile the conversion uses by default "
+                             f"(recorded always: {', '.join(map(percentile_key, PERCENTILES))})")
+    parser.add_argument("--val-size", type=positive_int, default=VAL_SIZE,
+                        help="validation images carved from the 60,000 training images")
+    parser.add_argument("--calibration-images", type=positive_int, default=None, metavar="N",
+                        help="training images the activation percentiles are measured on "
+                             f"(BrainCog's batch_num times its batch size; default: "
+                             f"{CALIBRATION_IMAGES}, or all if there are fewer)")
+    parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
+                        help="train on the first N training images only (quick runs, tests)")
+    args = parser.parse_args(argv)
+    if args.val_size >= TRAIN_IMAGES:
+        parser.error(f"argument --val-size: must be below {TRAIN_IMAGES}, got {args.val_size}")
+    for key, value in (FINE_TUNING if args.init_from else TRAINING).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.checkpoint is None:
+        name = "lenet5_best.pt" if args.activation == "relu" else "lenet5_qcfs_best.pt"
+        args.checkpoint = Path("checkpoints") / name
+    if args.init_from and args.init_from.resolve() == args.checkpoint.resolve():
+        parser.error(f"--init-from and --checkpoint are the same file ({args.checkpoint}): "
+                     "training would overwrite its own starting point; choose another "
+                     "--checkpoint")
+    return args
+
+
+def run(args):
+    """Train with `args`; once the run completes, move its best checkpoint onto args.checkpoint.
+
+    Returns the best checkpoint. A UserError or an interruption leaves args.checkpoint as it was.
     """
-    device = resolve_device(args.device)
-    check_writable_dir(args.checkpoint.parent)
-    generator = set_seed(args.seed)
-    model = LeNet5(args.activation, args.levels)
-    if args.init_from:
-        init_from(model, args.init_from, percentile_key(args.percentile))
-    model = model.to(device)
-    images, labels = load_mnist(args.data_dir, train=True)
-    test = Batches(*load_mnist(args.data_dir, train=False), batch_size=1000)
-    train_index, val_index = split_train_val(len(labels), args.val_size, args.seed,
-                                             args.limit_train)
-    if (args.calibration_images or 0) > len(train_index):
-        raise UserError(f"--calibration-images {args.calibration_images}: there are only "
-                        f"{len(train_index)} training images")
-    train_batches = Batches(images[train_index], labels[train_index], args.batch_size,
-                            shuffle=True, max_shift=args.max_shift, generator=generator)
-    val = Batches(images[val_index], labels[val_index], batch_size=1000)
-    calibration = calibration_set(images, labels, train_index, args.calibration_images)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train_batches))
-    print(f"training on {len(train_index)} images, validating on {len(val_index)}, device {device}")
-    best, history = None, []
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        loss, train_acc = train_epoch(model, train_batches, optimizer, scheduler, device,
-                                      desc=f"epoch {epoch}/{args.epochs}")
-        val_acc, test_acc = evaluate(model, val, device), evaluate(model, test, device)
-        improved = best is None or val_acc > best["val_accuracy"]
-        if improved:
-            best = make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc)
-            save_checkpoint(best, partial_path(args.checkpoint))
-        seconds = time.perf_counter() - start
-        history.append({"epoch": epoch, "train_loss": loss, "train_accuracy": train_acc,
-                        "val_accuracy": val_acc, "test_accuracy": test_acc,
-                        "seconds": round(seconds, 2), "saved": improved})
-        write_json(history_path(partial_path(args.checkpoint)), history)
-        print(f"epoch {epoch:2d}  loss {loss:.4f}  train {train_acc:.2%}  val {val_acc:.2%}  "
-              f"test {test_acc:.2%}  {seconds:5.1f}s{'  saved' if improved else ''}")
-    return best
-
-
-def init_from(model, path, key):
-    """Load a checkpoint's weights into `model`; a QCFS layer new there gets lambda = percentile."""
-    checkpoint = load_checkpoint(path)
-    source = model_from_checkpoint(checkpoint, path)
-    missing, _ = model.load_state_dict(source.state_dict(), strict=False)
-    for name in {k.rsplit(".", 1)[0] for k in missing}:  # thresholds of a ReLU checkpoint
-        try:
-            value = float(checkpoint["percentiles"][name][key])
-        except (KeyError, TypeError):
-            raise UserError(f"{path} has no {key}th percentile of {name} to start its QCFS "
-                            "threshold from") from None
-        getattr(model, name).threshold.data.fill_(value)
-
-
-def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
-    """A self-describing checkpoint of `model` with its activation percentiles."""
-    percentiles = sorted(set(PERCENTILES) | {args.percentile})
-    per_layer, per_channel = percentile_activations(model, calibration, device, percentiles,
-                                                    args.seed)
-    return {
-        "arch": ARCH,
-        "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "percentiles": per_layer,
-        "channel_percentiles": per_channel,
-        "calibration_images": len(calibration.labels),
-        "percentile": percentile_key(args.percentile),
-        "activation": args.activation,
-        "levels": args.levels,
-        "thresholds": thresholds(model),
-        "epoch": epoch,
-        "val_accuracy": val_acc,
-        "test_accuracy": test_acc,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "seed": args.seed,
-        "torch_version": str(torch.__version__),
-        "torchvision_version": str(torchvision.__version__),
-    }
-
-
-def main(argv=None):
-    args = parse_args(argv)
     start = time.perf_counter()
+    best = train(args)
     partial = partial_path(args.checkpoint)
-    try:
-        best = train(args)
-    except UserError as e:
-        sys.exit(f"lenet5.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(f"lenet5.py: interrupted; {args.checkpoint} is untouched"
-                 + (f"; this run's best so far is in {partial}" if partial.exists() else ""))
     kept = promote(partial, args.checkpoint)
     promote(history_path(partial), history_path(args.checkpoint))
     print(f"best epoch {best['epoch']}: val {best['val_accuracy']:.2%}, "
@@ -778,6 +516,16 @@ def main(argv=None):
           f"({time.perf_counter() - start:.0f}s in all)"
           + (f"; the checkpoint it replaced is kept as {kept}" if kept else ""))
     return best
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    partial = partial_path(args.checkpoint)
+
+    def kept():
+        return f"{args.checkpoint} is untouched" + (
+            f"; this run's best so far is in {partial}" if partial.exists() else "")
+    return cli.run("lenet5.py", lambda: run(args), kept)
 
 
 if __name__ == "__main__":

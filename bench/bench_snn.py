@@ -19,34 +19,28 @@ Example:
 Writes bench/results/bench_snn.json (--out).
 """
 
-import functools
-import multiprocessing
-import os
-import platform
-import resource
-import statistics
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/bench_snn.py
+import cli  # noqa: E402  (first: see its docstring)
 
+# isort: split
+import functools  # noqa: E402
+import multiprocessing  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 from layerwise import simulate_layerwise  # noqa: E402
 
-from lenet5 import (  # noqa: E402
-    ArgumentParser,
-    Batches,
-    UserError,
-    evaluate,
-    load_mnist,
-    positive_int,
-    resolve_device,
-    write_json,
-)
+from cli import positive_int, write_json  # noqa: E402
+from lenet5 import evaluate  # noqa: E402
 from lenet_convert import (  # noqa: E402
     BATCH_SIZE,
     CHECKPOINT,
@@ -59,6 +53,7 @@ from lenet_convert import (  # noqa: E402
     scaling_percentile,
     simulate,
 )
+from mnist import Batches, load_mnist  # noqa: E402
 
 SIMULATORS = {"step": simulate, "layerwise": simulate_layerwise}
 
@@ -114,7 +109,7 @@ def fastest_ann(ann):
 
 def load(args):
     """(device, the ANN, the SNN lenet_convert.py simulates by default, the test batches)."""
-    device = resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     checkpoint, ann = load_ann(args.checkpoint, device)
     snn = build_snn(checkpoint, ann, Settings(scaling_percentile(checkpoint))).to(device)
     images, labels = load_mnist(args.data_dir, train=False)
@@ -205,7 +200,7 @@ def print_summary(result):
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
                         help="the network to convert (with lenet_convert.py's default settings)")
     parser.add_argument("--timesteps", type=positive_int, nargs="+", default=[8, 32, 64, 128, 256],
@@ -218,8 +213,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
                         help="torch threads, for every figure alike")
     parser.add_argument("--limit", type=positive_int, default=None, help="first N test images")
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder holding MNIST/")
+    cli.add_device_and_data(parser)
     parser.add_argument("--out", type=Path, default=Path("bench/results/bench_snn.json"),
                         help="where the JSON goes")
     return parser.parse_args(argv)
@@ -227,15 +221,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def body():
+        cli.check_writable(args.out)
         result = run_benchmark(args)
-    except UserError as e:
-        sys.exit(f"bench_snn.py: error: {e}")
-    write_json(args.out, result)
-    print_summary(result)
-    print(f"wrote {args.out}")
-    return result
+        write_json(args.out, result)
+        print_summary(result)
+        print(f"wrote {args.out}")
+        return result
+    return cli.run("bench_snn.py", body, f"{args.out} is untouched")
 
 
 if __name__ == "__main__":

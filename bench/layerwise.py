@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from bench/
 
-from lenet_convert import READOUT_NODE, SMaxPool, SpikeNode, clean_mem_spike, max_pool  # noqa: E402
+from lenet_convert import SMaxPool, SpikeNode, clean_mem_spike, max_pool, readout_node  # noqa: E402
 
 
 def simulate_layerwise(snn, images, timesteps, chunk_elements=2**23):
@@ -26,7 +26,7 @@ def simulate_layerwise(snn, images, timesteps, chunk_elements=2**23):
     potential is there for `predict`.
     """
     clean_mem_spike(snn)
-    readout = getattr(snn, READOUT_NODE, None)
+    readout = readout_node(snn)
     layers = list(snn)[:-1] if readout else list(snn)
     chunk = max(1, chunk_elements // (_widest(layers, images[:1]) * timesteps))
     clean_mem_spike(snn)  # forget the state of that one-image pass

@@ -24,38 +24,31 @@ Writes (into --out-dir, default results/seeds/):
     seeds.png      accuracy per step (mean, +-1 std, min-max) and the paired differences
 """
 
-import hashlib
-import json
-import statistics
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/seeds.py
+import cli  # noqa: E402  (first: see its docstring)
 
+# isort: split
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import early_exit  # noqa: E402
 import lenet5  # noqa: E402
 import lenet_convert  # noqa: E402
-from lenet5 import (  # noqa: E402
-    UserError,
-    load_checkpoint,
-    positive_int,
-    resolve_device,
-    write_csv,
-    write_json,
-)
+from cli import positive_int, write_csv, write_json  # noqa: E402
+from compare import BRAINCOG, GIVEN, Planned, compare_settings, run_all  # noqa: E402
+from efficiency import at_ann_level  # noqa: E402
 from lenet_convert import (  # noqa: E402
     AT_ANN_LEVEL,
-    BRAINCOG,
-    GIVEN,
-    Planned,
     Settings,
-    at_ann_level,
-    compare_settings,
     load_ann,
-    plt,
-    run_all,
     save_figure,
     scaling_percentile,
     step_axis,
@@ -68,9 +61,6 @@ OUT_DIR = Path("results/seeds")
 
 RELU, RELU_BRAINCOG, QCFS = "relu", "relu_braincog_reference", "qcfs"  # the networks summarised
 NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that may differ on reuse
-EARLY_EXIT_KEYS = ("threshold", "deadline", "validation_accuracy", "validation_ann_accuracy",
-                   "test_accuracy", "mean_steps", "fixed_timesteps", "fixed_accuracy", "seconds",
-                   "fixed_seconds", "synops_per_image", "energy_pj_per_image")
 
 
 # ----------------------------------------------------------------------------- training
@@ -98,7 +88,7 @@ def reusable(path, argv):
     if not path.is_file():
         return False
     wanted = vars(lenet5.parse_args(argv))
-    made = load_checkpoint(path).get("args", {})
+    made = lenet5.load_checkpoint(path).get("args", {})
     return all(str(made[k]) == str(v) if k in made else not v  # a newer option, left off
                for k, v in wanted.items() if k not in NOT_COMPARED)
 
@@ -109,10 +99,7 @@ def ensure_trained(argv, retrain):
     if not retrain and reusable(path, argv):
         print(f"reusing {path} (made with the same arguments)")
         return False
-    try:
-        lenet5.main(argv)
-    except SystemExit as e:  # lenet5.main reports its errors as SystemExit with a message
-        raise UserError(str(e.code).removeprefix("lenet5.py: error: ")) from None
+    lenet5.run(lenet5.parse_args(argv))
     return True
 
 
@@ -163,7 +150,8 @@ def run_seed(seed, args, device):
         done[name] |= {"energy_pj_at_ann_level": (at_ann_level(result) or (None,) * 3)[2],
                        "run": inputs[name]}
         if "early_exit" in result:
-            done[name]["early_exit"] = {key: result["early_exit"][key] for key in EARLY_EXIT_KEYS}
+            done[name]["early_exit"] = {key: result["early_exit"][key]
+                                        for key in early_exit.SUMMARY_KEYS}
     return {name: done[name] for name in plan}
 
 
@@ -230,18 +218,18 @@ def summarise(seeds, per_seed, timesteps):
         mean, std, low, high = _stats(diffs)
         paired[knob] = {"against": base, "per_seed": diffs, "mean": mean, "std": std,
                         "min": low, "max": high}
-    early_exit = {}
+    exits = {}
     for knob, result in per_seed[seeds[0]].items():
         if "early_exit" in result:
             records = [per_seed[s][knob]["early_exit"] for s in seeds]
-            rows = {key: [r[key] for r in records] for key in EARLY_EXIT_KEYS} | {
+            rows = {key: [r[key] for r in records] for key in early_exit.SUMMARY_KEYS} | {
                 "time_ratio": [r["seconds"] / r["fixed_seconds"] for r in records]}
-            early_exit[knob] = {key: {"per_seed": values} | dict(zip(
+            exits[knob] = {key: {"per_seed": values} | dict(zip(
                 ("mean", "std", "min", "max"), (v[0] for v in _stats([[x] for x in values])),
                 strict=True)) for key, values in rows.items()}
     test_images = per_seed[seeds[0]][GIVEN]["test_images"]
     return {"seeds": list(seeds), "timesteps": timesteps, "test_images": test_images,
-            "runs": runs, "summary": summary, "paired": paired, "early_exit": early_exit,
+            "runs": runs, "summary": summary, "paired": paired, "early_exit": exits,
             "std": "sample standard deviation over the seeds (n - 1)"}
 
 
@@ -315,8 +303,9 @@ def plot_study(study, path):
 
 
 def parse_args(argv=None):
-    parser = lenet5.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="the seeds")
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=cli.seed_int, nargs="+", default=list(SEEDS),
+                        help="the seeds")
     parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR,
                         help="where each seed's checkpoints are kept and looked for")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where the results go")
@@ -332,8 +321,7 @@ def parse_args(argv=None):
                         help="test images simulated at once")
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder holding MNIST/")
+    cli.add_device_and_data(parser)
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"argument --seeds: each seed once, got {args.seeds}")
@@ -343,26 +331,27 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     per_seed = {}
-    try:
-        device = resolve_device(args.device)
+
+    def body():
+        device = cli.resolve_device(args.device)
         for directory in (args.out_dir, args.checkpoint_dir):
-            lenet5.check_writable_dir(directory)
+            cli.check_writable(directory, folder=True)
         for seed in tqdm(args.seeds, desc="seeds", unit="seed", disable=None):
             per_seed[seed] = run_seed(seed, args, device)
             write_json(args.out_dir / f"seed{seed}.json", per_seed[seed])
-    except UserError as e:
-        sys.exit(f"seeds.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(f"seeds.py: interrupted; finished seeds {sorted(per_seed) or 'none'} are in "
-                 f"{args.out_dir} (seed<S>.json) and {args.checkpoint_dir}; a re-run reuses them")
-    study = summarise(args.seeds, per_seed, args.timesteps) | {
-        "threads": torch.get_num_threads()}
-    write_json(args.out_dir / "seeds.json", study)
-    write_csv(args.out_dir / "seeds.csv", table_rows(study))
-    plot_study(study, args.out_dir / "seeds.png")
-    print_summary(study)
-    print(f"wrote seeds.json, seeds.csv and seeds.png in {args.out_dir}")
-    return study
+        study = summarise(args.seeds, per_seed, args.timesteps) | {
+            "threads": torch.get_num_threads()}
+        write_json(args.out_dir / "seeds.json", study)
+        write_csv(args.out_dir / "seeds.csv", table_rows(study))
+        plot_study(study, args.out_dir / "seeds.png")
+        print_summary(study)
+        print(f"wrote seeds.json, seeds.csv and seeds.png in {args.out_dir}")
+        return study
+
+    def kept():
+        return (f"finished seeds {sorted(per_seed) or 'none'} are in {args.out_dir} "
+                f"(seed<S>.json) and {args.checkpoint_dir}; a re-run reuses them")
+    return cli.run("seeds.py", body, kept)
 
 
 def print_summary(study):

@@ -1,10 +1,7 @@
-from pathlib import Path
-
 import pytest
+from helpers import DATA
 
 import lenet5
-
-DATA = Path(__file__).resolve().parent.parent / "data"
 
 
 @pytest.fixture(scope="session")
@@ -13,4 +10,14 @@ def trained(tmp_path_factory):
     path = tmp_path_factory.mktemp("trained") / "ck.pt"
     lenet5.main(["--epochs", "3", "--limit-train", "4000", "--val-size", "1000", "--device", "cpu",
                  "--data-dir", str(DATA), "--checkpoint", str(path)])
+    return path
+
+
+@pytest.fixture(scope="session")
+def qcfs(trained, tmp_path_factory):
+    """A QCFS LeNet5 (L = 2) fine-tuned briefly from `trained` by lenet5.py's command line."""
+    path = tmp_path_factory.mktemp("qcfs") / "qcfs.pt"
+    lenet5.main(["--activation", "qcfs", "--levels", "2", "--init-from", str(trained),
+                 "--epochs", "1", "--limit-train", "2000", "--val-size", "1000", "--lr", "0.01",
+                 "--device", "cpu", "--data-dir", str(DATA), "--checkpoint", str(path)])
     return path

@@ -1,5 +1,3 @@
-import gzip
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -8,28 +6,21 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import DATA
 
 import lenet5
+from cli import UserError
 from lenet5 import (
     QCFS,
-    Batches,
     LeNet5,
-    UserError,
     load_checkpoint,
-    load_mnist,
     main,
     model_from_checkpoint,
     percentile_activations,
-    prepare_mnist,
-    random_shift,
     record_activations,
     save_checkpoint,
-    split_train_val,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "data"
-
+from mnist import Batches, load_mnist, split_train_val
 
 # ----------------------------------------------------------------------------- model
 
@@ -70,107 +61,6 @@ def test_qcfs_lenet_keeps_the_layer_names():
     assert lenet5.hooked_layers(model) == ["act1", "act3", "act5", "act6", "out"]
     assert lenet5.thresholds(model) == {"act1": 1.0, "act3": 1.0, "act5": 1.0, "act6": 1.0}
     assert model.act3.levels == 2 and lenet5.thresholds(LeNet5()) == {}
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def test_md5_constants_match_the_shipped_list():
-    listed = dict(line.split()[::-1] for line in
-                  (DATA / "MNIST/raw/MD5SUMS.extracted").read_text().splitlines() if line.strip())
-    assert listed == lenet5.MNIST_MD5
-
-
-def test_shipped_mnist_loads_padded_to_32():
-    images, labels = load_mnist(DATA, train=False)
-    assert images.shape == (10000, 32, 32) and images.dtype == torch.uint8
-    assert labels.shape == (10000,) and set(labels.tolist()) == set(range(10))
-    assert images[:, :2].sum() == 0 and images[:, :, -2:].sum() == 0  # the 2-pixel zero border
-
-
-@pytest.fixture
-def fake_mnist(tmp_path, monkeypatch):
-    """A data folder with one small fake 'MNIST' file, so extraction is tested in milliseconds."""
-    content = bytes(range(256)) * 64
-    monkeypatch.setattr(lenet5, "MNIST_MD5", {"fake-ubyte": hashlib.md5(content).hexdigest()})
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    (raw / "fake-ubyte.gz").write_bytes(gzip.compress(content))
-    return tmp_path, raw, content
-
-
-def test_prepare_mnist_extracts_and_checks(fake_mnist):
-    data_dir, raw, content = fake_mnist
-    prepare_mnist(data_dir)
-    assert (raw / "fake-ubyte").read_bytes() == content
-    assert sorted(p.name for p in raw.iterdir()) == ["fake-ubyte", "fake-ubyte.gz"]  # no temp left
-
-
-def test_prepare_mnist_repairs_a_corrupt_extracted_file(fake_mnist):
-    data_dir, raw, content = fake_mnist
-    (raw / "fake-ubyte").write_bytes(content[:-1] + b"x")
-    prepare_mnist(data_dir)
-    assert (raw / "fake-ubyte").read_bytes() == content
-
-
-def test_truncated_gz_is_named_and_leaves_nothing(fake_mnist):
-    data_dir, raw, _ = fake_mnist
-    gz = raw / "fake-ubyte.gz"
-    gz.write_bytes(gz.read_bytes()[:-20])
-    with pytest.raises(UserError, match="fake-ubyte.gz is corrupt or truncated"):
-        prepare_mnist(data_dir)
-    assert sorted(p.name for p in raw.iterdir()) == ["fake-ubyte.gz"]
-
-
-def test_altered_gz_fails_the_md5_check(fake_mnist):
-    data_dir, raw, content = fake_mnist
-    (raw / "fake-ubyte.gz").write_bytes(gzip.compress(content[::-1]))
-    with pytest.raises(UserError, match="fake-ubyte.gz does not extract.*MD5"):
-        prepare_mnist(data_dir)
-    assert not (raw / "fake-ubyte").exists()
-
-
-def test_missing_files_say_what_and_where(fake_mnist, monkeypatch):
-    data_dir, raw, _ = fake_mnist
-    (raw / "fake-ubyte.gz").unlink()
-
-    def no_network(*args, **kwargs):
-        raise RuntimeError("no internet")
-
-    monkeypatch.setattr(lenet5.torchvision.datasets, "MNIST", no_network)
-    with pytest.raises(UserError, match=r"missing from .*raw: fake-ubyte.gz"):
-        prepare_mnist(data_dir)
-
-
-def test_split_is_seeded_and_disjoint():
-    train, val = split_train_val(100, 10, seed=3)
-    assert len(train) == 90 and len(val) == 10
-    assert set(train.tolist()).isdisjoint(val.tolist())
-    assert torch.equal(val, split_train_val(100, 10, seed=3)[1])
-    assert not torch.equal(val, split_train_val(100, 10, seed=4)[1])
-
-
-def test_random_shift_moves_whole_images():
-    images = torch.zeros(50, 32, 32, dtype=torch.uint8)
-    images[:, 10:20, 12:18] = torch.randint(1, 255, (50, 10, 6), dtype=torch.uint8)
-    shifted = random_shift(images, 2, torch.Generator().manual_seed(0))
-    assert torch.equal(shifted.sum((1, 2)), images.sum((1, 2)))  # nothing falls off the edge
-    assert not torch.equal(shifted, images)
-    for original, moved in zip(images, shifted, strict=True):  # each one purely translated
-        assert any(torch.equal(torch.roll(original, (dy, dx), (0, 1)), moved)
-                   for dy in range(-2, 3) for dx in range(-2, 3))
-
-
-def test_batches_cover_every_sample_once_in_float():
-    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1).expand(10, 32, 32).contiguous()
-    labels = torch.arange(10)
-    batches = Batches(images, labels, 4, shuffle=True, generator=torch.Generator().manual_seed(0))
-    assert len(batches) == 3
-    seen = torch.cat([y for _, y in batches])
-    assert sorted(seen.tolist()) == list(range(10))
-    x, y = next(iter(Batches(images, labels, 4)))
-    assert x.shape == (4, 1, 32, 32) and x.dtype == torch.float32
-    assert torch.allclose(x[:, 0, 0, 0], y.float() / 255)
 
 
 # ----------------------------------------------------------------------------- the hook
@@ -287,11 +177,11 @@ def test_percentiles_come_from_the_first_calibration_images_of_the_split(tmp_pat
     path = _quick_run(tmp_path, "ck.pt", "--calibration-images", "100")
     ck = load_checkpoint(path)
     assert ck["calibration_images"] == 100 and ck["args"]["calibration_images"] == 100
-    images, labels = lenet5.load_mnist(DATA, train=True)
+    images, labels = load_mnist(DATA, train=True)
     train_index, _ = split_train_val(len(labels), 500, seed=1, limit_train=600)
     first = train_index[:100]
     expected = percentile_activations(model_from_checkpoint(ck),
-                                      lenet5.Batches(images[first], labels[first], 1000), "cpu",
+                                      Batches(images[first], labels[first], 1000), "cpu",
                                       sorted(float(p) for p in ck["percentiles"]["out"]), seed=1)
     assert (ck["percentiles"], ck["channel_percentiles"]) == expected
 
@@ -304,7 +194,7 @@ def test_more_calibration_images_than_training_images_is_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_interrupted_rerun_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_interrupted_rerun_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     path = _quick_run(tmp_path, "ck.pt")
     before = path.read_bytes()
     history_before = (tmp_path / "ck_history.json").read_bytes()
@@ -318,8 +208,9 @@ def test_interrupted_rerun_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(lenet5, "train_epoch", interrupted_in_epoch_2)
     with pytest.raises(SystemExit) as exit_info:
         _quick_run(tmp_path, "ck.pt", "--epochs", "3", "--seed", "5")
-    message = str(exit_info.value.code)
-    assert "\n" not in message and f"{path} is untouched" in message
+    assert exit_info.value.code == 130
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and f"lenet5.py: interrupted; {path} is untouched" in message
     assert f"this run's best so far is in {tmp_path / 'ck.partial.pt'}" in message
     assert path.read_bytes() == before  # byte for byte
     assert (tmp_path / "ck_history.json").read_bytes() == history_before
@@ -440,9 +331,3 @@ def test_bad_device_or_folder_fails_before_training(tmp_path, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(argv + ["--data-dir", str(tmp_path / "nowhere")])
     assert message in str(exit_info.value.code)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-def test_cuda_without_gpu_is_refused():
-    with pytest.raises(UserError, match="no CUDA GPU"):
-        lenet5.resolve_device("cuda")

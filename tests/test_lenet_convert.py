@@ -1,26 +1,26 @@
 import copy
-import csv
 import json
 import re
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import DATA, HIDDEN, random_lenet
 
+import efficiency
 import lenet5
 import lenet_convert
-from lenet5 import QCFS, LeNet5, UserError, percentile_activations
+from cli import UserError
+from lenet5 import QCFS, LeNet5, percentile_activations
 from lenet_convert import (
+    Settings,
     SMaxPool,
     SpikeNode,
     activation_scales,
     clean_mem_spike,
-    efficiency,
     evaluate_snn,
-    fan_out,
     first_step_within,
     fold_batchnorm,
     fuse,
@@ -32,30 +32,12 @@ from lenet_convert import (
     simulate,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "data"
-
-
-def _random_lenet(seed=0, activation="relu", levels=4):
-    torch.manual_seed(seed)
-    model = LeNet5(activation, levels)
-    for act in model.children():
-        if isinstance(act, QCFS):
-            act.threshold.data.uniform_(0.5, 2.0)
-    for bn in (model.bn1, model.bn3):
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.2, 0.2)
-        bn.running_mean.uniform_(-0.3, 0.3)
-        bn.running_var.uniform_(0.5, 2)
-    return model.eval()
-
-
 # ----------------------------------------------------------------------------- conversion steps
 
 
 def test_fuse_equals_conv_then_batchnorm():
     torch.manual_seed(0)
-    model = _random_lenet()
+    model = random_lenet()
     x = torch.randn(4, 6, 14, 14)
     with torch.no_grad():
         expected = model.bn3(model.c3(x))
@@ -64,7 +46,7 @@ def test_fuse_equals_conv_then_batchnorm():
 
 @pytest.mark.parametrize("activation", ["relu", "qcfs"])
 def test_normalised_ann_predicts_exactly_as_the_ann(activation):
-    model = _random_lenet(activation=activation)
+    model = random_lenet(activation=activation)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.rand(64, 1, 32, 32)
     scales = {name: p["99"] for name, p in percentile_activations(model, [(images, None)],
@@ -90,7 +72,7 @@ def _channel_scales(seed=0):
 
 
 def test_channel_normalised_ann_gives_the_ann_per_channel():
-    model = _random_lenet()
+    model = random_lenet()
     scales = _channel_scales()
     images = torch.rand(32, 1, 32, 32)
     with torch.no_grad():
@@ -137,10 +119,10 @@ def test_norms_choose_the_layers_scaled_per_channel():
 
 
 def test_spiking_model_replaces_activations_and_pools():
-    model = _random_lenet()
+    model = random_lenet()
     scales = {"act1": 2.0, "act3": 3.0, "act5": 4.0, "act6": 5.0, "out": 6.0}
-    snn = fuse_norm_replace(model, scales, gamma=2, v0=0.0, lateral_inhibition=False,
-                            readout="spikes")
+    snn = fuse_norm_replace(model, scales, Settings(gamma=2, v0=0.0, lateral_inhibition=False,
+                                                    readout="spikes"))
     kinds = {name: type(m).__name__ for name, m in snn.named_children()}
     assert kinds == {"c1": "Conv2d", "act1": "SpikeNode", "s2": "SMaxPool", "c3": "Conv2d",
                      "act3": "SpikeNode", "s4": "SMaxPool", "flatten": "Flatten",
@@ -184,14 +166,14 @@ def test_if_neuron_count_after_l_steps_is_the_qcfs_value(levels):
 @pytest.mark.parametrize("levels", [1, 2, 4])
 def test_qcfs_network_is_exact_after_one_step_when_gamma_is_l(levels):
     """theta = lambda / L and gamma = L: a neuron's spikes in one step are its QCFS value."""
-    ann = _random_lenet(activation="qcfs", levels=levels)
+    ann = random_lenet(activation="qcfs", levels=levels)
     for act, threshold in zip((ann.act1, ann.act3, ann.act5, ann.act6), (0.5, 1.0, 0.3, 0.1),
                               strict=True):
         act.threshold.data.fill_(threshold)  # so that every layer has units on and off
     images = torch.rand(256, 1, 32, 32)
     checkpoint = {"thresholds": lenet5.thresholds(ann), "percentiles": {"out": {"99": 1.0}}}
-    snn = fuse_norm_replace(ann, activation_scales(checkpoint, gamma=levels), gamma=levels,
-                            v0=0.5)
+    snn = fuse_norm_replace(ann, activation_scales(checkpoint, gamma=levels),
+                            Settings(gamma=levels, v0=0.5))
     with torch.no_grad():
         logits, first = ann(images), next(simulate(snn, images, 1))
         hidden = nn.Sequential(*list(ann)[:-1])(images)  # the output layer's quantised input
@@ -299,12 +281,12 @@ def test_max_pool_equals_max_pool2d(shape, k):
 
 
 def test_each_conversion_step_returns_a_new_network():
-    model = _random_lenet()
+    model = random_lenet()
     scales = {name: 2.0 for name in ("act1", "act3", "act5", "act6", "out")}
     before = copy.deepcopy(model.state_dict())
     folded = lenet_convert.fold_batchnorm(model)
     normalised = normalise(folded, scales)
-    snn = lenet_convert.replace_by_spiking(normalised, gamma=3)
+    snn = lenet_convert.replace_by_spiking(normalised, Settings(gamma=3))
     assert [n for n, _ in folded.named_children()] == [n for n, _ in model.named_children()
                                                          if not n.startswith("bn")]
     assert torch.equal(folded.c5.weight, model.c5.weight)  # normalise scaled its own copy
@@ -314,8 +296,7 @@ def test_each_conversion_step_returns_a_new_network():
 
 
 def test_clean_mem_spike_makes_runs_repeatable():
-    snn = fuse_norm_replace(_random_lenet(), {n: 1.0 for n in
-                                              ("act1", "act3", "act5", "act6", "out")})
+    snn = fuse_norm_replace(random_lenet(), {n: 1.0 for n in (*HIDDEN, "out")})
     images = torch.rand(8, 1, 32, 32)
     with torch.no_grad():
         first = torch.stack(list(simulate(snn, images, 10)))
@@ -324,44 +305,6 @@ def test_clean_mem_spike_makes_runs_repeatable():
         assert snn.act1.mem is None and snn.s2.acc is None and snn.act3.counts.sum() == 0
         second = torch.stack(list(simulate(snn, images, 10)))
     assert torch.equal(first, second)
-
-
-# ----------------------------------------------------------------------------- efficiency
-
-
-def test_fan_out_counts_every_synapse():
-    fan = fan_out(nn.Conv2d(2, 3, 3), (2, 4, 4))  # a 2x2 output of 3 channels
-    assert fan[0, 0, 0] == 3 and fan[1, 1, 1] == 3 * 4 and fan[0, 0, 1] == 3 * 2
-    assert fan.sum() == 2 * 3 * 9 * 4  # the layer's MACs
-    assert torch.equal(fan_out(nn.Linear(5, 7), (5,)), torch.full((5,), 7.0))
-    shapes = lenet_convert.input_shapes(LeNet5())
-    assert shapes == {"c1": (1, 32, 32), "c3": (6, 14, 14), "c5": (400,), "f6": (120,),
-                      "out": (84,)}
-    macs = {name: fan_out(getattr(LeNet5(), name), shape).sum().item()
-            for name, shape in shapes.items()}
-    assert macs == {"c1": 117_600, "c3": 240_000, "c5": 48_000, "f6": 10_080, "out": 840}
-
-
-def test_spike_counts_synops_and_energy_by_hand():
-    """Two neurons in, three IF neurons (currents 1, 0.5, 0; V0 = 0), two out, over 2 steps."""
-    snn = nn.Sequential(OrderedDict(
-        c1=nn.Linear(2, 3), act1=SpikeNode(gamma=1, v0=0.0), out=nn.Linear(3, 2)))
-    with torch.no_grad():
-        snn.c1.weight.copy_(torch.tensor([[1.0, 0.0], [0.5, 0.0], [0.0, 0.0]]))
-        snn.c1.bias.zero_()
-    images = torch.tensor([[1.0, 3.0]] * 4)  # a batch of four identical images
-    batches = [(images[:3], torch.zeros(3, dtype=torch.long)),
-               (images[3:], torch.zeros(1, dtype=torch.long))]
-    _, counts = evaluate_snn(snn, batches, 2, "cpu")
-    # act1: neuron 0 fires at steps 1 and 2, neuron 1 at step 2 (V = 0.5, then 1), neuron 2 never
-    assert counts["act1"].tolist() == [[4, 0, 0], [4, 4, 0]]
-    eff = efficiency(snn, counts, images=4, timesteps=2, shapes={"c1": (2,), "out": (3,)})
-    assert eff["firing_rate"] == {"act1": pytest.approx(3 / (3 * 2))}
-    assert eff["ann_macs_by_layer"] == {"c1": 6, "out": 6} and eff["first_layer_macs"] == 6
-    assert eff["synops_by_layer"] == {"out": [2.0, 6.0]}  # 1 then 2 spikes, 2 synapses each
-    assert eff["synops_per_image"] == [2.0, 6.0]
-    assert eff["snn_energy_pj"] == pytest.approx([6 * 4.6 + 2 * 0.9, 6 * 4.6 + 6 * 0.9])
-    assert eff["ann_energy_pj"] == pytest.approx(12 * 4.6)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -405,27 +348,13 @@ def test_converted_network_reaches_its_ann(trained, tmp_path):
     assert saved["snn_accuracy"] == result["snn_accuracy"] and len(saved["snn_accuracy"]) == 64
     for key in ("ann_accuracy", "timesteps", lenet_convert.AT_ANN_LEVEL, "settings", "checkpoint"):
         assert key in saved
-    assert saved["settings"] == {"percentile": "99", "gamma": 2, "v0": 0.5,
-                                 "lateral_inhibition": True, "readout": "analog",
-                                 "norm": "layer", "reset": "subtract", "spicalib": 0,
-                                 "exit_rule": "none", "exit_threshold": None,
-                                 "exit_margin": 0.001, "exit_deadline": None,
-                                 "activation": "relu", "levels": None}
+    defaults = Settings(percentile=lenet5.percentile_key(lenet5.PERCENTILE))._asdict()
+    assert saved["settings"] == defaults | {"activation": "relu", "levels": None}
     efficiency = saved["efficiency"]
     assert efficiency["ann_macs_per_image"] == 416_520 and len(efficiency["snn_energy_pj"]) == 64
     assert set(efficiency["firing_rate"]) == {"act1", "act3", "act5", "act6"}
     for name in ("snn_accuracy.png", "snn_efficiency.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-
-
-@pytest.fixture(scope="module")
-def qcfs(trained, tmp_path_factory):
-    """A QCFS LeNet5 (L = 2) fine-tuned briefly from `trained` by lenet5.py's command line."""
-    path = tmp_path_factory.mktemp("qcfs") / "qcfs.pt"
-    lenet5.main(["--activation", "qcfs", "--levels", "2", "--init-from", str(trained),
-                 "--epochs", "1", "--limit-train", "2000", "--val-size", "1000", "--lr", "0.01",
-                 "--device", "cpu", "--data-dir", str(DATA), "--checkpoint", str(path)])
-    return path
 
 
 def test_qcfs_checkpoint_converts_with_its_thresholds(qcfs, tmp_path):
@@ -434,30 +363,6 @@ def test_qcfs_checkpoint_converts_with_its_thresholds(qcfs, tmp_path):
     assert result["settings"]["percentile"] is None and result["settings"]["levels"] == 2
     assert result["settings"]["v0"] == 0.5
     assert result["snn_accuracy"][-1] >= result["ann_accuracy"] - 0.02
-
-
-def test_compare_mode_writes_its_figure_and_table(trained, qcfs, tmp_path):
-    results = lenet_convert.main(["--checkpoint", str(trained), "--compare", str(qcfs),
-                                  "--limit", "100", "--timesteps", "4", "--data-dir", str(DATA),
-                                  "--out-dir", str(tmp_path)])
-    labels = [r["label"] for r in results]
-    assert labels == ["as given", "lateral inhibition off", "V0 = 0", "γ = 1", "γ = 4",
-                      "p = 99.9", "p = 99.99", "p = 100", "read-out spikes", "norm per channel",
-                      "norm per neuron", "reset to 0", "spike calibration 2",
-                      "spike calibration 4", "early exit (margin)", "BrainCog reference",
-                      "as given", "γ = 1", "γ = 4", "early exit (margin)"]
-    reference = results[labels.index("BrainCog reference")]["settings"]
-    assert (reference["v0"], reference["gamma"], reference["percentile"],
-            reference["lateral_inhibition"]) == (0.0, 2, "99.9", False)
-    assert results[-1]["checkpoint"] == str(qcfs) and results[-1]["settings"]["levels"] == 2
-    assert results[-2]["settings"]["gamma"] == 4 and results[-1]["early_exit"]["mean_steps"] >= 1
-    rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
-    assert [r["setting"] for r in rows] == labels
-    assert [float(r["t=4"]) for r in rows] == [round(100 * r["snn_accuracy"][3], 2)
-                                               for r in results]
-    saved = json.loads((tmp_path / "compare.json").read_text())
-    assert len(saved["runs"]) == len(results) and "efficiency" in saved["runs"][0]
-    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_old_checkpoint_gets_its_per_channel_percentiles_measured(trained, tmp_path, capsys):
@@ -481,7 +386,14 @@ def test_old_checkpoint_gets_its_per_channel_percentiles_measured(trained, tmp_p
     assert torch.load(old, weights_only=True).keys() == checkpoint.keys()  # the file unchanged
 
 
-def test_channel_norm_reset_and_calibration_reach_the_json_and_the_plot(trained, tmp_path):
+def test_channel_norm_reset_and_calibration_reach_the_json_and_the_plots(trained, tmp_path,
+                                                                         monkeypatch):
+    titles = []
+
+    def save_figure(fig, path):
+        titles.append(fig.get_suptitle())
+    for module in (lenet_convert, efficiency):
+        monkeypatch.setattr(module, "save_figure", save_figure)
     result = lenet_convert.main(["--checkpoint", str(trained), "--limit", "200",
                                  "--timesteps", "8", "--norm", "channel", "--reset", "zero",
                                  "--spicalib", "4", "--data-dir", str(DATA),
@@ -489,9 +401,10 @@ def test_channel_norm_reset_and_calibration_reach_the_json_and_the_plot(trained,
     saved = json.loads((tmp_path / "snn_accuracy.json").read_text())
     assert {k: saved["settings"][k] for k in ("norm", "reset", "spicalib")} == {
         "norm": "channel", "reset": "zero", "spicalib": 4}
-    assert lenet_convert.settings_text(saved["settings"]) == (
-        "p=99 per channel, γ=2, V0=0.5θ, reset to 0, lateral inhibition on, analog read-out, "
-        "spike calibration 4")
+    text = ("p=99 per channel, γ=2, V0=0.5θ, reset to 0, lateral inhibition on, analog read-out, "
+            "spike calibration 4")
+    assert lenet_convert.settings_text(saved["settings"]) == text
+    assert len(titles) == 2 and all(title.endswith(text) for title in titles)
     assert result["snn_accuracy"][-1] > 0.5  # far above chance, though not at the ANN's level
 
 
@@ -626,166 +539,3 @@ def test_unwritable_out_dir_fails_before_simulating(trained, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit, match="cannot write to"):
         lenet_convert.main(["--checkpoint", str(trained), "--out-dir", str(tmp_path / "file/x")])
-
-
-# ----------------------------------------------------------------------------- early exit
-
-
-class _BatchSizes(nn.Module):
-    """Passes its input on and notes how many images each call carried."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def forward(self, x):
-        self.sizes.append(len(x))
-        return x
-
-
-def _two_class_snn():
-    """first (once) -> IF neuron (V0 = 0) -> spy: after t steps the class scores are
-    floor(t * a) for an input a, so the margin of the averaged output is floor(t * a) / t."""
-    return nn.Sequential(OrderedDict(first=nn.Identity(), act=SpikeNode(gamma=1, v0=0.0),
-                                     spy=_BatchSizes()))
-
-
-def test_early_exit_stops_each_image_at_its_known_step():
-    images = torch.tensor([[1.0, 0], [0.5, 0], [0.375, 0], [0.25, 0.375], [0, 1.0]])
-    labels = torch.tensor([0, 0, 0, 1, 1])
-    # margin floor(t a) / t reaches 0.5 at t = 1 for a = 1, at t = 2 for a = 0.5, never for the
-    # third and fourth images (they run to T = 6); the last is class 1 from the first step
-    snn = _two_class_snn()
-    accuracy, counts, steps, predictions = lenet_convert.evaluate_early_exit(
-        snn, [(images, labels)], 6, "cpu", "margin", 0.5)
-    assert steps.tolist() == [1, 2, 6, 6, 1]
-    assert predictions.tolist() == [0, 0, 0, 1, 1]
-    assert snn.spy.sizes == [5, 3, 2, 2, 2, 2]  # stopped images are not simulated further
-    assert counts["act"].sum(1).tolist() == [2, 1, 2, 1, 0, 2]  # their spikes are not counted
-    # with the steps capped at t, the fourth image's scores are (0, 0), (0, 0), (0, 1), (1, 1),
-    # (1, 1), (1, 2): right at t = 3 and 6 only (a tie goes to class 0)
-    assert accuracy == pytest.approx([4 / 5, 4 / 5, 1, 4 / 5, 4 / 5, 1])
-    # the one-pass recording gives the same exit steps and predictions for any threshold
-    values, recorded, _ = lenet_convert.record_settledness(_two_class_snn(), [(images, labels)],
-                                                          6, "cpu", "margin")
-    for threshold in (0.2, 0.5, 0.7, 1.0):
-        steps = lenet_convert.evaluate_early_exit(_two_class_snn(), [(images, labels)], 6, "cpu",
-                                                  "margin", threshold)[2]
-        assert torch.equal(lenet_convert.exit_steps(values, threshold), steps)
-    table = lenet_convert.exit_table(values, recorded, labels, [0.5])
-    assert lenet_convert.exit_curve(table, [0.5], 6) == [
-        {"threshold": 0.5, "accuracy": 1.0, "mean_steps": 16 / 5}]
-    # with a deadline of 3 the two slow images stop there, both right at t = 3
-    assert lenet_convert.exit_curve(table, [0.5], 3) == [
-        {"threshold": 0.5, "accuracy": 1.0, "mean_steps": 2.0}]
-    snn = _two_class_snn()
-    accuracy, _, steps, predictions = lenet_convert.evaluate_early_exit(
-        snn, [(images, labels)], 6, "cpu", "margin", 0.5, deadline=3)
-    assert steps.tolist() == [1, 2, 3, 3, 1] and predictions.tolist() == [0, 0, 0, 1, 1]
-    assert snn.spy.sizes == [5, 3, 2] and accuracy == pytest.approx([0.8, 0.8, 1, 1, 1, 1])
-
-
-def test_exit_threshold_and_deadline_are_the_fewest_steps_within_the_margin():
-    accuracy = torch.tensor([[0.95, 0.97], [0.990, 0.992]], dtype=torch.float64)
-    steps = torch.tensor([[1.0, 1.05], [1.3, 1.5]], dtype=torch.float64)  # [threshold, deadline]
-    table, thresholds = (accuracy, steps), [1.0, 2.0]
-    choose = lenet_convert.choose_exit
-    assert choose(table, thresholds, 0.9905, 0.001, [1, 2]) == (2.0, 1, True)
-    assert choose(table, thresholds, 0.9905, 0.001, [2]) == (2.0, 2, True)  # a given deadline
-    assert choose(table, thresholds, 0.9935, 0.001, [1, 2]) == (2.0, 2, False)  # none within
-
-
-def test_settledness_rules():
-    total = torch.tensor([[4.0, 2.0, 0.0], [1.0, 1.0, 1.0]])
-    assert lenet_convert.settledness(total, 2, "margin").tolist() == [1.0, 0.0]
-    confidence = lenet_convert.settledness(total, 2, "confidence")
-    assert confidence.tolist() == pytest.approx([torch.tensor([2.0, 1, 0]).softmax(0)[0].item(),
-                                                 1 / 3])
-
-
-def _early_exit_run(trained, tmp_path, *extra, shuffle_test_labels=False, monkeypatch=None):
-    if shuffle_test_labels:
-        load = lenet5.load_mnist
-
-        def shuffled(data_dir, train):
-            images, labels = load(data_dir, train)
-            return (images, labels) if train else (images, labels[torch.randperm(len(labels))])
-        monkeypatch.setattr(lenet_convert, "load_mnist", shuffled)
-    lenet_convert.main(["--checkpoint", str(trained), "--limit", "300", "--timesteps", "8",
-                        "--data-dir", str(DATA), "--out-dir", str(tmp_path), *extra])
-    return json.loads((tmp_path / "snn_early_exit.json").read_text())
-
-
-@pytest.mark.parametrize("rule, readout", [("margin", "analog"), ("confidence", "spikes")])
-def test_early_exit_writes_its_record_and_figure(trained, tmp_path, rule, readout):
-    record = _early_exit_run(trained, tmp_path, "--exit-rule", rule, "--readout", readout)
-    assert record["rule"] == rule and record["chosen_on"] == "validation"
-    assert record["settings"]["readout"] == readout and record["settings"]["exit_rule"] == rule
-    assert record["validation_images"] == 1000  # the conftest network's split
-    assert sum(record["exit_steps"]) == record["test_images"] == 300
-    assert record["mean_steps"] == pytest.approx(
-        sum(t * n for t, n in enumerate(record["exit_steps"], 1)) / 300)
-    chosen = next(c for c in record["curve"] if c["threshold"] == record["threshold"])
-    assert chosen["accuracy"] == record["validation_accuracy"]
-    on_test = next(c for c in record["test_curve"] if c["threshold"] == record["threshold"])
-    assert on_test["accuracy"] == pytest.approx(record["test_accuracy"])  # recording = real run
-    assert on_test["mean_steps"] == pytest.approx(record["mean_steps"])
-    assert record["accuracy_with_steps_capped"][-1] == record["test_accuracy"]
-    assert record["synops_per_image"] == record["synops_with_steps_capped"][-1]
-    assert record["seconds"] > 0 and record["fixed_seconds"] > 0 and "median" in record["timing"]
-    assert record["fixed_accuracy_per_step"][record["fixed_timesteps"] - 1] >= (
-        record["test_accuracy"]) or record["fixed_timesteps"] == 8
-    assert len(record["hardest"]) == 16
-    order = [(-h["exit_step"], h[rule]) for h in record["hardest"]]
-    assert order == sorted(order)  # the longest runs, the least settled first
-    assert max(h["exit_step"] for h in record["hardest"]) == max(
-        t for t, n in enumerate(record["exit_steps"], 1) if n)
-    assert (tmp_path / "snn_early_exit.png").read_bytes()[:4] == b"\x89PNG"
-    fixed = json.loads((tmp_path / "snn_accuracy.json").read_text())
-    assert fixed["settings"]["exit_rule"] == "none"  # the usual files stay the fixed-T run
-
-
-def test_exit_threshold_search_never_reads_test_labels(trained, tmp_path, monkeypatch):
-    first = _early_exit_run(trained, tmp_path / "a", "--exit-rule", "margin")
-    shuffled = _early_exit_run(trained, tmp_path / "b", "--exit-rule", "margin",
-                               shuffle_test_labels=True, monkeypatch=monkeypatch)
-    assert shuffled["threshold"] == first["threshold"] and shuffled["curve"] == first["curve"]
-    assert shuffled["exit_steps"] == first["exit_steps"]
-    assert shuffled["test_accuracy"] != first["test_accuracy"]  # the test labels did change
-
-
-def test_given_exit_threshold_skips_the_search(trained, tmp_path):
-    record = _early_exit_run(trained, tmp_path, "--exit-rule", "confidence",
-                             "--exit-threshold", "0.9")
-    assert record["chosen_on"] == "given" and record["threshold"] == 0.9 and "curve" not in record
-    assert record["deadline"] == 8  # --timesteps, unless --exit-deadline
-
-
-def test_early_exit_without_a_validation_split_fails_before_simulating(trained, tmp_path, capsys):
-    checkpoint = torch.load(trained, weights_only=True)
-    del checkpoint["args"]["val_size"]
-    path = tmp_path / "no_split.pt"
-    torch.save(checkpoint, path)
-    with pytest.raises(SystemExit) as exit_info:
-        lenet_convert.main(["--checkpoint", str(path), "--exit-rule", "margin",
-                            "--data-dir", str(DATA), "--out-dir", str(tmp_path / "out")])
-    assert "records no validation split" in str(exit_info.value.code)
-    assert "simulating" not in capsys.readouterr().out
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
-
-
-def test_early_exit_merges_the_slow_images_of_all_batches():
-    images = torch.tensor([[1.0, 0], [0, 1.0], [0.375, 0], [0.25, 0.375], [1.0, 0]])
-    labels = torch.tensor([0, 1, 0, 1, 0])
-    batches = [(images, labels), (images.flip(0), labels.flip(0)), (images, labels)]
-    alone, merged = _two_class_snn(), _two_class_snn()
-    apart = lenet_convert.evaluate_early_exit(alone, batches, 6, "cpu", "margin", 0.5, park=0)
-    together = lenet_convert.evaluate_early_exit(merged, batches, 6, "cpu", "margin", 0.5,
-                                                 park=1)
-    assert alone.spy.sizes == [5, 2, 2, 2, 2, 2] * 3
-    # parked after their first step, two images from each batch: the first two batches' go on
-    # as one group of 4, the third's (6 would be more than a batch of 5) after them
-    assert merged.spy.sizes == [5, 5, 5] + [4] * 5 + [2] * 5
-    assert apart[0] == together[0] and apart[1]["act"].equal(together[1]["act"])
-    assert torch.equal(apart[2], together[2]) and torch.equal(apart[3], together[3])
-    assert together[2].tolist() == [1, 1, 6, 6, 1] + [1, 6, 6, 1, 1] + [1, 1, 6, 6, 1]

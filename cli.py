@@ -1,0 +1,230 @@
+"""What every command of the project shares: one-line errors and exits, argparse types, the
+device, and atomic writes (a file is either complete or the one that was there before).
+
+It imports only the standard library, so the entry scripts import it first: a Ctrl-C or SIGTERM
+while torch is still loading then ends in one line too, not in a traceback.
+"""
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+
+SEED_RANGE = (0, 2**32 - 1)  # numpy's: every seed the project takes must be valid for it
+
+
+class UserError(Exception):
+    """A problem the user can fix (a bad file, a bad value): the command says it in one line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C, so that the same clean-up runs."""
+
+
+def exit_code(interrupt):
+    """128 + the signal's number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM."""
+    return 143 if isinstance(interrupt, Terminated) else 130
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _one_line_interrupts(kind, value, traceback):
+    """sys.excepthook: an interrupt that no command caught (while loading) is one line."""
+    if not issubclass(kind, KeyboardInterrupt):
+        return sys.__excepthook__(kind, value, traceback)
+    print(f"{Path(sys.argv[0]).name}: {'terminated' if kind is Terminated else 'interrupted'} "
+          "while starting; nothing was written", file=sys.stderr, flush=True)
+    os._exit(exit_code(value))
+
+
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    sys.excepthook = _one_line_interrupts
+
+
+def run(prog, body, kept="nothing was written"):
+    """Run a command's `body()` and return what it returns; end its errors in one line.
+
+    A UserError exits with status 1 and "prog: error: ...". Ctrl-C (130) and SIGTERM (143) say
+    what was kept: `kept`, a text or a function that gives it at that moment.
+    """
+    try:
+        return body()
+    except UserError as e:
+        sys.exit(f"{prog}: error: {e}")
+    except KeyboardInterrupt as e:
+        what = kept() if callable(kept) else kept
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"{prog}: {stopped}; {what}", file=sys.stderr, flush=True)
+        sys.exit(exit_code(e))
+
+
+def first_line(error):
+    """An exception's first sentence without terminal colour codes, for a one-line message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    if not text:
+        return type(error).__name__
+    return re.split(r"\.\s", text.splitlines()[0])[0].rstrip(" .,:")
+
+
+def resolve_device(name):
+    """'auto' -> the GPU when there is one, else the CPU; otherwise check that `name` is usable."""
+    import torch  # here, not at the top: see the module's docstring
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    So an interrupted write never leaves a half-written file, and the previous one stays intact.
+    The folder is made here, when there is something to write into it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path, rows):
+    """Write a list of dicts with the same keys as a CSV table, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def check_writable(path, folder=False):
+    """Make sure `path` (a file, or a folder if `folder`) can be written, before long work.
+
+    Nothing is created: the nearest folder that exists must be writable, and nothing on the way
+    may be a file (or, for a file, the path itself a folder).
+    """
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name")
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a folder")
+    parent = path if folder else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write to {path}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {path}: {parent} is not writable")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help texts end with the default, except where there is none to state (None, a flag); the
+    description (a script's docstring) keeps its lines."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument gives one line on stderr (exit 2) instead of the usage."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_device_and_data(parser):
+    """The two options every command has: --device and --data-dir."""
+    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="folder holding MNIST/raw (the shipped .gz files)")
+
+
+def _number(text, convert, kind):
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+
+
+def int_in(lowest, highest=None, kind="an integer"):
+    """An argparse type: an integer in [lowest, highest]."""
+    def parse(text):
+        value = _number(text, int, kind)
+        if value < lowest or highest is not None and value > highest:
+            raise argparse.ArgumentTypeError(
+                f"must be at least {lowest}, got {value}" if highest is None
+                else f"must be in [{lowest}, {highest}], got {value}")
+        return value
+    return parse
+
+
+positive_int = int_in(1, kind="a positive integer")
+non_negative_int = int_in(0, kind="an integer >= 0")
+seed_int = int_in(*SEED_RANGE, kind="a seed")
+
+
+def positive_float(text):
+    value = _number(text, float, "a positive number")
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = _number(text, float, "a number >= 0")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def percentile_arg(text):
+    value = _number(text, float, "a percentile")
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
+    return value
+
+
+def fraction(text):
+    value = _number(text, float, "a number in [0, 1)")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value

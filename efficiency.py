@@ -1,0 +1,168 @@
+"""Spike counts into firing rates, synaptic operations and an energy estimate, and their figure.
+
+A spike of unit j entering a weighted layer costs one accumulate per synapse leaving j, its exact
+fan-out; the first layer takes the analog image, so it costs multiply-accumulates (MACs), once,
+since the image is constant. Energy is a 45 nm estimate (docs/method.md §7).
+"""
+
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+import torch
+import torch.nn as nn
+
+from lenet_convert import (
+    ANN_LEVEL,
+    AT_ANN_LEVEL,
+    SpikeNode,
+    report_steps,
+    save_figure,
+    settings_text,
+    step_axis,
+)
+from mnist import IMAGE_SHAPE
+
+PJ_PER_MAC, PJ_PER_AC = 4.6, 0.9  # energy of a 32-bit float MAC and AC at 45 nm (Horowitz, 2014)
+ENERGY_MODEL = ("45 nm: 4.6 pJ per MAC, 0.9 pJ per accumulate (AC). The first layer's analog "
+                "input costs MACs, counted once since the image is constant; every spike costs one "
+                "AC per synapse it crosses (SynOps). Memory traffic and membrane updates are "
+                "ignored.")
+
+
+@torch.no_grad()
+def input_shapes(ann, image_shape=IMAGE_SHAPE):
+    """{Conv2d/Linear layer name: the shape of one sample's input to it}, from one ANN pass."""
+    shapes, x = {}, torch.zeros(1, *image_shape, device=next(ann.parameters()).device)
+    for name, layer in ann.eval().named_children():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            shapes[name] = tuple(x.shape[1:])
+        x = layer(x)
+    return shapes
+
+
+def fan_out(layer, input_shape):
+    """Synapses leaving each input unit of a Conv2d or Linear layer: a tensor of `input_shape`.
+
+    The gradient of the summed output with every weight set to 1, so border effects, strides and
+    groups count exactly. Summed over the units, it is the layer's MACs per image.
+    """
+    params = {"weight": torch.ones_like(layer.weight)}
+    if layer.bias is not None:
+        params["bias"] = torch.zeros_like(layer.bias)
+    x = torch.ones(1, *input_shape, device=layer.weight.device, requires_grad=True)
+    with torch.enable_grad():
+        torch.func.functional_call(layer, params, (x,)).sum().backward()
+    return x.grad[0]
+
+
+def efficiency(snn, counts, images, timesteps, shapes):
+    """Firing rates, synaptic operations and energy per image from spike counts (docs/method.md §7).
+
+    Args:
+        snn: the converted network; counts: {module: spikes [T, *units] over all images}, from
+        `evaluate_snn`; images: how many images the counts are summed over; timesteps: T;
+        shapes: {weighted layer: one sample's input shape}, from `input_shapes` of the ANN.
+    """
+    fanouts = {name: fan_out(getattr(snn, name), shape).cpu() for name, shape in shapes.items()}
+    macs = {name: round(f.sum().item()) for name, f in fanouts.items()}
+    first = next(iter(shapes))
+    synops, source = {}, None  # source: the module whose spikes enter the next weighted layer
+    for name, _ in snn.named_children():
+        if name in counts:
+            source = name
+        elif name in fanouts and name != first:
+            per_step = counts[source].flatten(1).double() @ fanouts[name].flatten().double()
+            synops[name] = (per_step.cumsum(0) / images).tolist()
+    total = [sum(ops[t] for ops in synops.values()) for t in range(timesteps)]
+    rates = {name: counts[name].sum().item() / (images * counts[name][0].numel() * timesteps)
+             for name, module in snn.named_children() if isinstance(module, SpikeNode)}
+    return {
+        "firing_rate": rates,
+        "ann_macs_per_image": sum(macs.values()),
+        "ann_macs_by_layer": macs,
+        "first_layer_macs": macs[first],
+        "synops_per_image": total,
+        "synops_by_layer": synops,
+        "ann_energy_pj": sum(macs.values()) * PJ_PER_MAC,
+        "snn_energy_pj": [macs[first] * PJ_PER_MAC + ops * PJ_PER_AC for ops in total],
+        "energy_model": ENERGY_MODEL,
+    }
+
+
+def at_ann_level(result):
+    """(t, SynOps, energy in pJ) per image at the first step at the ANN's level, or None."""
+    t = result[AT_ANN_LEVEL]
+    if t is None:
+        return None
+    eff = result["efficiency"]
+    return t, eff["synops_per_image"][t - 1], eff["snn_energy_pj"][t - 1]
+
+
+def plot_energy_axis(ax, results, labels, styles):
+    """Accuracy against estimated energy per image: one curve per result, the ANN(s) as points."""
+    for result, label, style in zip(results, labels, styles, strict=True):
+        eff = result["efficiency"]
+        ax.plot([e / 1e6 for e in eff["snn_energy_pj"]], [100 * a for a in result["snn_accuracy"]],
+                marker=".", markersize=3, label=label, **style)
+        ax.plot(eff["ann_energy_pj"] / 1e6, 100 * result["ann_accuracy"], marker="*",
+                markersize=14, linestyle="none", color=style["color"], markeredgecolor="k")
+    ax.set_xscale("log")
+    ax.set_xticks([0.25, 0.5, 0.6, 0.8, 1, 1.5, 2, 3, 4, 6, 8, 16, 32])
+    ax.set_xlim(min(min(r["efficiency"]["snn_energy_pj"]) for r in results) / 1e6 * 0.9,
+                max(max(r["efficiency"]["snn_energy_pj"]) for r in results) / 1e6 * 1.1)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("estimated energy per image (µJ; ★ = the ANN)")
+    ax.set_ylabel("test accuracy (%)")
+    ann = 100 * results[0]["ann_accuracy"]
+    ax.set_ylim(ann - 3, min(100, ann + 0.5))
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_efficiency(result, path):
+    """Firing rate per layer, SynOps per image against T, accuracy against energy per image."""
+    eff, timesteps = result["efficiency"], result["timesteps"]
+    steps = range(1, timesteps + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    rates = eff["firing_rate"]
+    axes[0].bar(list(rates), list(rates.values()))
+    axes[0].set_ylabel(f"firing rate (spikes / neuron / step, T = {timesteps})")
+    axes[0].set_title("firing rate per layer")
+    for name, ops in eff["synops_by_layer"].items():
+        axes[1].plot(steps, ops, label=f"into {name}")
+    axes[1].plot(steps, eff["synops_per_image"], color="k", label="all layers")
+    axes[1].axhline(eff["ann_macs_per_image"], color="tab:red", linestyle="--",
+                    label=f"ANN MACs ({eff['ann_macs_per_image'] / 1e3:.0f}k)")
+    step_axis(axes[1], timesteps)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("synaptic operations per image after t steps")
+    axes[1].set_title("SynOps against time")
+    axes[1].legend(fontsize=8)
+    plot_energy_axis(axes[2], [result], ["SNN, one point per step"], [{"color": "tab:blue"}])
+    axes[2].set_title("accuracy against energy (memory traffic ignored)")
+    axes[2].legend(loc="lower right")
+    fig.suptitle(f"LeNet5 SNN efficiency on {result['test_images']} MNIST test images: "
+                 f"{settings_text(result['settings'])}", fontsize=10)
+    save_figure(fig, path)
+
+
+def print_table(result):
+    ann = result["ann_accuracy"]
+    print(f"{'t':>5}  {'SNN':>7}  {'SNN - ANN':>9}  {'SynOps':>8}  {'energy':>9}")
+    eff = result["efficiency"]
+    for t in report_steps(result["timesteps"]):
+        acc = result["snn_accuracy"][t - 1]
+        print(f"{t:>5}  {acc:7.2%}  {100 * (acc - ann):+8.2f}pp  "
+              f"{eff['synops_per_image'][t - 1] / 1e3:7.0f}k  "
+              f"{eff['snn_energy_pj'][t - 1] / 1e6:6.3f} µJ")
+    print(f"  ANN  {ann:7.2%}  {'':9}  {eff['ann_macs_per_image'] / 1e3:7.0f}k  "
+          f"{eff['ann_energy_pj'] / 1e6:6.3f} µJ   (the ANN's: MACs, not SynOps)")
+    reached = at_ann_level(result)
+    level = f"first step within {100 * ANN_LEVEL:g} pp of the ANN"
+    if reached:
+        t, ops, energy = reached
+        print(f"{level}: {t} ({ops / 1e3:.0f}k SynOps, "
+              f"{energy / eff['ann_energy_pj']:.2f} × the ANN's energy per image)")
+    else:
+        print(f"{level}: not within {result['timesteps']} steps")
+    print("firing rates: " + ", ".join(f"{name} {rate:.3f}"
+                                       for name, rate in eff["firing_rate"].items()))

@@ -1,0 +1,103 @@
+import itertools
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import DATA, ROOT, dyadic_snn
+
+import lenet5
+import lenet_convert
+import mnist
+from lenet_convert import Settings, counting_modules, evaluate_snn, simulate
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_snn  # noqa: E402
+from layerwise import simulate_layerwise  # noqa: E402
+
+
+def _run(simulator, snn, images, steps, **kwargs):
+    with torch.no_grad():
+        outputs = torch.stack(list(simulator(snn, images, steps, **kwargs)))
+    counts = {name: m.counts.clone() for name, m in counting_modules(snn).items()}
+    return outputs, counts
+
+
+@pytest.mark.parametrize("gamma, v0, inhibition, readout",
+                         itertools.product((1, 2), (0.0, 0.5), (True, False), ("analog", "spikes")))
+def test_layerwise_simulation_gives_identical_spikes(gamma, v0, inhibition, readout):
+    _check_layerwise(gamma=gamma, v0=v0, lateral_inhibition=inhibition, readout=readout)
+
+
+@pytest.mark.parametrize("reset, spicalib, inhibition",
+                         [("zero", 0, True), ("subtract", 2, True), ("zero", 1, False)])
+def test_layerwise_simulation_resets_and_calibrates_identically(reset, spicalib, inhibition):
+    _check_layerwise(reset=reset, spicalib=spicalib, lateral_inhibition=inhibition)
+
+
+def _check_layerwise(**settings):
+    snn = dyadic_snn(**settings)
+    images = torch.rand(13, 1, 32, 32)
+    step_outputs, step_counts = _run(simulate, snn, images, 12)
+    layer_outputs, layer_counts = _run(simulate_layerwise, snn, images, 12,
+                                       chunk_elements=12 * 4704 * 5)  # 5 images a chunk
+    assert step_counts["act6"].sum() > 0 and step_counts.keys() == layer_counts.keys()
+    for name, counts in step_counts.items():  # the same spikes at every step and unit
+        assert counts.shape[0] == 12 and torch.equal(counts, layer_counts[name]), name
+    assert torch.equal(step_outputs, layer_outputs)
+
+
+def test_layerwise_gives_the_same_accuracy_on_a_trained_network(trained):
+    checkpoint = lenet5.load_checkpoint(trained)
+    ann = lenet5.model_from_checkpoint(checkpoint)
+    snn = lenet_convert.build_snn(checkpoint, ann, Settings("99"))
+    images, labels = mnist.load_mnist(DATA, train=False)
+    batches = mnist.Batches(images[:300], labels[:300], 128)
+    step = evaluate_snn(snn, batches, 16, "cpu")
+    layerwise = evaluate_snn(snn, batches, 16, "cpu", simulate_layerwise)
+    assert step[0] == layerwise[0]
+    assert all(torch.equal(step[1][name], layerwise[1][name]) for name in step[1])
+
+
+def test_benchmark_simulates_the_network_the_script_converts(trained):
+    args = bench_snn.parse_args(["--checkpoint", str(trained), "--data-dir", str(DATA),
+                                 "--limit", "10"])
+    _, ann, snn, batches = bench_snn.load(args)
+    checkpoint, script_ann = lenet_convert.load_ann(trained, "cpu")
+    script_args = lenet_convert.parse_args(["--checkpoint", str(trained)])
+    script_snn = lenet_convert.build_snn(checkpoint, script_ann,
+                                         lenet_convert.settings_from(script_args, checkpoint))
+    assert repr(snn) == repr(script_snn)
+    assert all(torch.equal(a, b) for a, b in zip(snn.state_dict().values(),
+                                                  script_snn.state_dict().values(), strict=True))
+    assert args.batch_size == script_args.batch_size  # the dense unit runs at the same batch size
+    images = next(iter(batches))[0]
+    with torch.no_grad():  # the fastest ANN is the same function as the ANN
+        assert torch.allclose(bench_snn.fastest_ann(ann)(images), ann(images), atol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in bench_snn.fastest_ann(ann).modules())
+
+
+def test_benchmark_writes_its_table(trained, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = bench_snn.main(["--checkpoint", str(trained), "--limit", "40", "--timesteps", "2",
+                             "3", "--repeats", "1", "--memory-timesteps", "3",
+                             "--data-dir", str(DATA), "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    rows = {(r["simulator"], r["timesteps"]): r for r in result["rows"]}
+    assert set(rows) >= {("step", 2), ("layerwise", 2), ("step", 3), ("layerwise", 3)}
+    for (_, timesteps), row in rows.items():
+        assert row["ratio_to_T_ann"] == pytest.approx(
+            row["seconds"] / (timesteps * result["ann_seconds"]))
+        assert len(row["accuracy"]) == timesteps
+    # both simulators give the accuracy that lenet_convert.py's evaluation gives
+    args = bench_snn.parse_args(["--checkpoint", str(trained), "--data-dir", str(DATA),
+                                 "--limit", "40"])
+    _, ann, snn, batches = bench_snn.load(args)
+    expected, _ = evaluate_snn(snn, batches, 3, "cpu")
+    assert rows["step", 3]["accuracy"] == expected == rows["layerwise", 3]["accuracy"]
+    assert result["ann_accuracy"] == lenet5.evaluate(ann, batches, "cpu")
+    assert result["ann_as_trained_accuracy"] == result["ann_accuracy"]
+    assert result["peak_memory"]["layerwise"]["peak_mb"] > 0
+    assert "x T*ANN" in capsys.readouterr().out

@@ -1,0 +1,89 @@
+import argparse
+import os
+import signal
+
+import pytest
+import torch
+
+import cli
+from cli import UserError
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu_is_refused():
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        cli.resolve_device("cuda")
+
+
+def test_atomic_path_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "new" / "result.json"
+    cli.write_json(path, {"a": 1})  # makes the folder when there is something to write
+    with pytest.raises(RuntimeError), cli.atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    assert path.read_text() == '{\n  "a": 1\n}\n'
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]
+
+
+@pytest.mark.parametrize("text, parse, value", [
+    ("3", cli.positive_int, 3), ("0", cli.non_negative_int, 0), ("4294967295", cli.seed_int,
+                                                                 2**32 - 1),
+    ("0.5", cli.fraction, 0.5), ("99.9", cli.percentile_arg, 99.9), ("0", cli.non_negative_float,
+                                                                    0.0),
+])
+def test_argument_types_take_good_values(text, parse, value):
+    assert parse(text) == value
+
+
+@pytest.mark.parametrize("text, parse, message", [
+    ("0", cli.positive_int, "must be at least 1, got 0"),
+    ("x", cli.positive_int, "expected a positive integer, got 'x'"),
+    ("-1", cli.seed_int, r"must be in \[0, 4294967295\], got -1"),
+    ("4294967296", cli.seed_int, r"must be in \[0, 4294967295\], got 4294967296"),
+    ("1", cli.fraction, r"must be in \[0, 1\)"),
+    ("nan", cli.positive_float, "must be a positive number"),
+    ("inf", cli.positive_float, "must be a positive number"),
+    ("-1", cli.non_negative_float, "must be a finite number >= 0, got -1"),
+    ("nan", cli.non_negative_float, "must be a finite number >= 0, got nan"),
+    ("inf", cli.non_negative_float, "must be a finite number >= 0, got inf"),
+    ("0", cli.percentile_arg, r"must be in \(0, 100\]"),
+])
+def test_argument_types_refuse_bad_values(text, parse, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        parse(text)
+
+
+def test_check_writable_creates_nothing(tmp_path):
+    cli.check_writable(tmp_path / "a" / "b", folder=True)
+    cli.check_writable(tmp_path / "a" / "b.json")
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "file").write_text("x")
+    for path, folder, message in ((tmp_path, False, "is a folder; give a file name"),
+                                  (tmp_path / "file", True, "is a file, not a folder"),
+                                  (tmp_path / "file" / "x.json", False, "file is a file")):
+        with pytest.raises(UserError, match=message):
+            cli.check_writable(path, folder)
+
+
+def _interrupted(kind):
+    def body():
+        if kind is UserError:
+            raise UserError("the checkpoint is spoiled")
+        if kind is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler cli installs raises Terminated
+    return body
+
+
+@pytest.mark.parametrize("kind, code, line", [
+    (UserError, None, "prog.py: error: the checkpoint is spoiled"),
+    (KeyboardInterrupt, 130, "prog.py: interrupted; results kept"),
+    ("sigterm", 143, "prog.py: terminated; results kept"),
+])
+def test_run_ends_errors_and_interrupts_in_one_line(kind, code, line, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run("prog.py", _interrupted(kind), kept=lambda: "results kept")
+    if code is None:  # sys.exit(message): status 1, the message on stderr
+        assert exit_info.value.code == line
+    else:
+        assert exit_info.value.code == code and capsys.readouterr().err == line + "\n"

@@ -1,0 +1,71 @@
+import csv
+import json
+import sys
+
+import pytest
+from helpers import DATA, ROOT
+
+import lenet_convert
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import seeds  # noqa: E402
+
+
+def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
+    argv = ["--seeds", "1", "2", "--limit-train", "300", "--epochs", "1", "--limit", "200",
+            "--timesteps", "4", "--device", "cpu", "--data-dir", str(DATA),
+            "--checkpoint-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out")]
+    study = seeds.main(argv)
+    saved = json.loads((tmp_path / "out" / "seeds.json").read_text())
+    assert saved == json.loads(json.dumps(study))
+    assert saved["seeds"] == [1, 2] and saved["timesteps"] == 4 and saved["test_images"] == 200
+    assert set(saved["runs"]) == {"relu", "relu_braincog_reference", "qcfs"}
+    for i, seed in enumerate((1, 2)):  # each seed's runs are what lenet_convert.py gives
+        for name in ("relu", "qcfs"):
+            checkpoint = tmp_path / "ck" / f"{name}_seed{seed}.pt"
+            single = lenet_convert.main(["--checkpoint", str(checkpoint), "--limit", "200",
+                                         "--timesteps", "4", "--device", "cpu", "--data-dir",
+                                         str(DATA), "--out-dir", str(tmp_path / "single")])
+            assert saved["runs"][name]["snn"][i] == single["snn_accuracy"]
+            assert saved["runs"][name]["ann"][i] == single["ann_accuracy"]
+    relu = saved["runs"]["relu"]["snn"]
+    summary = saved["summary"]["relu"]
+    assert summary["snn_mean"] == pytest.approx([(a + b) / 2 for a, b in zip(*relu, strict=True)])
+    assert summary["snn_std"] == pytest.approx([abs(a - b) / 2**0.5
+                                                for a, b in zip(*relu, strict=True)])
+    assert summary["snn_min"] == [min(a, b) for a, b in zip(*relu, strict=True)]
+    per_seed = [json.loads((tmp_path / "out" / f"seed{s}.json").read_text()) for s in (1, 2)]
+    gamma = saved["paired"]["γ = 4"]
+    assert gamma["against"] == "as given"
+    assert gamma["per_seed"] == [[a - b for a, b in zip(run["γ = 4"]["snn_accuracy"],
+                                                         run["as given"]["snn_accuracy"],
+                                                         strict=True)] for run in per_seed]
+    assert saved["paired"]["qcfs: γ = 1"]["against"] == "qcfs: as given"
+    assert {"lateral inhibition off", "V0 = 0", "γ = 1", "p = 99.9", "p = 100", "norm per channel",
+            "norm per neuron", "reset to 0", "spike calibration 4", "early exit (margin)"} <= set(
+        saved["paired"])
+    early = saved["early_exit"]
+    assert set(early) == {"early exit (margin)", "qcfs: early exit (margin)"}
+    steps = [run["qcfs: early exit (margin)"]["early_exit"]["mean_steps"] for run in per_seed]
+    assert early["qcfs: early exit (margin)"]["mean_steps"]["per_seed"] == steps
+    assert early["qcfs: early exit (margin)"]["mean_steps"]["mean"] == pytest.approx(sum(steps) / 2)
+    rows = list(csv.DictReader((tmp_path / "out" / "seeds.csv").open()))
+    assert len(rows) == 4 * (3 + len(saved["paired"]))
+    assert (tmp_path / "out" / "seeds.png").read_bytes()[:4] == b"\x89PNG"
+    # a second run reuses every checkpoint made with the same arguments
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").glob("*.pt")}
+    capsys.readouterr()
+    assert seeds.main(argv)["runs"] == saved["runs"]
+    out = capsys.readouterr().out
+    assert out.count("(made with the same arguments)") == 4  # both networks of both seeds
+    conversions = len(per_seed[0])  # 16 of the ReLU network, 4 of the QCFS one
+    assert conversions == 20
+    assert f"reusing {conversions} conversions" in out and "simulating" not in out
+    seeds.main([*argv, "--timesteps", "3"])  # a change the conversions depend on: run again
+    assert capsys.readouterr().out.count("simulating") == 2 * conversions
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").glob("*.pt")}
+    relu_argv = seeds.training_argv(1, seeds.parse_args(argv), "relu")
+    assert seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv)
+    assert not seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv + ["--lr", "0.02"])
+    assert not seeds.reusable(tmp_path / "ck" / "relu_seed3.pt", relu_argv)

@@ -70,15 +70,19 @@ class QCFS(nn.Module):
     L steps. lambda is trained (one per layer); floor passes the gradient straight through.
     """
 
-    def __init__(self, levels=4, threshold=1.0):
+    def __init__(self, levels=4, threshold=1.0, channels=None):
         super().__init__()
         self.levels = levels
-        self.threshold = nn.Parameter(torch.tensor(float(threshold)))
+        shape = () if channels is None else (channels,)  # one lambda, or one per channel
+        self.threshold = nn.Parameter(torch.full(shape, float(threshold)))
 
     def forward(self, x):
-        y = torch.clamp(x / self.threshold, 0, 1) * self.levels + 0.5
+        threshold = self.threshold
+        if threshold.dim():  # per channel: channels are dim 1 of x
+            threshold = threshold.view(-1, *[1] * (x.dim() - 2))
+        y = torch.clamp(x / threshold, 0, 1) * self.levels + 0.5
         y = y + (torch.floor(y) - y).detach()  # floor forward, identity backward
-        return y * (self.threshold / self.levels)
+        return y * (threshold / self.levels)
 
     def extra_repr(self):
         return f"levels={self.levels}"
@@ -92,21 +96,24 @@ class LeNet5(nn.Sequential):
 
     A flat sequence of named layers, so that hooks and the conversion can find each one:
     c1 bn1 act1 s2 | c3 bn3 act3 s4 | flatten | c5 act5 | f6 act6 | out.
-    The activations are ReLU, or QCFS with `levels` levels for conversion-aware training.
+    The activations are ReLU, or QCFS with `levels` levels for conversion-aware training (with
+    one trained lambda per layer, or per channel if `channel_thresholds`).
     """
 
-    def __init__(self, activation="relu", levels=4):
-        def act():
-            return nn.ReLU() if activation == "relu" else QCFS(levels)
+    def __init__(self, activation="relu", levels=4, channel_thresholds=False):
+        def act(channels):
+            if activation == "relu":
+                return nn.ReLU()
+            return QCFS(levels, channels=channels if channel_thresholds else None)
 
         super().__init__(OrderedDict([
-            ("c1", nn.Conv2d(1, 6, 5)), ("bn1", nn.BatchNorm2d(6)), ("act1", act()),
+            ("c1", nn.Conv2d(1, 6, 5)), ("bn1", nn.BatchNorm2d(6)), ("act1", act(6)),
             ("s2", nn.MaxPool2d(2)),
-            ("c3", nn.Conv2d(6, 16, 5)), ("bn3", nn.BatchNorm2d(16)), ("act3", act()),
+            ("c3", nn.Conv2d(6, 16, 5)), ("bn3", nn.BatchNorm2d(16)), ("act3", act(16)),
             ("s4", nn.MaxPool2d(2)),
             ("flatten", nn.Flatten()),
-            ("c5", nn.Linear(400, 120)), ("act5", act()),
-            ("f6", nn.Linear(120, 84)), ("act6", act()),
+            ("c5", nn.Linear(400, 120)), ("act5", act(120)),
+            ("f6", nn.Linear(120, 84)), ("act6", act(84)),
             (OUTPUT_LAYER, nn.Linear(84, 10)),
         ]))
 
@@ -118,8 +125,10 @@ def hooked_layers(model):
 
 
 def thresholds(model):
-    """{activation layer: trained lambda} of a QCFS network (empty for ReLU)."""
-    return {name: m.threshold.item() for name, m in model.named_children() if isinstance(m, QCFS)}
+    """{activation layer: trained lambda (a list if per channel)} of a QCFS network (empty for
+    ReLU)."""
+    return {name: m.threshold.tolist() for name, m in model.named_children()
+            if isinstance(m, QCFS)}
 
 
 def set_seed(seed):
@@ -170,7 +179,7 @@ def train(args):
     device = cli.resolve_device(args.device)
     cli.check_writable(args.checkpoint)
     generator = set_seed(args.seed)
-    model = LeNet5(args.activation, args.levels)
+    model = LeNet5(args.activation, args.levels, args.channel_thresholds)
     if args.init_from:
         init_from(model, args.init_from, percentile_key(args.percentile))
     model = model.to(device)
@@ -185,10 +194,7 @@ def train(args):
                             shuffle=True, max_shift=args.max_shift, generator=generator)
     val = Batches(images[val_index], labels[val_index], batch_size=1000)
     calibration = calibration_set(images, labels, train_index, args.calibration_images)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=len(train_batches))
+    optimizer, scheduler = optimiser(model, args, len(train_batches))
     print(f"training on {len(train_index)} images, validating on {len(val_index)}, device {device}")
     best, history = None, []
     for epoch in range(1, args.epochs + 1):
@@ -210,18 +216,57 @@ def train(args):
     return best
 
 
+def optimiser(model, args, steps_per_epoch):
+    """SGD with Nesterov momentum and a one-cycle schedule; QCFS thresholds lambda may have
+    their own peak learning rate and weight decay (--threshold-lr, --threshold-decay)."""
+    named = dict(model.named_parameters())
+    lam = [p for name, p in named.items() if name.endswith(".threshold")]
+    groups = [{"params": [p for name, p in named.items() if not name.endswith(".threshold")],
+               "lr": args.lr, "weight_decay": args.weight_decay}]
+    if lam:
+        groups.append({"params": lam, "lr": args.threshold_lr or args.lr,
+                       "weight_decay": args.weight_decay if args.threshold_decay is None
+                       else args.threshold_decay})
+    optimizer = torch.optim.SGD(groups, momentum=0.9, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in groups], epochs=args.epochs,
+        steps_per_epoch=steps_per_epoch)
+    return optimizer, scheduler
+
+
 def init_from(model, path, key):
-    """Load a checkpoint's weights into `model`; a QCFS layer new there gets lambda = percentile."""
+    """Load a checkpoint's weights into `model`. A QCFS layer that was a ReLU there starts its
+    lambda at the `key` percentile (per channel, if `model` has one lambda per channel); one
+    lambda per layer there is copied to every channel."""
     checkpoint = load_checkpoint(path)
-    source = model_from_checkpoint(checkpoint, path)
-    missing, _ = model.load_state_dict(source.state_dict(), strict=False)
-    for name in {k.rsplit(".", 1)[0] for k in missing}:  # thresholds of a ReLU checkpoint
-        try:
-            value = float(checkpoint["percentiles"][name][key])
-        except (KeyError, TypeError):
-            raise UserError(f"{path} has no {key}th percentile of {name} to start its QCFS "
-                            "threshold from") from None
-        getattr(model, name).threshold.data.fill_(value)
+    source = model_from_checkpoint(checkpoint, path).state_dict()
+    state = {k: source[k] for k in model.state_dict() if k in source}
+    for name, layer in model.named_children():
+        if not isinstance(layer, QCFS):
+            continue
+        lam = state.get(f"{name}.threshold")
+        if lam is None:  # a ReLU there
+            lam = torch.tensor(_percentiles_of(checkpoint, name, key, layer.threshold.dim() > 0,
+                                               path))
+        if lam.dim() > layer.threshold.dim():
+            raise UserError(f"{path} has one lambda per channel: it cannot start a network with "
+                            "one per layer (add --channel-thresholds)")
+        state[f"{name}.threshold"] = lam.expand_as(layer.threshold).clone()
+    model.load_state_dict(state)
+
+
+def _percentiles_of(checkpoint, name, key, per_channel, path):
+    """The `key` percentile of layer `name` (a list per channel, where a silent channel takes
+    the layer's), to start a QCFS lambda from."""
+    try:
+        value = float(checkpoint["percentiles"][name][key])
+        if per_channel:
+            return [v if v > 0 else value
+                    for v in checkpoint["channel_percentiles"][name][key]]
+    except (KeyError, TypeError):
+        raise UserError(f"{path} has no {key}th percentile of {name} to start its QCFS "
+                        "threshold from") from None
+    return value
 
 
 # ----------------------------------------------------------------------------- the hook
@@ -365,8 +410,10 @@ def check_checkpoint(checkpoint, path):
                                     f"{' >= 0' if lowest == 0 else ''}")
     thresholds = checkpoint.get("thresholds", {})
     if not isinstance(thresholds, dict) or not all(
-            _finite_number(v) and v > 0 for v in thresholds.values()):
-        raise UserError(f"{path}: thresholds is {thresholds!r}, not positive numbers per layer")
+            all(_finite_number(x) and x > 0 for x in (v if isinstance(v, list) else [v]))
+            for v in thresholds.values()):
+        raise UserError(f"{path}: thresholds is {reprlib.repr(thresholds)}, not positive numbers "
+                        "per layer")
     key = checkpoint.get("percentile", "99")
     if not isinstance(key, str) or any(key not in table for table in tables.values()):
         raise UserError(f"{path}: percentile is {key!r}, not a key of its percentiles table")
@@ -377,7 +424,7 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     activation, levels = checkpoint.get("activation", "relu"), checkpoint.get("levels", 4)
     if activation not in ACTIVATIONS or not (isinstance(levels, int) and levels > 0):
         raise UserError(f"{path}: unknown activation {activation!r} with levels {levels!r}")
-    model = LeNet5(activation, levels)
+    model = LeNet5(activation, levels, checkpoint.get("channel_thresholds", False))
     try:
         model.load_state_dict(checkpoint["model_state"])
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -399,6 +446,7 @@ def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
         "percentile": percentile_key(args.percentile),
         "activation": args.activation,
         "levels": args.levels,
+        "channel_thresholds": args.channel_thresholds,
         "thresholds": thresholds(model),
         "epoch": epoch,
         "val_accuracy": val_acc,
@@ -471,6 +519,14 @@ def parse_args(argv=None):
     parser.add_argument("--levels", type=positive_int, default=LEVELS,
                         help="QCFS quantisation levels L (the SNN matches the ANN in "
                              "expectation after L steps)")
+    parser.add_argument("--channel-thresholds", action="store_true",
+                        help="QCFS: one trained lambda per channel (a convolution's output "
+                             "channel, a linear layer's neuron) instead of one per layer")
+    parser.add_argument("--threshold-lr", type=cli.positive_float, default=None, metavar="LR",
+                        help="QCFS: peak learning rate of the thresholds lambda (default: --lr)")
+    parser.add_argument("--threshold-decay", type=cli.non_negative_float, default=None,
+                        metavar="WD", help="QCFS: weight decay of the thresholds lambda "
+                        "(default: --weight-decay)")
     parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
                         help="start from this checkpoint's weights (fine-tuning); for QCFS each "
                              "layer's lambda starts at its --percentile activation there")

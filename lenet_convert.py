@@ -299,8 +299,8 @@ def normalise(model, scales, spiking_readout=False):
 
     Each weighted layer: W[i, j] <- W[i, j] * lambda_in[j] / lambda[i], b[i] <- b[i] / lambda[i]
     (docs/method.md §3), with one scale per layer or one per channel (a tensor); the output layer
-    is divided by its own scale only for a spiking read-out. QCFS thresholds are divided too
-    (per layer only), so the copy gives the ANN's outputs (over the output's scale for spikes).
+    is divided by its own scale only for a spiking read-out. QCFS thresholds are divided too,
+    so the copy gives the ANN's outputs (over the output's scale for spikes).
     """
     model = copy.deepcopy(model)
     scale_in, weighted = 1.0, None
@@ -393,11 +393,12 @@ def scaling_percentile(checkpoint, asked=None):
 def activation_scales(checkpoint, percentile=None, gamma=1, per_channel=()):
     """{layer: what one spike stands for}: the recorded `percentile` of each layer's activations.
 
-    With `percentile` None (a QCFS network), each layer's trained lambda divided by `gamma`, so
-    the gamma spikes of a step share [0, lambda] (docs/method.md §6). The output layer's scale
-    (for a spiking read-out) is always a percentile, the checkpoint's own for a QCFS network.
-    The layers in `per_channel` get a tensor, one scale per channel or neuron (see
-    `per_channel_layers`); a channel silent on the calibration images keeps the layer's scale.
+    With `percentile` None (a QCFS network), each layer's trained lambda (a tensor if one per
+    channel) divided by `gamma`, so the gamma spikes of a step share [0, lambda] (docs/method.md
+    §6). The output layer's scale (for a spiking read-out) is always a percentile, the
+    checkpoint's own for a QCFS network. The layers in `per_channel` get a tensor, one scale per
+    channel or neuron (see `per_channel_layers`); a channel silent on the calibration images
+    keeps the layer's scale.
     """
     recorded = checkpoint.get("percentiles")
     if not recorded:
@@ -410,7 +411,9 @@ def activation_scales(checkpoint, percentile=None, gamma=1, per_channel=()):
         available = ", ".join(next(iter(recorded.values()), {}))
         raise UserError(f"the checkpoint has no {key}th percentile (it has: {available}); "
                         f"choose one of those or retrain with `--percentile {key}`") from None
-    trained = checkpoint.get("thresholds", {}) if percentile is None else {}
+    trained = {layer: torch.tensor(value, dtype=torch.float64) if isinstance(value, list)
+               else value for layer, value in checkpoint.get("thresholds", {}).items()
+               } if percentile is None else {}
     if per_channel and trained:
         raise UserError("--norm channel and neuron need activation percentiles: a QCFS network "
                         "is converted with its trained threshold per layer (add --percentile)")

@@ -16,10 +16,10 @@ DATA = ROOT / "data"
 HIDDEN = ("act1", "act3", "act5", "act6")  # LeNet5's activation layers
 
 
-def random_lenet(seed=0, activation="relu", levels=4):
+def random_lenet(seed=0, activation="relu", levels=4, channel_thresholds=False):
     """A LeNet5 in eval mode with random weights and non-trivial BatchNorm statistics."""
     torch.manual_seed(seed)
-    model = LeNet5(activation, levels)
+    model = LeNet5(activation, levels, channel_thresholds)
     for act in model.children():
         if isinstance(act, QCFS):
             act.threshold.data.uniform_(0.5, 2.0)

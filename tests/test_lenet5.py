@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import DATA
+from helpers import DATA, HIDDEN
 
 import lenet5
 from cli import UserError
@@ -54,6 +54,29 @@ def test_qcfs_gradient_passes_floor_straight_through():
     # gradient taken as 1: q below and above the clip (0 and 1), q - x / lambda in between
     expected = 0 + (0.25 - 0.15) + (0.5 - 0.55) + 1
     assert qcfs.threshold.grad.item() == pytest.approx(expected)
+
+
+def test_qcfs_with_one_lambda_per_channel():
+    x = torch.randn(8, 3, 5, 5) * 2
+    per_layer, per_channel = QCFS(levels=4, threshold=1.5), QCFS(4, 1.5, channels=3)
+    assert torch.equal(per_channel(x), per_layer(x))  # equal lambdas: the same function
+    per_channel.threshold.data = torch.tensor([1.0, 2.0, 4.0])
+    for c, lam in enumerate((1.0, 2.0, 4.0)):
+        assert torch.equal(per_channel(x)[:, c], QCFS(4, lam)(x[:, c]))
+    linear = QCFS(2, 1.0, channels=3)  # a linear layer's [N, neurons]
+    assert torch.equal(linear(x[:, :, 0, 0]), QCFS(2, 1.0)(x[:, :, 0, 0]))
+
+
+def test_thresholds_have_their_own_learning_rate_and_decay():
+    args = lenet5.parse_args(["--activation", "qcfs", "--threshold-lr", "0.2",
+                              "--threshold-decay", "0", "--epochs", "1"])
+    optimizer, _ = lenet5.optimiser(LeNet5("qcfs"), args, steps_per_epoch=10)
+    weights, lam = optimizer.param_groups
+    assert len(lam["params"]) == 4 and all(p.dim() == 0 for p in lam["params"])
+    assert lam["weight_decay"] == 0 and weights["weight_decay"] == args.weight_decay
+    assert lam["max_lr"] == 0.2 and weights["max_lr"] == args.lr
+    relu, _ = lenet5.optimiser(LeNet5(), lenet5.parse_args(["--epochs", "1"]), 10)
+    assert len(relu.param_groups) == 1
 
 
 def test_qcfs_lenet_keeps_the_layer_names():
@@ -279,6 +302,13 @@ def test_qcfs_fine_tuning_starts_from_the_percentiles_and_records_lambda(tmp_pat
     assert isinstance(model.act5, QCFS) and model.act5.levels == 3
     assert ck["thresholds"] == pytest.approx(lenet5.thresholds(model))
     assert ck["thresholds"] != pytest.approx(started)  # lambda was trained
+    channels = _quick_run(tmp_path, "channels.pt", "--activation", "qcfs", "--init-from", str(relu),
+                          "--channel-thresholds")
+    trained = lenet5.thresholds(model_from_checkpoint(torch.load(channels, weights_only=True)))
+    assert [len(trained[name]) for name in HIDDEN] == [6, 16, 120, 84]
+    assert started == {name: pytest.approx(  # one per channel, each from its own percentile
+        [v if v > 0 else relu_ck["percentiles"][name]["99"]
+         for v in relu_ck["channel_percentiles"][name]["99"]]) for name in HIDDEN}
 
 
 def test_defaults_depend_on_the_activation_and_on_fine_tuning():

@@ -163,13 +163,14 @@ def test_if_neuron_count_after_l_steps_is_the_qcfs_value(levels):
         assert torch.equal(count / levels, QCFS(levels, threshold=1.0)(a))
 
 
-@pytest.mark.parametrize("levels", [1, 2, 4])
-def test_qcfs_network_is_exact_after_one_step_when_gamma_is_l(levels):
+@pytest.mark.parametrize("levels, per_channel", [(1, False), (2, False), (4, False), (4, True)])
+def test_qcfs_network_is_exact_after_one_step_when_gamma_is_l(levels, per_channel):
     """theta = lambda / L and gamma = L: a neuron's spikes in one step are its QCFS value."""
-    ann = random_lenet(activation="qcfs", levels=levels)
+    ann = random_lenet(activation="qcfs", levels=levels, channel_thresholds=per_channel)
     for act, threshold in zip((ann.act1, ann.act3, ann.act5, ann.act6), (0.5, 1.0, 0.3, 0.1),
-                              strict=True):
-        act.threshold.data.fill_(threshold)  # so that every layer has units on and off
+                              strict=True):  # so that every layer has units on and off
+        act.threshold.data.copy_(threshold * torch.linspace(0.8, 1.2, act.threshold.numel())
+                                 .view_as(act.threshold))
     images = torch.rand(256, 1, 32, 32)
     checkpoint = {"thresholds": lenet5.thresholds(ann), "percentiles": {"out": {"99": 1.0}}}
     snn = fuse_norm_replace(ann, activation_scales(checkpoint, gamma=levels),

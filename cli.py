@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -126,6 +127,32 @@ def write_csv(path, rows):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def partial_path(path):
+    """Where a run keeps a file until the run completes: <stem>.partial<suffix>."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def previous_path(path):
+    """Where a completed run keeps the file it replaced: <stem>.prev<suffix>."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def promote(partial, target, keep_previous=True):
+    """Move a completed run's `partial` file onto `target`, keeping a copy of the one it replaces
+    (unless not `keep_previous`: then an earlier copy stays as it is).
+
+    Returns where the replaced file was kept, or None. Each step is atomic, so an interruption
+    leaves either the old target or the new one, never neither.
+    """
+    kept = None
+    if target.exists() and keep_previous:
+        kept = previous_path(target)
+        with atomic_path(kept) as tmp:
+            shutil.copy2(target, tmp)
+    os.replace(partial, target)
+    return kept
 
 
 def check_writable(path, folder=False):

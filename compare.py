@@ -20,7 +20,8 @@ import torch.nn as nn
 import cli
 import early_exit
 import efficiency
-from lenet5 import OUTPUT_LAYER, evaluate, remeasure_percentiles
+from checkpoint import OUTPUT_LAYER
+from lenet5 import evaluate, remeasure_percentiles
 from lenet_convert import (
     AT_ANN_LEVEL,
     NORMS,
@@ -28,12 +29,10 @@ from lenet_convert import (
     RESETS,
     V0,
     Settings,
-    activation_scales,
     build_snn,
     evaluate_snn,
     first_step_within,
     load_ann,
-    per_channel_layers,
     plot_accuracy,
     report_steps,
     save_figure,
@@ -121,15 +120,14 @@ def add_channel_percentiles(planned, data_dir, device):
 def run_all(plan, data_dir, limit, batch_size, timesteps, device):
     """`run` every entry of `plan` on the same test images (the first `limit`, or all).
 
-    Every entry's scales and validation split are checked first, so a bad setting fails before
+    Every entry is built and its validation split checked first, so a bad setting fails before
     anything is simulated.
     """
     validated = [early_exit.needs_validation(p.checkpoint, p.settings, p.path) for p in plan]
     for planned in plan:
         if planned.settings.norm != "layer":
             add_channel_percentiles(planned, data_dir, device)
-        activation_scales(planned.checkpoint, planned.settings.percentile, 1,
-                          per_channel_layers(planned.ann, planned.settings.norm))
+        build_snn(planned.checkpoint, planned.ann, planned.settings)
     images, labels = load_mnist(data_dir, train=False)
     if limit and limit > len(labels):
         raise cli.UserError(f"--limit {limit}: the test set has only {len(labels)} images")

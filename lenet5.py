@@ -7,7 +7,7 @@ on a fixed calibration subset of the training split (--calibration-images): `len
 scales the spiking network with them.
 
 Example:
-    python lenet5.py                       # defaults: about 2 minutes on 2 CPU cores
+    python lenet5.py                       # defaults: about 3 minutes on 2 CPU cores
     python lenet5.py --epochs 1 --limit-train 2000   # a quick smoke run
 
 Writes:
@@ -23,10 +23,7 @@ import cli  # first: see its docstring
 
 # isort: split
 import math
-import os
 import random
-import reprlib
-import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -38,11 +35,18 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from cli import UserError, atomic_path, first_line, positive_int
+from checkpoint import (
+    ACTIVATIONS,
+    ARCH,
+    OUTPUT_LAYER,
+    PERCENTILE,
+    check_checkpoint,
+    load_checkpoint,
+    percentile_key,
+    save_checkpoint,
+)
+from cli import UserError, first_line, positive_int
 from mnist import TRAIN_IMAGES, Batches, load_mnist, split_train_val
-
-ARCH = "LeNet5-BN"
-OUTPUT_LAYER = "out"  # the last layer's name; its percentiles scale a spiking read-out
 
 # ----------------------------------------------------------------------------- defaults
 TRAINING = {"epochs": 25, "lr": 0.05}  # from scratch: epochs, peak learning rate
@@ -53,7 +57,6 @@ MAX_SHIFT = 2  # augmentation: random shift of each training image, in pixels
 SEED = 1  # seed for everything: split, initialisation, shuffling, shifts
 VAL_SIZE = 5000  # validation images carved from the 60,000 training images
 LEVELS = 4  # QCFS quantisation levels L
-PERCENTILE = 99.0  # the activation percentile the conversion uses by default
 PERCENTILES = (99.0, 99.9, 99.99, 100.0)  # recorded for every hooked layer
 CALIBRATION_IMAGES = 2048  # training images the percentiles are measured on
 QUANTILE_MAX_VALUES = 2**24  # torch.quantile refuses larger inputs: subsample (seeded) above this
@@ -86,9 +89,6 @@ class QCFS(nn.Module):
 
     def extra_repr(self):
         return f"levels={self.levels}"
-
-
-ACTIVATIONS = ("relu", "qcfs")
 
 
 class LeNet5(nn.Sequential):
@@ -173,11 +173,14 @@ def evaluate(model, batches, device):
 def train(args):
     """Train; return the checkpoint with the best validation accuracy.
 
-    The run's best checkpoint and history go to `partial_path(args.checkpoint)` and its history
-    beside it; `main` moves them onto args.checkpoint only once the run has completed.
+    The run's best checkpoint and its history go to their partial paths (`cli.partial_path`);
+    `run` moves them onto args.checkpoint only once the run has completed. A loss that is no
+    longer a number ends the run with a UserError.
     """
     device = cli.resolve_device(args.device)
-    cli.check_writable(args.checkpoint)
+    partial, history_file = cli.partial_path(args.checkpoint), history_path(args.checkpoint)
+    for path in (args.checkpoint, partial, history_file, cli.partial_path(history_file)):
+        cli.check_writable(path)
     generator = set_seed(args.seed)
     model = LeNet5(args.activation, args.levels, args.channel_thresholds)
     if args.init_from:
@@ -201,16 +204,18 @@ def train(args):
         start = time.perf_counter()
         loss, train_acc = train_epoch(model, train_batches, optimizer, scheduler, device,
                                       desc=f"epoch {epoch}/{args.epochs}")
+        if not math.isfinite(loss):
+            raise UserError(f"training diverged in epoch {epoch} (loss {loss}); {kept(args)}")
         val_acc, test_acc = evaluate(model, val, device), evaluate(model, test, device)
         improved = best is None or val_acc > best["val_accuracy"]
         if improved:
             best = make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc)
-            save_checkpoint(best, partial_path(args.checkpoint))
+            save_checkpoint(best, partial)
         seconds = time.perf_counter() - start
         history.append({"epoch": epoch, "train_loss": loss, "train_accuracy": train_acc,
                         "val_accuracy": val_acc, "test_accuracy": test_acc,
                         "seconds": round(seconds, 2), "saved": improved})
-        cli.write_json(history_path(partial_path(args.checkpoint)), history)
+        cli.write_json(cli.partial_path(history_file), history)
         print(f"epoch {epoch:2d}  loss {loss:.4f}  train {train_acc:.2%}  val {val_acc:.2%}  "
               f"test {test_acc:.2%}  {seconds:5.1f}s{'  saved' if improved else ''}")
     return best
@@ -270,11 +275,6 @@ def _percentiles_of(checkpoint, name, key, per_channel, path):
 
 
 # ----------------------------------------------------------------------------- the hook
-
-
-def percentile_key(p):
-    """The checkpoint's key for percentile p: 99 -> '99', 99.9 -> '99.9', 100 -> '100'."""
-    return f"{float(p):g}"
 
 
 @torch.no_grad()
@@ -360,65 +360,6 @@ def remeasure_percentiles(checkpoint, model, data_dir, device):
 # ----------------------------------------------------------------------------- checkpoint
 
 
-def save_checkpoint(checkpoint, path):
-    """Write atomically: Ctrl-C at any moment leaves the previous file intact."""
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
-def load_checkpoint(path):
-    """Load a checkpoint written by this script, with a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: train one first with `python lenet5.py`")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise UserError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
-    if not isinstance(checkpoint, dict) or "model_state" not in checkpoint:
-        raise UserError(f"{path} is not a checkpoint of lenet5.py (no model_state)")
-    check_checkpoint(checkpoint, path)
-    return checkpoint
-
-
-def _finite_number(value):
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_checkpoint(checkpoint, path):
-    """Check the type and range of every value the scripts read; the error names the key."""
-    state = checkpoint["model_state"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: model_state is not a table of tensors")
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"{path}: layer {key.split('.')[0]} holds NaN or infinite values "
-                            f"({key})")
-    for name, per_channel in (("percentiles", False), ("channel_percentiles", True)):
-        tables = checkpoint.get(name, {})
-        if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
-            raise UserError(f"{path}: {name} is not a table of tables")
-        for layer, table in tables.items():
-            lowest = -math.inf if layer == OUTPUT_LAYER else 0
-            for key, value in table.items():
-                values = value if per_channel and isinstance(value, list) else [value]
-                if isinstance(value, list) != per_channel or not all(
-                        _finite_number(v) and v >= lowest for v in values):
-                    kind = "a list of finite numbers" if per_channel else "a finite number"
-                    raise UserError(f"{path}: {name}[{layer!r}][{key!r}] is "
-                                    f"{reprlib.repr(value)}, not {kind}"
-                                    f"{' >= 0' if lowest == 0 else ''}")
-    thresholds = checkpoint.get("thresholds", {})
-    if not isinstance(thresholds, dict) or not all(
-            all(_finite_number(x) and x > 0 for x in (v if isinstance(v, list) else [v]))
-            for v in thresholds.values()):
-        raise UserError(f"{path}: thresholds is {reprlib.repr(thresholds)}, not positive numbers "
-                        "per layer")
-    key = checkpoint.get("percentile", "99")
-    if not isinstance(key, str) or any(key not in table for table in tables.values()):
-        raise UserError(f"{path}: percentile is {key!r}, not a key of its percentiles table")
-
-
 def model_from_checkpoint(checkpoint, path="checkpoint"):
     """Rebuild the ANN (ReLU or QCFS) from a checkpoint; a clear error if it is not LeNet5's."""
     activation, levels = checkpoint.get("activation", "relu"), checkpoint.get("levels", 4)
@@ -462,31 +403,6 @@ def history_path(checkpoint_path):
     return checkpoint_path.with_name(f"{checkpoint_path.stem}_history.json")
 
 
-def partial_path(path):
-    """Where a run keeps its best checkpoint until it completes: <name>.partial.pt."""
-    return path.with_name(f"{path.stem}.partial{path.suffix}")
-
-
-def previous_path(path):
-    """Where a completed run keeps the checkpoint it replaced: <name>.prev.pt."""
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
-def promote(partial, target):
-    """Move a completed run's `partial` file onto `target`, keeping a copy of the one it replaces.
-
-    Returns where the replaced file was kept, or None. Each step is atomic, so an interruption
-    leaves either the old target or the new one, never neither.
-    """
-    kept = None
-    if target.exists():
-        kept = previous_path(target)
-        with atomic_path(kept) as tmp:
-            shutil.copy2(target, tmp)
-    os.replace(partial, target)
-    return kept
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -503,12 +419,12 @@ def parse_args(argv=None):
                         help="peak learning rate of the one-cycle schedule, SGD with Nesterov "
                              f"momentum 0.9 (default: {TRAINING['lr']}; {FINE_TUNING['lr']} "
                              "when fine-tuning)")
-    parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
+    parser.add_argument("--weight-decay", type=cli.non_negative_float, default=WEIGHT_DECAY,
                         help="L2 weight decay")
     parser.add_argument("--max-shift", type=int, default=MAX_SHIFT, choices=range(0, 5),
                         metavar="{0..4}",
                         help="augmentation: random shift of each training image, in pixels")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed for everything")
+    parser.add_argument("--seed", type=cli.seed_int, default=SEED, help="seed for everything")
     cli.add_device_and_data(parser)
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="where the best checkpoint goes, history JSON beside it (default: "
@@ -557,31 +473,59 @@ def parse_args(argv=None):
     return args
 
 
+def kept(args):
+    """What a run that did not complete leaves: the checkpoint as it was, and its best so far."""
+    partial = cli.partial_path(args.checkpoint)
+    return f"{args.checkpoint} is untouched" + (
+        f"; this run's best so far is in {partial}" if partial.exists() else "")
+
+
+def better_than_chance(accuracy, images, classes=10):
+    """Whether `accuracy` on `images` is above guessing by more than three standard errors."""
+    chance = 1 / classes
+    return accuracy > chance + 3 * math.sqrt(chance * (1 - chance) / images)
+
+
 def run(args):
     """Train with `args`; once the run completes, move its best checkpoint onto args.checkpoint.
 
-    Returns the best checkpoint. A UserError or an interruption leaves args.checkpoint as it was.
+    Only a network that passes `check_checkpoint` and is better than chance on validation is
+    promoted; the checkpoint it replaces is kept as <name>.prev.pt if it was a valid one (else
+    an earlier .prev.pt stays). Returns the best checkpoint.
     """
     start = time.perf_counter()
     best = train(args)
-    partial = partial_path(args.checkpoint)
-    kept = promote(partial, args.checkpoint)
-    promote(history_path(partial), history_path(args.checkpoint))
+    partial = cli.partial_path(args.checkpoint)
+    try:
+        check_checkpoint(best, partial)
+    except UserError as e:
+        raise UserError(f"{e}; {kept(args)}") from None
+    if not better_than_chance(best["val_accuracy"], args.val_size):
+        raise UserError(f"this run's best network is no better than chance (validation "
+                        f"{best['val_accuracy']:.2%}); {kept(args)}")
+    keep = _valid_checkpoint(args.checkpoint)
+    replaced = cli.promote(partial, args.checkpoint, keep)
+    history_file = history_path(args.checkpoint)
+    cli.promote(cli.partial_path(history_file), history_file, keep)
     print(f"best epoch {best['epoch']}: val {best['val_accuracy']:.2%}, "
           f"test {best['test_accuracy']:.2%}; saved {args.checkpoint} "
           f"({time.perf_counter() - start:.0f}s in all)"
-          + (f"; the checkpoint it replaced is kept as {kept}" if kept else ""))
+          + (f"; the checkpoint it replaced is kept as {replaced}" if replaced else "")
+          + ("" if keep else "; the file it replaced was no valid checkpoint and is not kept"))
     return best
+
+
+def _valid_checkpoint(path):
+    """Whether `path` holds a checkpoint that passes every check (True if there is none)."""
+    try:
+        return not path.exists() or bool(load_checkpoint(path))
+    except UserError:
+        return False
 
 
 def main(argv=None):
     args = parse_args(argv)
-    partial = partial_path(args.checkpoint)
-
-    def kept():
-        return f"{args.checkpoint} is untouched" + (
-            f"; this run's best so far is in {partial}" if partial.exists() else "")
-    return cli.run("lenet5.py", lambda: run(args), kept)
+    return cli.run("lenet5.py", lambda: run(args), lambda: kept(args))
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from checkpoint import OUTPUT_LAYER, default_percentile, load_checkpoint, percentile_key
 from cli import UserError
-from lenet5 import OUTPUT_LAYER, QCFS, load_checkpoint, model_from_checkpoint, percentile_key
+from lenet5 import QCFS, model_from_checkpoint
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -319,6 +320,9 @@ def normalise(model, scales, spiking_readout=False):
             if isinstance(layer, QCFS):
                 layer.threshold.div_(scale)
             scale_in, weighted = scale, None
+    if spiking_readout and not scales[OUTPUT_LAYER] > 0:
+        raise UserError(f"the output layer's scale is {scales[OUTPUT_LAYER]:g}: a spiking "
+                        "read-out needs a positive one (use --readout analog)")
     _scale_layer(weighted, scale_in, scales[OUTPUT_LAYER] if spiking_readout else 1.0)
     return model
 
@@ -387,7 +391,7 @@ def scaling_percentile(checkpoint, asked=None):
     """
     if asked is not None:
         return percentile_key(asked)
-    return None if checkpoint.get("activation") == "qcfs" else checkpoint.get("percentile", "99")
+    return None if checkpoint.get("activation") == "qcfs" else default_percentile(checkpoint)
 
 
 def activation_scales(checkpoint, percentile=None, gamma=1, per_channel=()):
@@ -404,7 +408,7 @@ def activation_scales(checkpoint, percentile=None, gamma=1, per_channel=()):
     if not recorded:
         raise UserError("the checkpoint holds no activation percentiles; retrain it with "
                         "`python lenet5.py`")
-    key = percentile or checkpoint.get("percentile", "99")
+    key = percentile or default_percentile(checkpoint)
     try:
         scales = {layer: float(values[key]) for layer, values in recorded.items()}
     except KeyError:

@@ -15,7 +15,7 @@ early exit its accuracy, mean steps and time against fixed T.
 
 Example:
     python bench/seeds.py --seeds 1 2 3 4 5        # about 70 minutes on 2 CPU cores
-    python bench/seeds.py --seeds 1 2 --limit-train 500 --epochs 1 --limit 500   # a quick look
+    python bench/seeds.py --seeds 1 2 --limit-train 1000 --epochs 2 --limit 500   # a quick look
 
 Writes (into --out-dir, default results/seeds/):
     seed<S>.json   every run of one seed, written as soon as that seed is done
@@ -42,6 +42,7 @@ from tqdm import tqdm  # noqa: E402
 import early_exit  # noqa: E402
 import lenet5  # noqa: E402
 import lenet_convert  # noqa: E402
+from checkpoint import OUTPUT_LAYER, load_checkpoint  # noqa: E402
 from cli import positive_int, write_csv, write_json  # noqa: E402
 from compare import BRAINCOG, GIVEN, Planned, compare_settings, run_all  # noqa: E402
 from efficiency import at_ann_level  # noqa: E402
@@ -88,7 +89,7 @@ def reusable(path, argv):
     if not path.is_file():
         return False
     wanted = vars(lenet5.parse_args(argv))
-    made = lenet5.load_checkpoint(path).get("args", {})
+    made = load_checkpoint(path).get("args", {})
     return all(str(made[k]) == str(v) if k in made else not v  # a newer option, left off
                for k, v in wanted.items() if k not in NOT_COMPARED)
 
@@ -114,7 +115,7 @@ def seed_plan(seed, args, device):
     for path, prefix in ((relu_path, ""), (qcfs_path, "qcfs: ")):
         checkpoint, ann = load_ann(path, device)
         settings = Settings(scaling_percentile(checkpoint))
-        recorded = list(checkpoint["percentiles"][lenet5.OUTPUT_LAYER])
+        recorded = list(checkpoint["percentiles"][OUTPUT_LAYER])
         for label, variant in compare_settings(settings, recorded, every_knob=not prefix):
             plan[prefix + label] = Planned(label, path, checkpoint, ann, variant)
     return plan

@@ -1,5 +1,6 @@
 import itertools
 import json
+import re
 import sys
 
 import pytest
@@ -10,6 +11,7 @@ from helpers import DATA, ROOT, dyadic_snn
 import lenet5
 import lenet_convert
 import mnist
+from checkpoint import load_checkpoint
 from lenet_convert import Settings, counting_modules, evaluate_snn, simulate
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -50,7 +52,7 @@ def _check_layerwise(**settings):
 
 
 def test_layerwise_gives_the_same_accuracy_on_a_trained_network(trained):
-    checkpoint = lenet5.load_checkpoint(trained)
+    checkpoint = load_checkpoint(trained)
     ann = lenet5.model_from_checkpoint(checkpoint)
     snn = lenet_convert.build_snn(checkpoint, ann, Settings("99"))
     images, labels = mnist.load_mnist(DATA, train=False)
@@ -101,3 +103,16 @@ def test_benchmark_writes_its_table(trained, tmp_path, capsys):
     assert result["ann_as_trained_accuracy"] == result["ann_accuracy"]
     assert result["peak_memory"]["layerwise"]["peak_mb"] > 0
     assert "x T*ANN" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{dir}", "is a folder; give a file name"),
+    ("{file}/bench.json", "cannot write to .*: .*file is a file"),
+])
+def test_benchmark_refuses_an_unwritable_out_before_it_starts(tmp_path, out, message, monkeypatch):
+    (tmp_path / "file").write_text("a file")
+    monkeypatch.setattr(bench_snn, "run_benchmark", lambda args: pytest.fail("it ran"))
+    out = out.replace("{dir}", str(tmp_path)).replace("{file}", str(tmp_path / "file"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench_snn.main(["--out", out])
+    assert re.search(message, str(exit_info.value.code))

@@ -1,11 +1,16 @@
 import argparse
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from helpers import DATA, ROOT
 
 import cli
+from checkpoint import load_checkpoint
 from cli import UserError
 
 
@@ -87,3 +92,52 @@ def test_run_ends_errors_and_interrupts_in_one_line(kind, code, line, capsys):
         assert exit_info.value.code == line
     else:
         assert exit_info.value.code == code and capsys.readouterr().err == line + "\n"
+
+
+def _start(*argv):
+    """A project command in a fresh process, its output unbuffered, as a user starts it."""
+    return subprocess.Popen([sys.executable, "-u", *argv], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for(process, text):
+    """Read the command's output until a line holds `text`."""
+    for line in process.stdout:
+        if text in line:
+            return
+    pytest.fail(f"the command ended without printing {text!r}: {process.stderr.read()}")
+
+
+def test_sigterm_during_training_keeps_the_checkpoint_and_says_so(trained, tmp_path):
+    checkpoint = tmp_path / "ck.pt"
+    checkpoint.write_bytes(trained.read_bytes())
+    before = checkpoint.read_bytes()
+    process = _start("lenet5.py", "--epochs", "3", "--limit-train", "2000", "--device", "cpu",
+                     "--data-dir", str(DATA), "--checkpoint", str(checkpoint))
+    _wait_for(process, "epoch  1")
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert err == (f"lenet5.py: terminated; {checkpoint} is untouched; this run's best so far "
+                   f"is in {tmp_path / 'ck.partial.pt'}\n")
+    assert checkpoint.read_bytes() == before
+    assert load_checkpoint(tmp_path / "ck.partial.pt")["epoch"] == 1  # complete and usable
+
+
+@pytest.mark.parametrize("when", ["while loading", "while simulating"])
+def test_ctrl_c_in_the_converter_is_one_line(trained, tmp_path, when):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "snn_accuracy.json").write_text("an earlier run")
+    process = _start("lenet_convert.py", "--checkpoint", str(trained), "--device", "cpu",
+                     "--data-dir", str(DATA), "--out-dir", str(out))
+    if when == "while simulating":
+        _wait_for(process, "simulating")
+    else:
+        time.sleep(0.5)  # torch is still loading
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("lenet_convert.py: interrupted")
+    assert [p.name for p in out.iterdir()] == ["snn_accuracy.json"]
+    assert (out / "snn_accuracy.json").read_text() == "an earlier run"

@@ -9,16 +9,16 @@ import torch.nn.functional as F
 from helpers import DATA, HIDDEN
 
 import lenet5
+import mnist
+from checkpoint import load_checkpoint
 from cli import UserError
 from lenet5 import (
     QCFS,
     LeNet5,
-    load_checkpoint,
     main,
     model_from_checkpoint,
     percentile_activations,
     record_activations,
-    save_checkpoint,
 )
 from mnist import Batches, load_mnist, split_train_val
 
@@ -132,36 +132,6 @@ def test_hooks_are_removed_afterwards():
 # ----------------------------------------------------------------------------- checkpoint
 
 
-def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "ck.pt"
-    save_checkpoint({"model_state": {"w": torch.ones(2)}}, path)
-
-    def dies_halfway(obj, f):
-        Path(f).write_bytes(b"half a checkpoint")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", dies_halfway)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint({"model_state": {"w": torch.zeros(2)}}, path)
-    assert torch.equal(load_checkpoint(path)["model_state"]["w"], torch.ones(2))
-    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
-
-
-@pytest.mark.parametrize("content, message", [
-    (None, "no checkpoint at .*python lenet5.py"),
-    (b"not a checkpoint at all", "not a readable checkpoint"),
-    ({"weights": 1}, "not a checkpoint of lenet5.py"),
-])
-def test_load_checkpoint_rejects_bad_files(tmp_path, content, message):
-    path = tmp_path / "ck.pt"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif content is not None:
-        torch.save(content, path)
-    with pytest.raises(UserError, match=message):
-        load_checkpoint(path)
-
-
 def test_weights_of_another_architecture_are_refused():
     state = LeNet5().state_dict()
     state["c1.weight"] = torch.zeros(8, 1, 5, 5)
@@ -174,7 +144,7 @@ def test_weights_of_another_architecture_are_refused():
 
 def _quick_run(tmp_path, name="ck.pt", *extra):
     checkpoint = tmp_path / name
-    main(["--epochs", "1", "--limit-train", "600", "--val-size", "500", "--batch-size", "100",
+    main(["--epochs", "1", "--limit-train", "600", "--val-size", "500", "--batch-size", "20",
           "--device", "cpu", "--data-dir", str(DATA), "--checkpoint", str(checkpoint), *extra])
     return checkpoint
 
@@ -251,36 +221,73 @@ def test_completed_rerun_keeps_the_checkpoint_it_replaces(tmp_path, capsys):
         capsys.readouterr().out)
 
 
-def _spoiled(tmp_path, change):
-    """A quick checkpoint with `change` applied to its contents."""
-    path = _quick_run(tmp_path, "spoiled.pt")
-    checkpoint = torch.load(path, weights_only=True)
-    change(checkpoint)
-    torch.save(checkpoint, path)
-    return path
-
-
-@pytest.mark.parametrize("change, message", [
-    (lambda ck: ck["model_state"]["f6.bias"].fill_(float("inf")),
+@pytest.mark.parametrize("network, change, message", [
+    ("trained", lambda ck: ck["model_state"]["f6.bias"].fill_(float("inf")),
      r"layer f6 holds NaN or infinite values \(f6.bias\)"),
-    (lambda ck: ck["percentiles"]["act1"].update({"99": None}),
+    ("trained", lambda ck: ck["percentiles"]["act1"].update({"99": None}),
      r"percentiles\['act1'\]\['99'\] is None, not a finite number >= 0"),
-    (lambda ck: ck["percentiles"].update({"act6": [1, 2]}), "percentiles is not a table of tables"),
-    (lambda ck: ck["channel_percentiles"]["act3"].update({"99": [1.0, float("nan")]}),
-     r"channel_percentiles\['act3'\]\['99'\] is \[1.0, nan\], not a list of finite numbers >= 0"),
-    (lambda ck: ck["channel_percentiles"]["act3"].update({"99": 2.0}),
-     r"channel_percentiles\['act3'\]\['99'\] is 2.0, not a list of finite numbers >= 0"),
-    (lambda ck: ck.update(percentile=99), "percentile is 99, not a key of its percentiles"),
-    (lambda ck: ck.update(levels=0), "unknown activation 'relu' with levels 0"),
+    ("trained", lambda ck: ck.update(levels=0), "levels is 0, not a positive integer"),
+    ("qcfs", lambda ck: ck["model_state"]["act3.threshold"].fill_(-1.0),
+     "act3.threshold in the weights is -1.0, not positive"),
 ])
-def test_init_from_an_odd_checkpoint_gives_one_line(tmp_path, change, message):
-    spoiled = _spoiled(tmp_path, change)
+def test_init_from_an_odd_checkpoint_gives_one_line(tmp_path, network, change, message, request):
+    """`check_checkpoint` (every case in test_checkpoint.py) guards --init-from too."""
+    checkpoint = torch.load(request.getfixturevalue(network), weights_only=True)
+    change(checkpoint)
+    spoiled = tmp_path / "spoiled.pt"
+    torch.save(checkpoint, spoiled)
     with pytest.raises(SystemExit) as exit_info:
         _quick_run(tmp_path, "qcfs.pt", "--activation", "qcfs", "--init-from", str(spoiled))
     text = str(exit_info.value.code)
     assert text.startswith("lenet5.py: error:") and "\n" not in text
     assert re.search(message, text)
     assert not (tmp_path / "qcfs.pt").exists() and not (tmp_path / "qcfs.partial.pt").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "1e30"], "training diverged in epoch 1 \\(loss nan\\)"),
+    (["--lr", "1e-9"], "no better than chance \\(validation"),
+])
+def test_a_failed_run_never_replaces_the_checkpoint(tmp_path, argv, message):
+    path = _quick_run(tmp_path, "ck.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for _ in range(2):  # twice: the backup must not take the failed network's place either
+        with pytest.raises(SystemExit) as exit_info:
+            _quick_run(tmp_path, "ck.pt", "--seed", "3", *argv)
+        text = str(exit_info.value.code)
+        assert re.search(message, text) and f"{path} is untouched" in text and "\n" not in text
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if ".partial" not in p.name}
+    assert after == before  # byte for byte, and no .prev.pt made
+
+
+def test_a_checkpoint_without_a_suffix_keeps_its_history(tmp_path, monkeypatch, capsys):
+    path = _quick_run(tmp_path, "net")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"net", "net_history.json"}
+    original, epochs = lenet5.train_epoch, []
+
+    def interrupted_in_epoch_2(*args, **kwargs):
+        epochs.append(1)
+        if len(epochs) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(lenet5, "train_epoch", interrupted_in_epoch_2)
+    with pytest.raises(SystemExit):
+        _quick_run(tmp_path, "net", "--epochs", "3")
+    assert f"{path} is untouched" in capsys.readouterr().err
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert {p.name for p in tmp_path.iterdir()} == {"net", "net_history.json", "net.partial",
+                                                     "net_history.partial.json"}
+
+
+def test_an_invalid_file_in_the_checkpoints_place_is_not_kept_over_a_good_backup(tmp_path):
+    path = _quick_run(tmp_path, "ck.pt")
+    _quick_run(tmp_path, "ck.pt", "--seed", "2")  # the first run is now ck.prev.pt
+    good = (tmp_path / "ck.prev.pt").read_bytes()
+    path.write_text("spoiled by hand")
+    _quick_run(tmp_path, "ck.pt", "--seed", "3")
+    assert (tmp_path / "ck.prev.pt").read_bytes() == good
+    assert load_checkpoint(path)["seed"] == 3
 
 
 def test_qcfs_fine_tuning_starts_from_the_percentiles_and_records_lambda(tmp_path, monkeypatch):
@@ -340,6 +347,13 @@ def test_same_seed_gives_the_same_weights(tmp_path):
     (["--levels", "0"], "--levels: must be at least 1"),
     (["--calibration-images", "0"], "--calibration-images: must be at least 1"),
     (["--init-from", "checkpoints/lenet5_best.pt"], "are the same file"),
+    (["--seed", "-1"], r"--seed: must be in \[0, 4294967295\], got -1"),
+    (["--seed", "4294967296"], r"--seed: must be in \[0, 4294967295\]"),
+    (["--weight-decay", "-1"], "--weight-decay: must be a finite number >= 0, got -1"),
+    (["--weight-decay", "nan"], "--weight-decay: must be a finite number >= 0, got nan"),
+    (["--weight-decay", "inf"], "--weight-decay: must be a finite number >= 0, got inf"),
+    (["--threshold-decay", "-1"], "--threshold-decay: must be a finite number >= 0"),
+    (["--threshold-lr", "0"], "--threshold-lr: must be a positive number"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -354,10 +368,22 @@ def test_bad_arguments_give_one_line(argv, message, capsys):
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--init-from", "{file}"], "is not a readable checkpoint"),
     (["--checkpoint", "{file}/sub/ck.pt"], "cannot write to"),
+    (["--checkpoint", "{dir}"], "is a folder; give a file name"),
+    ([], "MNIST files missing from"),
 ])
-def test_bad_device_or_folder_fails_before_training(tmp_path, argv, message):
+def test_bad_device_folder_or_data_fails_before_training(tmp_path, argv, message, monkeypatch):
     (tmp_path / "file").write_text("a file, not a folder")
-    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    (tmp_path / "dir").mkdir()
+    monkeypatch.setattr(mnist.torchvision.datasets, "MNIST", _no_download)
+    argv = [a.replace("{file}", str(tmp_path / "file")).replace("{dir}", str(tmp_path / "dir"))
+            for a in argv]
     with pytest.raises(SystemExit) as exit_info:
-        main(argv + ["--data-dir", str(tmp_path / "nowhere")])
+        main(["--checkpoint", str(tmp_path / "ck.pt"), *argv,
+              "--data-dir", str(tmp_path / "nowhere")])
     assert message in str(exit_info.value.code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]  # nothing written
+    assert not list((tmp_path / "dir").iterdir())
+
+
+def _no_download(*args, **kwargs):
+    raise RuntimeError("no internet")

@@ -12,6 +12,7 @@ from helpers import DATA, HIDDEN, random_lenet
 import efficiency
 import lenet5
 import lenet_convert
+from checkpoint import PERCENTILE, percentile_key
 from cli import UserError
 from lenet5 import QCFS, LeNet5, percentile_activations
 from lenet_convert import (
@@ -349,7 +350,7 @@ def test_converted_network_reaches_its_ann(trained, tmp_path):
     assert saved["snn_accuracy"] == result["snn_accuracy"] and len(saved["snn_accuracy"]) == 64
     for key in ("ann_accuracy", "timesteps", lenet_convert.AT_ANN_LEVEL, "settings", "checkpoint"):
         assert key in saved
-    defaults = Settings(percentile=lenet5.percentile_key(lenet5.PERCENTILE))._asdict()
+    defaults = Settings(percentile=percentile_key(PERCENTILE))._asdict()
     assert saved["settings"] == defaults | {"activation": "relu", "levels": None}
     efficiency = saved["efficiency"]
     assert efficiency["ann_macs_per_image"] == 416_520 and len(efficiency["snn_energy_pj"]) == 64
@@ -442,60 +443,75 @@ def _changed(change):
     return spoil
 
 
-def _no_percentiles(checkpoint):
-    del checkpoint["percentiles"]
+def _set(layer, values):
+    """A change that sets every recorded percentile of `layer` to `values` (in increasing p)."""
+    def change(checkpoint):
+        table = checkpoint["percentiles"][layer]
+        table.update(zip(table, values, strict=True))
+    return change
 
 
-def _nan_weight(checkpoint):
-    checkpoint["model_state"]["c3.weight"][0, 0, 0, 0] = float("nan")
-
-
-def _inf_percentile(checkpoint):
-    checkpoint["percentiles"]["act5"]["99"] = float("inf")
-
-
-def _text_percentile(checkpoint):
-    checkpoint["percentiles"]["act3"]["99.9"] = "big"
-
-
-def _negative_threshold(checkpoint):
-    checkpoint["thresholds"] = {"act1": -1.0}
-
-
-@pytest.mark.parametrize("spoil, argv, message", [
-    (Path.unlink, [], "no checkpoint at .*: train one first with `python lenet5.py`"),
-    (lambda p: p.write_text("hello"), [], "is not a readable checkpoint"),
-    (_corrupt, [], "is not a readable checkpoint"),
-    (lambda p: torch.save([1, 2], p), [], "not a checkpoint of lenet5.py"),
-    (_other_arch, [], "weights do not fit LeNet5"),
-    (_changed(_no_percentiles), [], "holds no activation percentiles"),
-    (_changed(_nan_weight), [], r"layer c3 holds NaN or infinite values \(c3.weight\)"),
-    (_changed(_inf_percentile), [], r"percentiles\['act5'\]\['99'\] is inf, not a finite"),
-    (_changed(_text_percentile), [], r"percentiles\['act3'\]\['99.9'\] is 'big', not a finite"),
-    (_changed(_negative_threshold), [], "thresholds is .*, not positive numbers"),
-    (None, ["--percentile", "95"], "no 95th percentile"),
-    (None, ["--limit", "20000"], "the test set has only 10000 images"),
-    (_changed(lambda ck: ck["channel_percentiles"]["act5"].update({"99": [1.0, None]})),
-     ["--norm", "channel"], r"channel_percentiles\['act5'\]\['99'\] is \[1.0, None\], not a list"),
-    (_changed(lambda ck: ck["channel_percentiles"]["act5"].update({"99": [1.0, 2.0]})),
+# One row per bad input: the network (the conftest's), how its file is spoiled, the arguments,
+# and what the one line must say. The values themselves are checked by `check_checkpoint` (one
+# row each in test_checkpoint.py); these rows show the converter stops on them.
+BAD_INPUT = [
+    ("trained", Path.unlink, [], "no checkpoint at .*: train one first with `python lenet5.py`"),
+    ("trained", lambda p: p.write_text("hello"), [], "is not a readable checkpoint"),
+    ("trained", _corrupt, [], "is not a readable checkpoint"),
+    ("trained", lambda p: torch.save([1, 2], p), [], "not a checkpoint of lenet5.py"),
+    ("trained", _other_arch, [], "weights do not fit LeNet5"),
+    ("trained", _changed(lambda ck: ck.pop("percentiles")), [], "holds no activation percentil"),
+    ("trained", _changed(lambda ck: ck["model_state"]["c3.weight"].fill_(float("nan"))), [],
+     r"layer c3 holds NaN or infinite values \(c3.weight\)"),
+    ("trained", _changed(lambda ck: ck["percentiles"]["act5"].update({"99": float("inf")})), [],
+     r"percentiles\['act5'\]\['99'\] is inf, not a finite"),
+    ("trained", _changed(lambda ck: ck.update(thresholds={"act1": -1.0})), [],
+     "thresholds is .*, not positive numbers"),
+    ("qcfs", _changed(lambda ck: ck.pop("thresholds")), [], "thresholds names \\[\\], but the"),
+    ("qcfs", _changed(lambda ck: ck["model_state"]["act3.threshold"].fill_(0.0)), [],
+     "act3.threshold in the weights is 0.0, not positive"),
+    ("trained", _changed(lambda ck: ck["args"].update(val_size=10**9)),
+     ["--exit-rule", "margin"], "args.val_size is 1000000000, not an integer in"),
+    ("trained", _changed(lambda ck: ck.update(calibration_images=-5) or ck.pop(
+        "channel_percentiles")), ["--norm", "neuron"], "calibration_images is -5"),
+    ("trained", _changed(lambda ck: ck.update(seed="1") or ck.pop("channel_percentiles")),
+     ["--norm", "neuron"], "seed is '1', not an integer"),
+    ("trained", _changed(lambda ck: ck.update(seed=-1)), [], "seed is -1, not an integer"),
+    ("trained", _changed(_set("act1", [1e-30, 1.0, 2.0, 3.0])), [], "implausibly small"),
+    ("trained", _changed(_set("out", [0.0, 1.0, 2.0, 3.0])), ["--readout", "spikes"],
+     "the output layer's scale is 0: a spiking read-out needs a positive one"),
+    ("trained", _changed(_set("out", [-4.0, -3.0, -2.0, -1.0])), ["--readout", "spikes"],
+     "the output layer's scale is -4: a spiking read-out needs a positive one"),
+    ("trained", None, ["--percentile", "95"], "no 95th percentile"),
+    ("trained", None, ["--limit", "20000"], "the test set has only 10000 images"),
+    ("trained", _changed(lambda ck: ck["channel_percentiles"]["act5"].update({"99": [1.0, None]})),
+     ["--norm", "channel"], r"channel_percentiles\['act5'\]\['99'\] is \[1.0, None\], not a"),
+    ("trained", _changed(lambda ck: ck["channel_percentiles"]["act5"].update(
+        {key: [1.0, 2.0] for key in ck["channel_percentiles"]["act5"]})),
      ["--norm", "neuron"], "act5 has 2 per-channel percentiles, not one per channel"),
-])
-def test_bad_input_gives_one_line_and_keeps_old_results(trained, tmp_path, spoil, argv, message):
+]
+
+
+@pytest.mark.parametrize("network, spoil, argv, message", BAD_INPUT)
+def test_bad_input_gives_one_line_and_keeps_old_results(network, spoil, argv, message, tmp_path,
+                                                       request):
     checkpoint = tmp_path / "ck.pt"
-    checkpoint.write_bytes(trained.read_bytes())
+    checkpoint.write_bytes(request.getfixturevalue(network).read_bytes())
     if spoil:
         spoil(checkpoint)
     out = tmp_path / "results"
     out.mkdir()
     (out / "snn_accuracy.json").write_text('{"from": "an earlier run"}')
-    with pytest.raises(SystemExit) as exit_info:
-        lenet_convert.main(["--checkpoint", str(checkpoint), "--out-dir", str(out),
-                            "--data-dir", str(DATA), *argv])
-    text = str(exit_info.value.code)
-    assert text.startswith("lenet_convert.py: error:") and "\n" not in text
-    assert re.search(message, text)
+    for out_dir in (out, tmp_path / "new" / "results"):  # a folder that is not there yet too
+        with pytest.raises(SystemExit) as exit_info:
+            lenet_convert.main(["--checkpoint", str(checkpoint), "--out-dir", str(out_dir),
+                                "--data-dir", str(DATA), "--timesteps", "4", *argv])
+        text = str(exit_info.value.code)
+        assert text.startswith("lenet_convert.py: error:") and "\n" not in text
+        assert re.search(message, text)
     assert (out / "snn_accuracy.json").read_text() == '{"from": "an earlier run"}'
     assert sorted(p.name for p in out.iterdir()) == ["snn_accuracy.json"]
+    assert not (tmp_path / "new").exists()  # "nothing written" holds literally
 
 
 @pytest.mark.parametrize("argv, message", [

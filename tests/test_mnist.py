@@ -75,6 +75,9 @@ def test_missing_files_say_what_and_where(fake_mnist, monkeypatch):
     monkeypatch.setattr(mnist.torchvision.datasets, "MNIST", no_network)
     with pytest.raises(UserError, match=r"missing from .*raw: fake-ubyte.gz"):
         prepare_mnist(data_dir)
+    with pytest.raises(UserError, match=r"missing from .*nowhere/MNIST/raw: fake-ubyte.gz"):
+        prepare_mnist(data_dir / "nowhere")
+    assert not (data_dir / "nowhere").exists()  # the failed attempt leaves no empty folders
 
 
 def test_split_is_seeded_and_disjoint():

@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ import seeds  # noqa: E402
 
 
 def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
-    argv = ["--seeds", "1", "2", "--limit-train", "300", "--epochs", "1", "--limit", "200",
+    argv = ["--seeds", "1", "2", "--limit-train", "1000", "--epochs", "2", "--limit", "200",
             "--timesteps", "4", "--device", "cpu", "--data-dir", str(DATA),
             "--checkpoint-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out")]
     study = seeds.main(argv)
@@ -69,3 +70,16 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     assert seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv)
     assert not seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv + ["--lr", "0.02"])
     assert not seeds.reusable(tmp_path / "ck" / "relu_seed3.pt", relu_argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "-1"], r"--seeds: must be in \[0, 4294967295\], got -1"),
+    (["--seeds", "1", "1"], "each seed once"),
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+])
+def test_bad_arguments_give_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        seeds.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err)

@@ -1,0 +1,182 @@
+"""The checkpoint: what lenet5.py writes and every other script reads, and the one check of it.
+
+A checkpoint is a dict saved with torch.save and loaded with weights_only=True:
+
+    arch                  "LeNet5-BN"
+    model_state           the weights (a QCFS network's include each layer's lambda, threshold)
+    activation, levels    "relu", or "qcfs" with its quantisation levels L
+    channel_thresholds    QCFS: one lambda per channel (True) or per layer
+    thresholds            QCFS: {activation layer: lambda, or a list of one per channel}
+    percentiles           {layer: {percentile key: value}}: each activation's and the output
+                          layer's percentiles over the calibration images (keys "99", "99.9" ...)
+    channel_percentiles   the same per channel: {layer: {key: [value per channel]}}
+    percentile            the key a conversion uses by default
+    calibration_images    how many training images the percentiles come from
+    epoch, val_accuracy, test_accuracy, seed, args (lenet5.py's arguments, e.g. val_size),
+    torch_version, torchvision_version
+
+`check_checkpoint` checks every one of these values that a script reads, wherever a checkpoint
+is loaded (`load_checkpoint`) and before lenet5.py promotes a new one.
+"""
+
+import math
+import reprlib
+from pathlib import Path
+
+import torch
+
+import cli
+from cli import UserError, first_line
+from mnist import TRAIN_IMAGES
+
+ARCH = "LeNet5-BN"
+ACTIVATIONS = ("relu", "qcfs")
+OUTPUT_LAYER = "out"  # the last layer's name: its percentiles (logits) may be negative
+PERCENTILE = 99.0  # the percentile a conversion uses unless the checkpoint names another
+
+
+def percentile_key(p):
+    """The checkpoint's key for percentile p: 99 -> '99', 99.9 -> '99.9', 100 -> '100'."""
+    return f"{float(p):g}"
+
+
+def default_percentile(checkpoint):
+    """The key of the percentile a checkpoint is converted with by default (older checkpoints
+    did not record it: theirs was PERCENTILE)."""
+    return checkpoint.get("percentile", percentile_key(PERCENTILE))
+
+
+def save_checkpoint(checkpoint, path):
+    """Write atomically: Ctrl-C at any moment leaves the previous file intact."""
+    with cli.atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by this script, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}: train one first with `python lenet5.py`")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise UserError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
+    if not isinstance(checkpoint, dict) or "model_state" not in checkpoint:
+        raise UserError(f"{path} is not a checkpoint of lenet5.py (no model_state)")
+    check_checkpoint(checkpoint, path)
+    return checkpoint
+
+
+def _number(value, lowest=-math.inf, integer=False):
+    """Whether `value` is a finite number (an integer if asked) of at least `lowest`."""
+    kinds = int if integer else (int, float)
+    return (isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= lowest)
+
+
+CHECKS = {  # key (args.* inside "args"): (test, what it must be); checked where present
+    "arch": (lambda v: v == ARCH, repr(ARCH)),
+    "activation": (lambda v: v in ACTIVATIONS, " or ".join(ACTIVATIONS)),
+    "levels": (lambda v: _number(v, 1, integer=True), "a positive integer"),
+    "channel_thresholds": (lambda v: isinstance(v, bool), "true or false"),
+    "seed": (lambda v: _number(v, 0, integer=True) and v <= cli.SEED_RANGE[1],
+             f"an integer in [0, {cli.SEED_RANGE[1]}]"),
+    "calibration_images": (lambda v: _number(v, 1, integer=True) and v < TRAIN_IMAGES,
+                           "a positive number of training images"),
+    "percentile": (lambda v: isinstance(v, str), "a key of the percentiles table"),
+    "args": (lambda v: isinstance(v, dict), "a table of the arguments"),
+    "args.val_size": (lambda v: _number(v, 1, integer=True) and v < TRAIN_IMAGES,
+                      f"an integer in [1, {TRAIN_IMAGES - 1}]"),
+    "args.limit_train": (lambda v: v is None or _number(v, 1, integer=True),
+                         "empty or a positive integer"),
+    "args.calibration_images": (lambda v: v is None or _number(v, 1, integer=True),
+                                "empty or a positive integer"),
+}
+PLAUSIBLE = 1e-6  # a percentile below this fraction of its layer's maximum is a spoiled value
+
+
+def check_checkpoint(checkpoint, path):
+    """Check every value any script reads from a checkpoint; the error names the key.
+
+    Types and ranges (CHECKS), weights that are finite numbers, percentile tables with the same
+    keys for every layer, non-decreasing in p and not implausibly small, and for QCFS the
+    trained thresholds lambda: positive, one per activation, and the same in the weights as in
+    the `thresholds` table.
+    """
+    for key, (test, kind) in CHECKS.items():
+        table, name = (checkpoint.get("args"), key[5:]) if key.startswith("args.") else (
+            checkpoint, key)
+        if isinstance(table, dict) and name in table and not test(table[name]):
+            raise UserError(f"{path}: {key} is {reprlib.repr(table[name])}, not {kind}")
+    state = checkpoint["model_state"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: model_state is not a table of tensors")
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{path}: layer {key.split('.')[0]} holds NaN or infinite values "
+                            f"({key})")
+    for name in ("percentiles", "channel_percentiles"):
+        if name in checkpoint:  # checkpoints older than a table lack it
+            _check_percentiles(checkpoint[name], name, path)
+    key = default_percentile(checkpoint)
+    if any(key not in table for table in checkpoint.get("percentiles", {}).values()):
+        raise UserError(f"{path}: percentile is {key!r}, not a key of the percentiles table")
+    _check_thresholds(checkpoint, path)
+
+
+def _check_percentiles(tables, name, path):
+    """{layer: {key: value}} (or {key: [value per channel]}): see `check_checkpoint`."""
+    per_channel = name == "channel_percentiles"
+    kind = "a list of finite numbers" if per_channel else "a finite number"
+    if not isinstance(tables, dict) or not tables or not all(
+            isinstance(t, dict) and t for t in tables.values()):
+        raise UserError(f"{path}: {name} is not a table of tables")
+    for layer, table in tables.items():
+        if not all(_percentile(key) for key in table):
+            raise UserError(f"{path}: {name}[{layer!r}] has keys {list(table)}, not percentiles")
+        if list(table) != list(next(iter(tables.values()))):
+            raise UserError(f"{path}: {name}[{layer!r}] has other percentiles than the first "
+                            "layer's")
+        lowest = -math.inf if layer == OUTPUT_LAYER else 0
+        for key, value in table.items():
+            if isinstance(value, list) != per_channel or not all(
+                    _number(v, lowest) for v in (value if per_channel else [value])):
+                raise UserError(f"{path}: {name}[{layer!r}][{key!r}] is {reprlib.repr(value)}, "
+                                f"not {kind}{' >= 0' if lowest == 0 else ''}")
+        if per_channel and len({len(v) for v in table.values()}) > 1:
+            raise UserError(f"{path}: {name}[{layer!r}] has lists of different lengths")
+        rows = zip(*table.values(), strict=True) if per_channel else [table.values()]
+        for row in rows:  # one layer's, or one channel's, percentiles in increasing p
+            row = list(row)
+            if row != sorted(row) or any(0 < v < PLAUSIBLE * row[-1] for v in row):
+                raise UserError(f"{path}: {name}[{layer!r}] is {reprlib.repr(table)}: not "
+                                "increasing with p, or implausibly small next to its maximum")
+
+
+def _percentile(key):
+    """Whether `key` names a percentile in (0, 100], as `percentile_key` writes it."""
+    try:
+        return isinstance(key, str) and 0 < float(key) <= 100
+    except ValueError:
+        return False
+
+
+def _check_thresholds(checkpoint, path):
+    """A QCFS network's lambda: positive, and the same in the weights and in `thresholds`."""
+    table = checkpoint.get("thresholds", {})
+    if not isinstance(table, dict) or not all(
+            all(_number(x) and x > 0 for x in (v if isinstance(v, list) else [v]))
+            for v in table.values()):
+        raise UserError(f"{path}: thresholds is {reprlib.repr(table)}, not positive numbers "
+                        "per layer")
+    weights = {k.removesuffix(".threshold"): v for k, v in checkpoint["model_state"].items()
+               if k.endswith(".threshold")}
+    if (checkpoint.get("activation", "relu") == "qcfs") != bool(weights) or set(weights) != set(
+            table):
+        raise UserError(f"{path}: thresholds names {sorted(table)}, but the weights hold lambda "
+                        f"of {sorted(weights)} (activation {checkpoint.get('activation')!r})")
+    for layer, lam in weights.items():
+        if not (lam > 0).all() or not torch.allclose(lam, torch.tensor(table[layer]), rtol=1e-6):
+            raise UserError(f"{path}: {layer}.threshold in the weights is "
+                            f"{reprlib.repr(lam.tolist())}, not positive and equal to "
+                            f"thresholds[{layer!r}] = {reprlib.repr(table[layer])}")

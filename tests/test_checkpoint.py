@@ -1,0 +1,124 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
+from cli import UserError
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint({"model_state": {"w": torch.ones(2)}}, path)
+
+    def dies_halfway(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model_state": {"w": torch.zeros(2)}}, path)
+    assert torch.equal(load_checkpoint(path)["model_state"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no checkpoint at .*python lenet5.py"),
+    (b"not a checkpoint at all", "not a readable checkpoint"),
+    ({"weights": 1}, "not a checkpoint of lenet5.py"),
+])
+def test_load_checkpoint_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "ck.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(path)
+
+
+def _set(path, value):
+    """A change that sets the value at `path` (keys, outermost first) of a checkpoint."""
+    def change(checkpoint):
+        table = checkpoint
+        for key in path[:-1]:
+            table = table[key]
+        table[path[-1]] = value
+    return change
+
+
+def _drop(*path):
+    def change(checkpoint):
+        table = checkpoint
+        for key in path[:-1]:
+            table = table[key]
+        del table[path[-1]]
+    return change
+
+
+def _weight(key, value):
+    return lambda checkpoint: checkpoint["model_state"][key].fill_(value)
+
+
+# One row per bad value: which network (the conftest's ReLU or QCFS one), how it is spoiled, and
+# what the one line must say. A new bad input is one more row.
+SPOILED = [
+    ("relu", _weight("c3.weight", float("nan")), r"layer c3 holds NaN or infinite values"),
+    ("relu", _weight("f6.bias", float("inf")), r"layer f6 holds NaN or infinite values"),
+    ("relu", _set(["model_state"], [1, 2]), "model_state is not a table of tensors"),
+    ("relu", _set(["percentiles", "act5", "99"], float("inf")),
+     r"percentiles\['act5'\]\['99'\] is inf, not a finite number >= 0"),
+    ("relu", _set(["percentiles", "act3", "99.9"], "big"),
+     r"percentiles\['act3'\]\['99.9'\] is 'big', not a finite number"),
+    ("relu", _set(["percentiles", "act1", "99"], None), r"\['act1'\]\['99'\] is None"),
+    ("relu", _set(["percentiles", "act6"], [1, 2]), "percentiles is not a table of tables"),
+    ("relu", _set(["percentiles"], {}), "percentiles is not a table of tables"),
+    ("relu", _drop("percentiles", "act3", "99.9"), r"\['act3'\] has other percentiles than"),
+    ("relu", _set(["percentiles", "act3", "99"], 1e9), "not increasing with p"),
+    ("relu", _set(["percentiles", "act1", "99"], 1e-30), "implausibly small"),
+    ("relu", _set(["percentiles", "out", "99"], 1e-30), "implausibly small"),
+    ("relu", lambda ck: ck["percentiles"].update(act1={"a": 1.0}), "not percentiles"),
+    ("relu", _set(["channel_percentiles", "act3", "99"], [1.0, float("nan")]),
+     r"channel_percentiles\['act3'\]\['99'\] is \[1.0, nan\], not a list of finite numbers"),
+    ("relu", _set(["channel_percentiles", "act3", "99"], 2.0), "not a list of finite numbers"),
+    ("relu", _set(["channel_percentiles", "act3", "99"], [1.0, 2.0]), "lists of different len"),
+    ("relu", _set(["percentile"], 99), "percentile is 99, not a key of the percentiles table"),
+    ("relu", _set(["percentile"], "95"), "percentile is '95', not a key of the percentiles"),
+    ("relu", _set(["activation"], "tanh"), "activation is 'tanh', not relu or qcfs"),
+    ("relu", _set(["levels"], 0), "levels is 0, not a positive integer"),
+    ("relu", _set(["arch"], "ResNet"), "arch is 'ResNet', not 'LeNet5-BN'"),
+    ("relu", _set(["seed"], -1), r"seed is -1, not an integer in \[0, 4294967295\]"),
+    ("relu", _set(["seed"], "three"), "seed is 'three', not an integer"),
+    ("relu", _set(["calibration_images"], -5), "calibration_images is -5, not a positive"),
+    ("relu", _set(["calibration_images"], 0), "calibration_images is 0, not a positive"),
+    ("relu", _set(["calibration_images"], "many"), "calibration_images is 'many'"),
+    ("relu", _set(["args"], "x"), "args is 'x', not a table of the arguments"),
+    ("relu", _set(["args", "val_size"], 10**9), r"args.val_size is 1000000000, not an integer"),
+    ("relu", _set(["args", "limit_train"], "many"), "args.limit_train is 'many'"),
+    ("relu", _set(["thresholds"], {"act1": -1.0}), "thresholds is .*, not positive numbers"),
+    ("qcfs", _drop("thresholds"), r"thresholds names \[\], but the weights hold lambda of"),
+    ("qcfs", _drop("thresholds", "act3"), r"thresholds names \['act1', 'act5', 'act6'\]"),
+    ("qcfs", _weight("act3.threshold", -1.0), "act3.threshold in the weights is -1.0, not pos"),
+    ("qcfs", _weight("act3.threshold", 0.0), "act3.threshold in the weights is 0.0, not pos"),
+    ("qcfs", _weight("act5.threshold", 2.5), r"not positive and equal to thresholds\['act5'\]"),
+    ("qcfs", _set(["activation"], "relu"), "but the weights hold lambda"),
+]
+
+
+@pytest.mark.parametrize("network, change, message", SPOILED)
+def test_every_bad_value_is_named(network, change, message, request):
+    checkpoint = torch.load(request.getfixturevalue(
+        "trained" if network == "relu" else "qcfs"), weights_only=True)
+    check_checkpoint(checkpoint, "ck.pt")  # the unspoiled one passes
+    change(checkpoint)
+    with pytest.raises(UserError, match=message) as error:
+        check_checkpoint(checkpoint, "ck.pt")
+    assert str(error.value).startswith("ck.pt: ") and "\n" not in str(error.value)
+
+
+def test_old_checkpoints_without_the_newer_keys_pass(trained):
+    checkpoint = torch.load(trained, weights_only=True)
+    for key in ("channel_percentiles", "calibration_images", "percentile", "channel_thresholds",
+                "arch"):
+        del checkpoint[key]
+    check_checkpoint(checkpoint, "old.pt")

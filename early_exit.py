@@ -38,6 +38,7 @@ from mnist import Batches, load_mnist, split_train_val
 EXIT_GRID = 200  # thresholds tried on the validation split (quantiles of the recorded values)
 HARDEST = 16  # test images shown in the figure: those that ran longest
 EXIT_TIMING_REPEATS = 5  # early exit and its fixed-T comparison are each timed this many times
+EXIT_MERGE = 0.25  # groups shrunk below this fraction of a batch are merged (see _regroup)
 SUMMARY_KEYS = ("threshold", "deadline", "validation_accuracy", "validation_ann_accuracy",
                 "test_accuracy", "mean_steps", "fixed_timesteps", "fixed_accuracy", "seconds",
                 "fixed_seconds", "synops_per_image", "energy_pj_per_image")  # for a study
@@ -201,9 +202,14 @@ def _merge(groups):
 
 
 def _regroup(groups, size):
-    """Merge neighbouring groups up to `size` images each: few images per call are slow."""
-    merged, pending = [], []
-    for group in groups:
+    """Merge the groups of fewer than EXIT_MERGE * `size` images into groups of up to `size`.
+
+    A step of a few images costs about as much as one of many (the per-call overhead), but
+    merging copies every state tensor of the images merged: only small groups are worth it.
+    """
+    small = [g for g in groups if len(g.index) < EXIT_MERGE * size]
+    merged, pending = [g for g in groups if len(g.index) >= EXIT_MERGE * size], []
+    for group in small:
         if pending and sum(len(g.index) for g in pending) + len(group.index) > size:
             merged.append(_merge(pending))
             pending = []

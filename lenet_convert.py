@@ -164,9 +164,10 @@ class SpikeNode(Counting):
         self.last = self.interval = self.fired = self.total = None
 
     def forward(self, current):
-        if self.mem is None:
-            self.mem = torch.full_like(current, self.v0 * self.threshold)
-        self.mem.add_(current)
+        if self.mem is None:  # V0 plus the first step's input, in one pass
+            self.mem = current + self.v0 * self.threshold
+        else:
+            self.mem.add_(current)
         scaled = self.mem if self.threshold == 1 else self.mem / self.threshold  # skip a pass
         spikes = torch.floor(scaled).clamp_(0, self.gamma)
         if self.reset_mode == "zero":

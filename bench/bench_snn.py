@@ -1,20 +1,29 @@
 """Time the SNN simulation against the ANN (the dense unit) and against SpikingJelly, in one run.
 
-On one machine, with the same checkpoint, threads and batch size: the dense unit, the fastest
-ANN forward pass over the test images this project can run (BatchNorm folded, the simulator's
-own max-pool, the simulator's batch size), and the ANN as trained for reference; for each T,
-the step-by-step simulator of lenet_convert.py and the layer-wise one of bench/layerwise.py
-(times, images x steps per second, ratio to T dense passes); their peak memory (a fresh process
-per simulator, so the figures don't mix); and, when `spikingjelly` is installed
-(`pip install spikingjelly`, not a requirement of the project), its ann2snn converter (mode
-"99.9%") on the same ANN, timed the same way, with its accuracy per step. The spiking network
-is built by `lenet_convert.build_snn` with the script's default settings, so the benchmark
-times the network the script simulates. Each time is the median of --repeats runs after a
-warm-up.
+On one machine, with the same checkpoint, threads and batch size:
 
-Example:
-    python bench/bench_snn.py                                  # the full table (long: ~30 min)
-    python bench/bench_snn.py --timesteps 8 32 64 --repeats 3  # a shorter run
+- the dense unit, the fastest ANN forward pass over the test images this project can run
+  (BatchNorm folded, the simulator's own max-pool and batch size), split into its
+  first layer and the layers after it (the rest); and the ANN as trained, for reference;
+- for each T, the step-by-step simulator of lenet_convert.py and the layer-wise one of
+  bench/layerwise.py (times, ratio to T dense passes, whether they fire exactly the same
+  spikes), and the cost of one simulated step against the rest of the dense unit, which is the
+  floor for a step (the first layer's current is computed once);
+- the time to reach the ANN's accuracy: for the ReLU network (--checkpoint) and a QCFS one
+  (--qcfs-checkpoint, if there), the fixed T that first comes within 0.1 pp of the ANN and
+  early exit (its threshold chosen on the checkpoint's validation split), each against one
+  dense pass;
+- peak memory (a fresh process per simulator);
+- when `spikingjelly` is installed (`pip install spikingjelly`, not a requirement of the
+  project), its ann2snn converter (mode "99.9%") on the same ANN, timed the same way.
+
+The spiking networks are built by `lenet_convert.build_snn` with the script's default settings,
+so the benchmark times the networks the script simulates. Each time is the median of --repeats
+runs after a warm-up.
+
+Examples:
+    python bench/bench_snn.py                                     # the full table (~20 min)
+    python bench/bench_snn.py --timesteps 1 2 4 64 --repeats 3    # a shorter run
 
 Writes bench/results/bench_snn.json (--out).
 """
@@ -39,6 +48,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from layerwise import simulate_layerwise  # noqa: E402
 
+import early_exit  # noqa: E402
 from cli import positive_int, write_json  # noqa: E402
 from lenet5 import evaluate  # noqa: E402
 from lenet_convert import (  # noqa: E402
@@ -47,6 +57,7 @@ from lenet_convert import (  # noqa: E402
     Settings,
     build_snn,
     evaluate_snn,
+    first_step_within,
     fold_batchnorm,
     load_ann,
     max_pool,
@@ -56,17 +67,25 @@ from lenet_convert import (  # noqa: E402
 from mnist import Batches, load_mnist  # noqa: E402
 
 SIMULATORS = {"step": simulate, "layerwise": simulate_layerwise}
+QCFS_CHECKPOINT = Path("checkpoints/lenet5_qcfs_best.pt")
+EXIT_RULE = "margin"  # the early-exit rule timed for the time to the ANN's accuracy
 
 
-def median_seconds(run, repeats):
-    """Median wall time of `run()` over `repeats` calls, after one untimed warm-up call."""
-    result = run()
-    times = []
+def median_seconds(runs, repeats):
+    """{name: median wall time of runs[name]()}, and each run's last result.
+
+    Every run is called once untimed (a warm-up), then all of them in turn, `repeats` rounds:
+    a machine that speeds up or slows down meanwhile affects each alike, so ratios between them
+    hold even where absolute times drift.
+    """
+    results = {name: run() for name, run in runs.items()}
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results[name] = run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, results
 
 
 def spikingjelly_snn(ann, calibration, device):
@@ -107,10 +126,10 @@ def fastest_ann(ann):
     return fast
 
 
-def load(args):
+def load(args, path=None):
     """(device, the ANN, the SNN lenet_convert.py simulates by default, the test batches)."""
     device = cli.resolve_device(args.device)
-    checkpoint, ann = load_ann(args.checkpoint, device)
+    checkpoint, ann = load_ann(path or args.checkpoint, device)
     snn = build_snn(checkpoint, ann, Settings(scaling_percentile(checkpoint))).to(device)
     images, labels = load_mnist(args.data_dir, train=False)
     batches = Batches(images[:args.limit], labels[:args.limit], args.batch_size)
@@ -127,71 +146,181 @@ def peak_memory_mb(args, simulator, timesteps):
 def _measure_memory(args, simulator, timesteps):
     torch.set_num_threads(args.threads)
     device, _, snn, batches = load(args)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = _peak_rss_mb()
     evaluate_snn(snn, batches, timesteps, device, SIMULATORS[simulator])
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after = _peak_rss_mb()
     return {"peak_mb": round(after), "increase_mb": round(after - before)}
+
+
+def _peak_rss_mb():
+    """This process's peak resident memory in MB. Linux's VmHWM, since getrusage's ru_maxrss
+    also counts the parent's memory, which a new process holds for a moment after the fork
+    that starts it."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("VmHWM:"))) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def dense_runs(ann, batches, device):
+    """The dense unit's passes over `batches` to time: in all, its first layer alone, and the
+    layers after it on the first layer's outputs; with its accuracy."""
+    dense = fastest_ann(ann).to(device).eval()
+    images = [x.to(device) for x, _ in batches]
+    with torch.no_grad():
+        currents = [dense[0](x) for x in images]
+
+    @torch.no_grad()
+    def over(model, inputs):
+        return lambda: [model(x).sum() for x in inputs]
+    return {"dense": over(dense, images), "dense_first_layer": over(dense[0], images),
+            "dense_rest": over(dense[1:], currents)}, evaluate(dense, batches, device)
+
+
+def simulator_rows(args, snn, batches, device, dense, jelly):
+    """One row per simulator and T, each timed in turn with one dense pass, whose median in the
+    same rounds is the unit of its ratio; the step simulator's spikes checked against
+    layer-wise's. Returns (rows, the dense unit's seconds at each T)."""
+    simulators = dict(SIMULATORS, **({"spikingjelly": simulate_spikingjelly} if jelly else {}))
+    rows, units, n = [], {}, len(batches.labels)
+    for timesteps in args.timesteps:
+        runs = {"dense": dense["dense"]} | {name: functools.partial(
+            evaluate_snn, jelly if name == "spikingjelly" else snn, batches, timesteps, device,
+            simulator) for name, simulator in simulators.items()}
+        seconds, results = median_seconds(runs, args.repeats)
+        units[timesteps] = unit = seconds["dense"]
+        for name in simulators:
+            accuracy = results[name][0]
+            rows.append({"simulator": name, "timesteps": timesteps, "seconds": seconds[name],
+                         "image_steps_per_second": n * timesteps / seconds[name],
+                         "dense_seconds": unit,
+                         "ratio_to_T_ann": seconds[name] / (timesteps * unit),
+                         "accuracy": accuracy})
+            print(f"T={timesteps:4d} {name:13s} {seconds[name]:8.3f}s  "
+                  f"{seconds[name] / (timesteps * unit):5.2f} x T*ANN  "
+                  f"acc(T) {accuracy[-1]:.2%}", flush=True)
+        step, layerwise = results["step"][1], results["layerwise"][1]
+        rows[-len(simulators)]["same_spikes_as_layerwise"] = step.keys() == layerwise.keys() and (
+            all(torch.equal(step[k], layerwise[k]) for k in step))
+    return rows
+
+
+def step_cost(snn, batches, device, dense, repeats, timesteps=(1, 9)):
+    """Seconds of one simulated step after the first layer: the step simulator at the two
+    `timesteps`, timed in turn with the dense unit's layers after its first, whose median in
+    the same rounds is the floor the step is compared with."""
+    runs = {f"T={t}": functools.partial(evaluate_snn, snn, batches, t, device) for t in timesteps}
+    seconds, _ = median_seconds(runs | {"dense_rest": dense["dense_rest"]}, repeats)
+    step = (seconds[f"T={timesteps[1]}"] - seconds[f"T={timesteps[0]}"]) / (
+        timesteps[1] - timesteps[0])
+    return {"seconds": step, "from_timesteps": list(timesteps),
+            "dense_rest_seconds": seconds["dense_rest"],
+            "ratio_to_dense_rest": step / seconds["dense_rest"]}
+
+
+def time_to_ann_level(args, path, dense_run):
+    """For the network at `path`: the ANN's accuracy; the fixed T that first comes within
+    0.1 pp of it and early exit, each timed against one pass of `dense_run` (the ReLU
+    network's dense unit, for a QCFS network too: its activation costs more than a ReLU)."""
+    device, ann, snn, batches = load(args, path)
+    checkpoint = load_ann(path, device)[0]
+    ann_accuracy = evaluate(ann, batches, device)
+    accuracy, _ = evaluate_snn(snn, batches, args.search_timesteps, device)
+    fixed_t = first_step_within(accuracy, ann_accuracy) or args.search_timesteps
+    settings = Settings(scaling_percentile(checkpoint), exit_rule=EXIT_RULE)
+    train = load_mnist(args.data_dir, train=True)
+    validation = early_exit.validation_split(checkpoint, *train, args.batch_size)
+    threshold, deadline, _ = early_exit.choose_on_validation(snn, ann, settings, validation,
+                                                            args.search_timesteps, device)
+    seconds, results = median_seconds({
+        "dense": dense_run,
+        "fixed": functools.partial(evaluate_snn, snn, batches, fixed_t, device),
+        "early exit": functools.partial(early_exit.evaluate_early_exit, snn, batches,
+                                        args.search_timesteps, device, EXIT_RULE, threshold,
+                                        deadline)}, args.repeats)
+    capped, _, steps, _ = results["early exit"]
+    same_t = first_step_within(accuracy, capped[-1], margin=0) or args.search_timesteps
+    unit = seconds["dense"]
+    result = {"ann_accuracy": ann_accuracy, "dense_seconds": unit, "fixed_timesteps": fixed_t,
+              "fixed_accuracy": accuracy[fixed_t - 1], "fixed_seconds": seconds["fixed"],
+              "fixed_vs_dense": seconds["fixed"] / unit,
+              "early_exit": {"rule": EXIT_RULE, "threshold": threshold, "deadline": deadline,
+                             "accuracy": capped[-1], "mean_steps": steps.double().mean().item(),
+                             "seconds": seconds["early exit"],
+                             "vs_dense": seconds["early exit"] / unit,
+                             "fixed_timesteps_same_accuracy": same_t}}
+    early = result["early_exit"]
+    print(f"{path}: fixed T = {fixed_t} reaches the ANN's {ann_accuracy:.2%} in "
+          f"{result['fixed_vs_dense']:.2f} x one dense pass; early exit {capped[-1]:.2%} at "
+          f"{early['mean_steps']:.2f} steps in {early['vs_dense']:.2f} x", flush=True)
+    return result
 
 
 def run_benchmark(args):
     torch.set_num_threads(args.threads)
     device, ann, snn, batches = load(args)
-    n = len(batches.labels)
-    dense = fastest_ann(ann)
-    ann_seconds, ann_accuracy = median_seconds(
-        lambda: evaluate(dense, batches, device), args.repeats)
-    trained_seconds, trained_accuracy = median_seconds(
-        lambda: evaluate(ann, batches, device), args.repeats)
+    runs, accuracy = dense_runs(ann, batches, device)
+    seconds, _ = median_seconds(runs | {"as trained": functools.partial(
+        evaluate, ann, batches, device)}, args.repeats)
+    dense = {"seconds": seconds["dense"], "first_layer_seconds": seconds["dense_first_layer"],
+             "rest_seconds": seconds["dense_rest"], "accuracy": accuracy,
+             "as_trained_seconds": seconds["as trained"]}
+    print(f"dense unit {dense['seconds']:.3f}s (first layer {dense['first_layer_seconds']:.3f}s, "
+          f"the rest {dense['rest_seconds']:.3f}s); as trained {seconds['as trained']:.3f}s",
+          flush=True)
     train_images, train_labels = load_mnist(args.data_dir, train=True)  # calibrate on training data
     calibration = [images for images, _ in Batches(train_images[:2000], train_labels[:2000],
                                                    args.batch_size)]
     jelly = spikingjelly_snn(ann, calibration, device)
-    simulators = dict(SIMULATORS, **({"spikingjelly": simulate_spikingjelly} if jelly else {}))
-    rows = []
-    for timesteps in args.timesteps:
-        for name, simulator in simulators.items():
-            model = jelly if name == "spikingjelly" else snn
-            run = functools.partial(evaluate_snn, model, batches, timesteps, device, simulator)
-            seconds, (accuracy, _) = median_seconds(run, args.repeats)
-            rows.append({"simulator": name, "timesteps": timesteps, "seconds": seconds,
-                         "image_steps_per_second": n * timesteps / seconds,
-                         "ratio_to_T_ann": seconds / (timesteps * ann_seconds),
-                         "ratio_to_T_ann_as_trained": seconds / (timesteps * trained_seconds),
-                         "accuracy": accuracy})
-            print(f"T={timesteps:4d} {name:13s} {seconds:8.2f}s  "
-                  f"{n * timesteps / seconds:10.0f} image-steps/s  "
-                  f"{seconds / (timesteps * ann_seconds):5.2f} x T*ANN  "
-                  f"acc(T) {accuracy[-1]:.2%}", flush=True)
+    rows = simulator_rows(args, snn, batches, device, runs, jelly)
+    step = step_cost(snn, batches, device, runs, args.repeats)
+    print(f"one step {step['seconds']:.3f}s = {step['ratio_to_dense_rest']:.2f} x the dense unit "
+          "after its first layer", flush=True)
+    networks = {"relu": args.checkpoint} | (
+        {"qcfs": args.qcfs_checkpoint} if args.qcfs_checkpoint.is_file() else {})
+    to_ann = {name: time_to_ann_level(args, path, runs["dense"])
+              for name, path in networks.items()}
     memory = {name: peak_memory_mb(args, name, args.memory_timesteps) for name in SIMULATORS}
     return {"machine": {"cores": os.cpu_count(), "threads": args.threads,
                         "processor": platform.processor() or platform.machine(),
                         "device": str(device), "torch": str(torch.__version__)},
-            "test_images": n, "batch_size": args.batch_size, "repeats": args.repeats,
-            "ann_seconds": ann_seconds, "ann_accuracy": ann_accuracy,
-            "ann_as_trained_seconds": trained_seconds, "ann_as_trained_accuracy": trained_accuracy,
-            "dense_unit": "the ANN with BatchNorm folded and the simulator's max-pool and batch "
-                          "size (ann_seconds); as trained: ann_as_trained_seconds",
-            "rows": rows,
+            "test_images": len(batches.labels), "batch_size": args.batch_size,
+            "repeats": args.repeats, "dense_unit": dense,
+            "rows": rows, "step": step, "to_ann_level": to_ann,
             "memory_timesteps": args.memory_timesteps, "peak_memory": memory,
             "spikingjelly": jelly is not None}
 
 
 def print_summary(result):
+    dense = result["dense_unit"]
     print(f"\n{result['machine']['cores']} cores, {result['machine']['threads']} threads, "
           f"{result['machine']['device']}; {result['test_images']} images, batch "
-          f"{result['batch_size']}; ANN forward {result['ann_seconds']:.3f}s folded "
-          f"(the dense unit), {result['ann_as_trained_seconds']:.3f}s as trained "
-          f"(median of {result['repeats']})")
+          f"{result['batch_size']}; dense unit {dense['seconds']:.3f}s (first layer "
+          f"{dense['first_layer_seconds']:.3f}s, rest {dense['rest_seconds']:.3f}s), as trained "
+          f"{dense['as_trained_seconds']:.3f}s (medians of {result['repeats']} rounds)")
     by = {(r["simulator"], r["timesteps"]): r for r in result["rows"]}
     names = list(dict.fromkeys(r["simulator"] for r in result["rows"]))
     print(f"{'T':>5} " + " ".join(f"{n + ' s':>16} {'x T*ANN':>8}" for n in names)
           + ("   step/spikingjelly" if "spikingjelly" in names else ""))
     for t in sorted({r["timesteps"] for r in result["rows"]}):
-        cells = " ".join(f"{by[n, t]['seconds']:16.2f} {by[n, t]['ratio_to_T_ann']:8.2f}"
+        cells = " ".join(f"{by[n, t]['seconds']:16.3f} {by[n, t]['ratio_to_T_ann']:8.2f}"
                          for n in names)
         speedup = (f"   {by['spikingjelly', t]['seconds'] / by['step', t]['seconds']:.2f}x"
                    if "spikingjelly" in names else "")
-        print(f"{t:5d} {cells}{speedup}")
+        same = "" if by["step", t].get("same_spikes_as_layerwise") else "  (spikes differ!)"
+        print(f"{t:5d} {cells}{speedup}{same}")
+    step = result["step"]
+    print(f"one step {step['seconds']:.3f}s = {step['ratio_to_dense_rest']:.2f} x the dense unit "
+          "after its first layer")
+    for name, level in result["to_ann_level"].items():
+        early = level["early_exit"]
+        print(f"{name}: ANN {level['ann_accuracy']:.2%}; fixed T = {level['fixed_timesteps']} "
+              f"({level['fixed_accuracy']:.2%}) {level['fixed_vs_dense']:.2f} x one dense pass; "
+              f"early exit {early['accuracy']:.2%} at {early['mean_steps']:.2f} steps "
+              f"{early['vs_dense']:.2f} x (fixed T needs {early['fixed_timesteps_same_accuracy']} "
+              "for that accuracy)")
     for name, memory in result["peak_memory"].items():
         print(f"peak memory, {name} at T={result['memory_timesteps']}: "
               f"{memory['peak_mb']} MB ({memory['increase_mb']} MB for the simulation)")
@@ -203,8 +332,12 @@ def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
                         help="the network to convert (with lenet_convert.py's default settings)")
-    parser.add_argument("--timesteps", type=positive_int, nargs="+", default=[8, 32, 64, 128, 256],
-                        help="the numbers of steps T to time")
+    parser.add_argument("--qcfs-checkpoint", type=Path, default=QCFS_CHECKPOINT,
+                        help="a QCFS network, timed to its ANN's accuracy too (skipped if absent)")
+    parser.add_argument("--timesteps", type=positive_int, nargs="+",
+                        default=[1, 2, 4, 8, 32, 64], help="the numbers of steps T to time")
+    parser.add_argument("--search-timesteps", type=positive_int, default=64,
+                        help="the most steps the time to the ANN's accuracy may take")
     parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                         help="images at once, for the simulators and the ANN alike")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per figure")

@@ -81,26 +81,37 @@ def test_benchmark_simulates_the_network_the_script_converts(trained):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in bench_snn.fastest_ann(ann).modules())
 
 
-def test_benchmark_writes_its_table(trained, tmp_path, capsys):
+def test_benchmark_writes_its_table(trained, qcfs, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    result = bench_snn.main(["--checkpoint", str(trained), "--limit", "40", "--timesteps", "2",
-                             "3", "--repeats", "1", "--memory-timesteps", "3",
+    result = bench_snn.main(["--checkpoint", str(trained), "--qcfs-checkpoint", str(qcfs),
+                             "--limit", "40", "--timesteps", "1", "3", "--repeats", "1",
+                             "--search-timesteps", "4", "--memory-timesteps", "3",
                              "--data-dir", str(DATA), "--out", str(out)])
-    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = {(r["simulator"], r["timesteps"]): r for r in result["rows"]}
-    assert set(rows) >= {("step", 2), ("layerwise", 2), ("step", 3), ("layerwise", 3)}
+    assert set(rows) >= {("step", 1), ("layerwise", 1), ("step", 3), ("layerwise", 3)}
+    dense = result["dense_unit"]
     for (_, timesteps), row in rows.items():
-        assert row["ratio_to_T_ann"] == pytest.approx(
-            row["seconds"] / (timesteps * result["ann_seconds"]))
+        assert row["ratio_to_T_ann"] == pytest.approx(row["seconds"] / (timesteps *
+                                                                         row["dense_seconds"]))
         assert len(row["accuracy"]) == timesteps
+    assert rows["step", 1]["same_spikes_as_layerwise"] and rows["step", 3][
+        "same_spikes_as_layerwise"]
+    step = result["step"]
+    assert step["ratio_to_dense_rest"] == pytest.approx(step["seconds"] /
+                                                        step["dense_rest_seconds"])
     # both simulators give the accuracy that lenet_convert.py's evaluation gives
     args = bench_snn.parse_args(["--checkpoint", str(trained), "--data-dir", str(DATA),
                                  "--limit", "40"])
     _, ann, snn, batches = bench_snn.load(args)
     expected, _ = evaluate_snn(snn, batches, 3, "cpu")
     assert rows["step", 3]["accuracy"] == expected == rows["layerwise", 3]["accuracy"]
-    assert result["ann_accuracy"] == lenet5.evaluate(ann, batches, "cpu")
-    assert result["ann_as_trained_accuracy"] == result["ann_accuracy"]
+    assert dense["accuracy"] == lenet5.evaluate(ann, batches, "cpu")
+    for name in ("relu", "qcfs"):
+        level = result["to_ann_level"][name]
+        assert 1 <= level["fixed_timesteps"] <= 4 and 1 <= level["early_exit"]["mean_steps"] <= 4
+        assert level["fixed_vs_dense"] == pytest.approx(level["fixed_seconds"] /
+                                                        level["dense_seconds"])
     assert result["peak_memory"]["layerwise"]["peak_mb"] > 0
     assert "x T*ANN" in capsys.readouterr().out
 

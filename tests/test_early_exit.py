@@ -137,18 +137,21 @@ def test_early_exit_without_a_validation_split_fails_before_simulating(trained, 
 
 
 def test_early_exit_steps_the_slow_images_of_all_batches_together():
-    images = torch.tensor([[1.0, 0], [0, 1.0], [0.375, 0], [0.25, 0.375], [1.0, 0]])
-    labels = torch.tensor([0, 1, 0, 1, 0])
-    batches = [(images, labels), (images.flip(0), labels.flip(0)), (images, labels)]
+    fast, slow = [[1.0, 0], [0, 1.0]] * 4, [[0.375, 0], [0.25, 0.375]]
+    images = torch.tensor(fast + slow)  # 8 settled after one step, 2 never
+    labels = images.argmax(1)
+    batches = [(images, labels), (images.flip(0), labels.flip(0)), (images[:5], labels[:5])]
     merged = two_class_snn()
     together = early_exit.evaluate_early_exit(merged, batches, 6, "cpu", "margin", 0.5)
-    # after the first step two images of each batch run on: those of the first two batches as
-    # one group of 4, the third's (6 would be more than a batch of 5) beside them
-    assert merged.spy.sizes == [5, 5, 5] + [4, 2] * 5
-    assert together[2].tolist() == [1, 1, 6, 6, 1] + [1, 6, 6, 1, 1] + [1, 1, 6, 6, 1]
+    # after the first step two images of each of the first two batches run on (a fifth of a
+    # batch: merged, as one group of 4); the third batch has none left
+    assert merged.spy.sizes == [10, 10, 5] + [4] * 5
+    assert together[2].tolist() == [1] * 8 + [6, 6] + [6, 6] + [1] * 8 + [1] * 5
     apart = [early_exit.evaluate_early_exit(two_class_snn(), [batch], 6, "cpu", "margin", 0.5)
              for batch in batches]  # each batch alone: the same exits, answers and spikes
-    assert together[0] == pytest.approx([sum(a[0][t] for a in apart) / 3 for t in range(6)])
+    sizes = [len(labels) for _, labels in batches]
+    assert together[0] == pytest.approx([sum(a[0][t] * n for a, n in zip(apart, sizes, strict=True))
+                                         / sum(sizes) for t in range(6)])
     assert together[1]["act"].equal(sum(a[1]["act"] for a in apart))
     assert torch.equal(together[2], torch.cat([a[2] for a in apart]))
     assert torch.equal(together[3], torch.cat([a[3] for a in apart]))
@@ -158,7 +161,7 @@ def test_early_exit_steps_the_slow_images_of_all_batches_together():
     {"spicalib": 2, "reset": "zero", "readout": "spikes"},
     {"spicalib": 1, "lateral_inhibition": False, "gamma": 1},
 ])
-def test_early_exit_carries_every_module_state_when_images_leave_or_merge(settings):
+def test_early_exit_carries_every_module_state_when_images_leave_or_merge(settings, monkeypatch):
     """Stopping images and merging the slow ones of several batches moves the state of every
     stateful module (potentials, calibration, pools): the results must not depend on it."""
     torch.manual_seed(1)
@@ -167,6 +170,7 @@ def test_early_exit_carries_every_module_state_when_images_leave_or_merge(settin
     values, _, _ = early_exit.record_settledness(dyadic_snn(**settings), batches, 10, "cpu",
                                                  "margin")
     middle = values[2].median().item()  # about half the images stop by step 3
+    monkeypatch.setattr(early_exit, "EXIT_MERGE", 1.0)  # merge whatever fits in a batch
     runs = [early_exit.evaluate_early_exit(dyadic_snn(**settings), data, 10, "cpu", "margin",
                                            threshold)
             for threshold, data in ((math.inf, batches), (middle, batches),

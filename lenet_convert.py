@@ -395,6 +395,11 @@ def scaling_percentile(checkpoint, asked=None):
     return None if checkpoint.get("activation") == "qcfs" else default_percentile(checkpoint)
 
 
+def default_settings(checkpoint):
+    """The Settings a conversion of `checkpoint` uses unless told otherwise."""
+    return Settings(scaling_percentile(checkpoint))
+
+
 def activation_scales(checkpoint, percentile=None, gamma=1, per_channel=()):
     """{layer: what one spike stands for}: the recorded `percentile` of each layer's activations.
 
@@ -689,10 +694,14 @@ def load_ann(path, device):
 
 
 def settings_from(args, checkpoint):
-    """The Settings the command line asks for, applied to `checkpoint`."""
-    asked = {field: getattr(args, field) for field in Settings._fields}
-    return Settings(**asked | {"percentile": scaling_percentile(checkpoint, args.percentile),
-                               "exit_margin": args.exit_margin / 100})
+    """The Settings the command line asks for, applied to `checkpoint`; what it leaves open
+    (None) is the checkpoint's default (`default_settings`)."""
+    asked = {field: getattr(args, field) for field in Settings._fields
+             if getattr(args, field) is not None}
+    if args.percentile is not None:
+        asked["percentile"] = percentile_key(args.percentile)
+    asked["exit_margin"] = args.exit_margin / 100  # asked in percentage points
+    return default_settings(checkpoint)._replace(**asked)
 
 
 def main(argv=None):

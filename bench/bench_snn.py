@@ -54,14 +54,13 @@ from lenet5 import evaluate  # noqa: E402
 from lenet_convert import (  # noqa: E402
     BATCH_SIZE,
     CHECKPOINT,
-    Settings,
     build_snn,
+    default_settings,
     evaluate_snn,
     first_step_within,
     fold_batchnorm,
     load_ann,
     max_pool,
-    scaling_percentile,
     simulate,
 )
 from mnist import Batches, load_mnist  # noqa: E402
@@ -130,7 +129,7 @@ def load(args, path=None):
     """(device, the ANN, the SNN lenet_convert.py simulates by default, the test batches)."""
     device = cli.resolve_device(args.device)
     checkpoint, ann = load_ann(path or args.checkpoint, device)
-    snn = build_snn(checkpoint, ann, Settings(scaling_percentile(checkpoint))).to(device)
+    snn = build_snn(checkpoint, ann, default_settings(checkpoint)).to(device)
     images, labels = load_mnist(args.data_dir, train=False)
     batches = Batches(images[:args.limit], labels[:args.limit], args.batch_size)
     return device, ann, snn, batches
@@ -229,7 +228,7 @@ def time_to_ann_level(args, path, dense_run):
     ann_accuracy = evaluate(ann, batches, device)
     accuracy, _ = evaluate_snn(snn, batches, args.search_timesteps, device)
     fixed_t = first_step_within(accuracy, ann_accuracy) or args.search_timesteps
-    settings = Settings(scaling_percentile(checkpoint), exit_rule=EXIT_RULE)
+    settings = default_settings(checkpoint)._replace(exit_rule=EXIT_RULE)
     train = load_mnist(args.data_dir, train=True)
     validation = early_exit.validation_split(checkpoint, *train, args.batch_size)
     threshold, deadline, _ = early_exit.choose_on_validation(snn, ann, settings, validation,

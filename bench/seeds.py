@@ -1,27 +1,32 @@
 """How much the results move between seeds: train, convert and compare over several seeds.
 
-For each seed: train the ReLU LeNet5 (`lenet5.py --seed S`) and fine-tune the QCFS network from
-it (`lenet5.py --activation qcfs --init-from ...`), reusing a checkpoint already in
---checkpoint-dir when it was made with the same arguments; convert the ReLU network with the
-default settings, with every knob of `lenet_convert.py --compare` changed alone and with
-BrainCog's reference setting, and the QCFS network with its default settings, the other burst
-limits of compare mode (gamma 1 and 4) and early exit, reusing a conversion from an earlier
-seed<S>.json when nothing it depends on changed (checkpoint file, settings, T, test images,
-batch size; not the code: after changing what a conversion computes, delete those files).
-Then summarise: the mean, standard deviation (n - 1 in the denominator), minimum and maximum
-over the seeds of each accuracy, for each knob the paired difference to the default (same seed,
-same network), which removes the seed-to-seed spread that the networks themselves have, and for
-early exit its accuracy, mean steps and time against fixed T.
+For each seed: train the ReLU LeNet5 (`lenet5.py --seed S`) and, from it, a QCFS network for
+each of --levels (`lenet5.py --activation qcfs --levels L --init-from ...`), reusing a
+checkpoint already in --checkpoint-dir when it was made with the same arguments; convert the
+ReLU network with the default settings, with every knob of `lenet_convert.py --compare` changed
+alone and with BrainCog's reference setting; the QCFS network of the default levels with its
+default settings, the other burst limits of compare mode and early exit; and every other level
+with its default settings, gamma = 2 and gamma = L. A conversion already in an earlier
+seed<S>.json is reused when nothing it depends on changed (checkpoint file, settings, T, test
+images, batch size; not the code: after changing what a conversion computes, delete those
+files). Then summarise: the mean, standard deviation (n - 1 in the denominator), minimum and
+maximum over the seeds of each accuracy; for each knob the paired difference to the default
+(same seed, same network), which removes the seed-to-seed spread that the networks themselves
+have; for each level, how soon it comes within 0.1 and 0.05 pp of the same seed's ReLU ANN and
+at what energy, paired against the default level; and for early exit its accuracy, mean steps
+and time against fixed T.
 
 Example:
-    python bench/seeds.py --seeds 1 2 3 4 5        # about 70 minutes on 2 CPU cores
+    python bench/seeds.py --seeds 1 2 3 4 5        # about 3 hours on 2 CPU cores
     python bench/seeds.py --seeds 1 2 --limit-train 1000 --epochs 2 --limit 500   # a quick look
 
 Writes (into --out-dir, default results/seeds/):
-    seed<S>.json   every run of one seed, written as soon as that seed is done
-    seeds.json     the runs, their summary and the paired differences
-    seeds.csv      one row per network (or knob) and step
-    seeds.png      accuracy per step (mean, +-1 std, min-max) and the paired differences
+    seed<S>.json       every run of one seed, written as soon as that seed is done
+    seeds.json         the runs, their summary, the paired differences and the levels
+    seeds.csv          one row per network (or knob) and step
+    seeds.png          accuracy per step (mean, +-1 std, min-max) and the paired differences
+    seeds_energy.png   mean accuracy against mean energy per image of every network and
+                       conversion, the points no other beats on both joined
 """
 
 import sys
@@ -49,16 +54,19 @@ from efficiency import at_ann_level  # noqa: E402
 from lenet_convert import (  # noqa: E402
     AT_ANN_LEVEL,
     Settings,
+    default_settings,
+    first_step_within,
     load_ann,
     save_figure,
-    scaling_percentile,
     step_axis,
 )
 
 # ----------------------------------------------------------------------------- defaults
 SEEDS = (1, 2, 3, 4, 5)
+LEVELS = (2, 4, 8, 16)  # QCFS networks trained and converted for the levels trade-off
 CHECKPOINT_DIR = Path("checkpoints/seeds")
 OUT_DIR = Path("results/seeds")
+MARGINS = (0.001, 0.0005)  # "within 0.1 and 0.05 pp of the ReLU ANN"
 
 RELU, RELU_BRAINCOG, QCFS = "relu", "relu_braincog_reference", "qcfs"  # the networks summarised
 NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that may differ on reuse
@@ -67,12 +75,13 @@ NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that ma
 # ----------------------------------------------------------------------------- training
 
 
-def training_argv(seed, args, activation, init_from=None):
-    """lenet5.py's command line for one network of one seed."""
+def training_argv(seed, args, activation, init_from=None, levels=lenet5.LEVELS):
+    """lenet5.py's command line for one network of one seed (a QCFS one with `levels`)."""
+    name = activation if activation == "relu" else f"{activation}_L{levels}"
     argv = ["--seed", str(seed), "--device", args.device, "--data-dir", str(args.data_dir),
-            "--checkpoint", str(checkpoint_path(args.checkpoint_dir, activation, seed))]
+            "--checkpoint", str(checkpoint_path(args.checkpoint_dir, name, seed))]
     if activation == "qcfs":
-        argv += ["--activation", "qcfs", "--init-from", str(init_from)]
+        argv += ["--activation", "qcfs", "--levels", str(levels), "--init-from", str(init_from)]
     if args.epochs:
         argv += ["--epochs", str(args.epochs)]
     if args.limit_train:
@@ -107,17 +116,29 @@ def ensure_trained(argv, retrain):
 # ----------------------------------------------------------------------------- one seed
 
 
+def qcfs_prefix(levels):
+    """The prefix of the names of a QCFS network's conversions in a seed's results."""
+    return f"qcfs L={levels}: "
+
+
 def seed_plan(seed, args, device):
     """The conversions of one seed: {name or knob: Planned}, the defaults first."""
-    relu_path = checkpoint_path(args.checkpoint_dir, "relu", seed)
-    qcfs_path = checkpoint_path(args.checkpoint_dir, "qcfs", seed)
     plan = {}
-    for path, prefix in ((relu_path, ""), (qcfs_path, "qcfs: ")):
+    for levels in (None, *args.levels):
+        path = checkpoint_path(args.checkpoint_dir, "relu" if levels is None else
+                               f"qcfs_L{levels}", seed)
         checkpoint, ann = load_ann(path, device)
-        settings = Settings(scaling_percentile(checkpoint))
+        settings = default_settings(checkpoint)
         recorded = list(checkpoint["percentiles"][OUTPUT_LAYER])
-        for label, variant in compare_settings(settings, recorded, every_knob=not prefix):
-            plan[prefix + label] = Planned(label, path, checkpoint, ann, variant)
+        if levels in (None, lenet5.LEVELS):  # every knob, or the QCFS ones
+            variants = compare_settings(settings, recorded, every_knob=levels is None)
+        else:  # the levels trade-off: the default conversion, gamma = 2 and gamma = L
+            variants = [(GIVEN, settings)] + [(f"γ = {gamma}", settings._replace(gamma=gamma))
+                                              for gamma in dict.fromkeys((2, levels))
+                                              if gamma != settings.gamma]
+        prefix = "" if levels is None else qcfs_prefix(levels)
+        plan |= {prefix + label: Planned(label, path, checkpoint, ann, variant)
+                 for label, variant in variants}
     return plan
 
 
@@ -130,8 +151,9 @@ def run_seed(seed, args, device):
     relu_argv = training_argv(seed, args, "relu")
     retrained = ensure_trained(relu_argv, args.retrain)
     relu_path = checkpoint_path(args.checkpoint_dir, "relu", seed)
-    ensure_trained(training_argv(seed, args, "qcfs", init_from=relu_path),
-                   args.retrain or retrained)
+    for levels in args.levels:
+        ensure_trained(training_argv(seed, args, "qcfs", relu_path, levels),
+                       args.retrain or retrained)
     plan = seed_plan(seed, args, device)
     earlier = _read_json(args.out_dir / f"seed{seed}.json")
     fingerprints = {path: _sha256(path) for path in {p.path for p in plan.values()}}
@@ -149,6 +171,8 @@ def run_seed(seed, args, device):
         done[name] = {key: result[key] for key in ("ann_accuracy", "snn_accuracy", AT_ANN_LEVEL,
                                                    "settings", "checkpoint", "test_images")}
         done[name] |= {"energy_pj_at_ann_level": (at_ann_level(result) or (None,) * 3)[2],
+                       "snn_energy_pj": result["efficiency"]["snn_energy_pj"],
+                       "ann_energy_pj": result["efficiency"]["ann_energy_pj"],
                        "run": inputs[name]}
         if "early_exit" in result:
             done[name]["early_exit"] = {key: result["early_exit"][key]
@@ -158,7 +182,8 @@ def run_seed(seed, args, device):
 
 def _same_run(earlier, inputs):
     """Whether an earlier result was run with `inputs`; a setting added since was at its default."""
-    if not isinstance(earlier, dict) or not isinstance(earlier.get("run"), dict):
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("run"), dict) or (
+            "snn_energy_pj" not in earlier):  # an older result without the energy per step
         return False
     run = earlier["run"]
     return run | {"settings": Settings._field_defaults | run.get("settings", {})} == inputs
@@ -177,8 +202,8 @@ def _sha256(path):
 
 # ----------------------------------------------------------------------------- summary
 
-NAMES = {RELU: GIVEN, RELU_BRAINCOG: BRAINCOG, QCFS: f"qcfs: {GIVEN}"}  # name: run of a seed
-PAIRED_TO = {"qcfs: ": f"qcfs: {GIVEN}", "": GIVEN}  # a knob's prefix: the run it differs from
+NAMES = {RELU: GIVEN, RELU_BRAINCOG: BRAINCOG,  # name: run of a seed
+         QCFS: qcfs_prefix(lenet5.LEVELS) + GIVEN}
 
 
 def _stats(rows):
@@ -191,26 +216,11 @@ def _stats(rows):
 
 def summarise(seeds, per_seed, timesteps):
     """seeds.json's content from {seed: run_seed's result}."""
-    runs = {}
-    for name, label in NAMES.items():
-        results = [per_seed[s][label] for s in seeds]
-        runs[name] = {"ann": [r["ann_accuracy"] for r in results],
-                      "snn": [r["snn_accuracy"] for r in results],
-                      AT_ANN_LEVEL: [r[AT_ANN_LEVEL] for r in results],
-                      "energy_pj_at_ann_level": [r["energy_pj_at_ann_level"] for r in results]}
-    summary = {}
-    for name, run in runs.items():
-        mean, std, low, high = _stats(run["snn"])
-        ann_mean, ann_std, _, _ = _stats([[a] for a in run["ann"]])
-        summary[name] = {"ann_mean": ann_mean[0], "ann_std": ann_std[0], "snn_mean": mean,
-                         "snn_std": std, "snn_min": low, "snn_max": high}
-        for key in (AT_ANN_LEVEL, "energy_pj_at_ann_level"):
-            if None not in run[key]:  # else some seed never got there: no mean to give
-                (mean,), (std,), _, _ = _stats([[value] for value in run[key]])
-                summary[name] |= {f"{key}_mean": mean, f"{key}_std": std}
+    runs = {name: _runs([per_seed[s][label] for s in seeds]) for name, label in NAMES.items()}
+    summary = {name: _summary(run) for name, run in runs.items()}
     paired = {}
     for knob in per_seed[seeds[0]]:
-        base = next(b for prefix, b in PAIRED_TO.items() if knob.startswith(prefix))
+        base = knob.rpartition(": ")[0] + (": " if ": " in knob else "") + GIVEN
         if knob == base:
             continue
         diffs = [[a - b for a, b in zip(per_seed[s][knob]["snn_accuracy"],
@@ -231,12 +241,82 @@ def summarise(seeds, per_seed, timesteps):
     test_images = per_seed[seeds[0]][GIVEN]["test_images"]
     return {"seeds": list(seeds), "timesteps": timesteps, "test_images": test_images,
             "runs": runs, "summary": summary, "paired": paired, "early_exit": exits,
+            "levels": levels_summary(seeds, per_seed),
             "std": "sample standard deviation over the seeds (n - 1)"}
+
+
+def _runs(results):
+    """One network's results over the seeds, key by key."""
+    return {"ann": [r["ann_accuracy"] for r in results],
+            "snn": [r["snn_accuracy"] for r in results],
+            "energy_pj": [r["snn_energy_pj"] for r in results],
+            "ann_energy_pj": [r["ann_energy_pj"] for r in results],
+            AT_ANN_LEVEL: [r[AT_ANN_LEVEL] for r in results],
+            "energy_pj_at_ann_level": [r["energy_pj_at_ann_level"] for r in results]}
+
+
+def _summary(run, relu_ann=None):
+    """Mean, std, min and max over the seeds of `run` (see `_runs`); with the ReLU ANN's
+    accuracy of each seed, also the first step within each of MARGINS of it, and its energy."""
+    mean, std, low, high = _stats(run["snn"])
+    (ann_mean,), (ann_std,), _, _ = _stats([[a] for a in run["ann"]])
+    summary = {"ann_mean": ann_mean, "ann_std": ann_std, "snn_mean": mean, "snn_std": std,
+               "snn_min": low, "snn_max": high, "energy_pj_mean": _stats(run["energy_pj"])[0],
+               "ann_energy_pj": run["ann_energy_pj"][0]}
+    reached = {AT_ANN_LEVEL: run[AT_ANN_LEVEL],
+               "energy_pj_at_ann_level": run["energy_pj_at_ann_level"]}
+    for margin in MARGINS if relu_ann else ():
+        steps = [first_step_within(snn, ann, margin)
+                 for snn, ann in zip(run["snn"], relu_ann, strict=True)]
+        key = f"first_step_within_{100 * margin:g}pp_of_relu_ann"
+        reached[key] = steps
+        reached[f"energy_pj_there_{100 * margin:g}pp"] = [
+            energy[t - 1] if t else None for t, energy in zip(steps, run["energy_pj"],
+                                                             strict=True)]
+    for key, values in reached.items():
+        summary[key] = values
+        if None not in values:  # else some seed never got there: no mean to give
+            (value_mean,), (value_std,), _, _ = _stats([[v] for v in values])
+            summary |= {f"{key}_mean": value_mean, f"{key}_std": value_std}
+    return summary
+
+
+def levels_summary(seeds, per_seed):
+    """For each QCFS level and each of its gamma rules (gamma = 2, gamma = L): `_summary` against
+    the same seed's ReLU ANN, and the difference to the default level with the same rule."""
+    relu_ann = [per_seed[s][GIVEN]["ann_accuracy"] for s in seeds]
+    names = {}  # (levels, rule): the run's name in per_seed
+    for name, result in per_seed[seeds[0]].items():
+        levels = result["settings"].get("levels")
+        if name.startswith("qcfs L=") and "early_exit" not in result:
+            gamma = result["settings"]["gamma"]
+            for rule in [r for r, g in (("gamma = 2", 2), ("gamma = L", levels)) if g == gamma]:
+                names.setdefault((levels, rule), name)
+    table = {}
+    for (levels, rule), name in sorted(names.items()):
+        run = _runs([per_seed[s][name] for s in seeds])
+        entry = {"run": name} | _summary(run, relu_ann)
+        base = names.get((lenet5.LEVELS, rule))
+        if base:
+            ann = [per_seed[s][name]["ann_accuracy"] - per_seed[s][base]["ann_accuracy"]
+                   for s in seeds]
+            snn = [[a - b for a, b in zip(per_seed[s][name]["snn_accuracy"],
+                                          per_seed[s][base]["snn_accuracy"], strict=True)]
+                   for s in seeds]
+            entry["minus_default_levels"] = {"ann": ann, "ann_mean": statistics.fmean(ann),
+                                             "ann_std": _stats([[a] for a in ann])[1][0],
+                                             "snn_mean": _stats(snn)[0],
+                                             "snn_std": _stats(snn)[1]}
+        table.setdefault(f"L={levels}", {})[rule] = entry
+    return table
 
 
 def table_rows(study):
     rows = []
-    for kind, entries in (("accuracy", study["summary"]), ("paired difference", study["paired"])):
+    levels = {f"qcfs {levels}, {rule}": entry for levels, rules in study["levels"].items()
+              for rule, entry in rules.items()}
+    for kind, entries in (("accuracy", study["summary"] | levels),
+                          ("paired difference", study["paired"])):
         for name, entry in entries.items():
             prefix = "snn_" if kind == "accuracy" else ""
             for t in range(study["timesteps"]):
@@ -279,7 +359,9 @@ def plot_study(study, path):
     axes[0].set_title("mean over seeds; bands: ±1 std and min–max; "
                       "horizontal: each ANN's mean ± std", fontsize=9)
     axes[0].legend(loc="lower right", fontsize=8)
-    for i, (knob, entry) in enumerate(study["paired"].items()):
+    shown = {k: e for k, e in study["paired"].items()  # the knobs, not the levels trade-off
+             if ": " not in k or k.startswith(qcfs_prefix(lenet5.LEVELS))}
+    for i, (knob, entry) in enumerate(shown.items()):
         colour = plt.cm.tab20(i % 20)
         mean = [100 * m for m in entry["mean"]]
         std = [100 * s for s in entry["std"]]
@@ -300,6 +382,70 @@ def plot_study(study, path):
     save_figure(fig, path)
 
 
+ENERGY_STEPS = 16  # steps along each curve of the accuracy-energy figure
+
+
+def energy_points(study):
+    """Every network and conversion's (mean energy per image in µJ, mean accuracy in %, its
+    name, t) for t = 1 .. ENERGY_STEPS, early exit's as t = None, the ANN's as t = 0; and the
+    names of the curves in order."""
+    summary, points = study["summary"], []
+    curves = {"ReLU, default": summary[RELU], "ReLU, BrainCog's reference": summary[RELU_BRAINCOG]}
+    curves |= {f"QCFS {levels}, {rule}": entry for levels, rules in study["levels"].items()
+               for rule, entry in rules.items()}
+    for name, entry in curves.items():
+        points += [(energy / 1e6, 100 * accuracy, name, t) for t, (energy, accuracy) in enumerate(
+            zip(entry["energy_pj_mean"], entry["snn_mean"], strict=True), 1) if t <= ENERGY_STEPS]
+    for knob, entry in study["early_exit"].items():
+        points.append((entry["energy_pj_per_image"]["mean"] / 1e6,
+                       100 * entry["test_accuracy"]["mean"], f"early exit: {knob}", None))
+    points.append((summary[RELU]["ann_energy_pj"] / 1e6, 100 * summary[RELU]["ann_mean"],
+                   "ReLU ANN", 0))
+    return points, list(curves)
+
+
+def pareto_front(points):
+    """The points no other beats on both axes (less energy, more accuracy), by energy."""
+    front, best = [], -1.0
+    for point in sorted(points, key=lambda p: (p[0], -p[1])):
+        if point[1] > best:
+            front.append(point)
+            best = point[1]
+    return front
+
+
+def plot_energy(study, path):
+    """Mean accuracy against mean energy per image of every network and conversion."""
+    points, curves = energy_points(study)
+    fig, ax = plt.subplots(figsize=(12, 7.5))
+    for i, name in enumerate(curves):
+        curve = [p for p in points if p[2] == name]
+        ax.plot([p[0] for p in curve], [p[1] for p in curve], marker=".", markersize=4,
+                color=plt.cm.tab20(i % 20), label=name)
+        for x, y, _, t in curve:
+            if t in (1, 2, 4, 8, 16):
+                ax.annotate(f"{t}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    for x, y, name, t in points:
+        if t is None or t == 0:
+            ax.plot(x, y, marker="X" if t is None else "*", markersize=11 if t is None else 15,
+                    linestyle="none", markeredgecolor="k", label=name)
+    front = pareto_front(points)
+    ax.plot([p[0] for p in front], [p[1] for p in front], color="k", linewidth=2, alpha=0.5,
+            zorder=0, label="no other point has both less energy and more accuracy")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("estimated energy per image, mean over the seeds (µJ; memory traffic ignored)")
+    ax.set_ylabel("test accuracy, mean over the seeds (%)")
+    top = max(p[1] for p in points)
+    ax.set_ylim(top - 3, top + 0.3)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.set_title(f"Accuracy against energy over {len(study['seeds'])} seeds: each curve a "
+                 f"network and conversion after t = 1 .. {ENERGY_STEPS} steps (numbers: t)",
+                 fontsize=10)
+    save_figure(fig, path)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -307,6 +453,9 @@ def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=cli.seed_int, nargs="+", default=list(SEEDS),
                         help="the seeds")
+    parser.add_argument("--levels", type=positive_int, nargs="+", default=list(LEVELS),
+                        help="QCFS levels L to train and convert (lenet5.py's default among "
+                             f"them: {lenet5.LEVELS})")
     parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR,
                         help="where each seed's checkpoints are kept and looked for")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where the results go")
@@ -326,6 +475,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"argument --seeds: each seed once, got {args.seeds}")
+    if lenet5.LEVELS not in args.levels:
+        parser.error(f"argument --levels: must include lenet5.py's default, {lenet5.LEVELS}")
     return args
 
 
@@ -342,11 +493,15 @@ def main(argv=None):
             write_json(args.out_dir / f"seed{seed}.json", per_seed[seed])
         study = summarise(args.seeds, per_seed, args.timesteps) | {
             "threads": torch.get_num_threads()}
+        study["pareto_front"] = [{"name": name, "t": t, "energy_uj": energy, "accuracy": accuracy}
+                                 for energy, accuracy, name, t in pareto_front(
+                                     energy_points(study)[0])]
         write_json(args.out_dir / "seeds.json", study)
         write_csv(args.out_dir / "seeds.csv", table_rows(study))
         plot_study(study, args.out_dir / "seeds.png")
+        plot_energy(study, args.out_dir / "seeds_energy.png")
         print_summary(study)
-        print(f"wrote seeds.json, seeds.csv and seeds.png in {args.out_dir}")
+        print(f"wrote seeds.json, seeds.csv, seeds.png and seeds_energy.png in {args.out_dir}")
         return study
 
     def kept():
@@ -373,6 +528,24 @@ def print_summary(study):
               f" % at {e['mean_steps']['mean']:.2f} ± {e['mean_steps']['std']:.2f} steps on "
               f"average; time {e['time_ratio']['mean']:.2f} ± {e['time_ratio']['std']:.2f} × the "
               f"fixed T reaching the same accuracy ({e['fixed_timesteps']['per_seed']} steps)")
+    print("QCFS levels: ANN, SNN at t = 1, 2, 4, 8, first step within 0.1 / 0.05 pp of the "
+          "same seed's ReLU ANN (mean, or per seed if some never got there) and µJ there")
+    for levels, rules in study["levels"].items():
+        for rule, e in rules.items():
+            there = [_mean_or_list(e, f"first_step_within_{100 * m:g}pp_of_relu_ann")
+                     for m in MARGINS]
+            energy = _mean_or_list(e, f"energy_pj_there_{100 * MARGINS[-1]:g}pp", 1e6)
+            print(f"{levels:>5} {rule:10s} {cell(e['ann_mean'], e['ann_std'])}"
+                  + "".join(cell(e["snn_mean"][t - 1], e["snn_std"][t - 1]) for t in (1, 2, 4, 8)
+                            if t <= study["timesteps"])
+                  + f"   {there[0]} / {there[1]} steps, {energy} µJ")
+
+
+def _mean_or_list(entry, key, scale=1):
+    """'mean ± std' of entry[key] over the seeds, or the per-seed values if some are missing."""
+    if f"{key}_mean" in entry:
+        return f"{entry[f'{key}_mean'] / scale:.2f} ± {entry[f'{key}_std'] / scale:.2f}"
+    return str([None if v is None else round(v / scale, 2) for v in entry[key]])
 
 
 if __name__ == "__main__":

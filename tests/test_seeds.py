@@ -14,8 +14,8 @@ import seeds  # noqa: E402
 
 
 def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
-    argv = ["--seeds", "1", "2", "--limit-train", "1000", "--epochs", "2", "--limit", "200",
-            "--timesteps", "4", "--device", "cpu", "--data-dir", str(DATA),
+    argv = ["--seeds", "1", "2", "--levels", "2", "4", "--limit-train", "1000", "--epochs", "2",
+            "--limit", "200", "--timesteps", "4", "--device", "cpu", "--data-dir", str(DATA),
             "--checkpoint-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out")]
     study = seeds.main(argv)
     saved = json.loads((tmp_path / "out" / "seeds.json").read_text())
@@ -23,8 +23,8 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     assert saved["seeds"] == [1, 2] and saved["timesteps"] == 4 and saved["test_images"] == 200
     assert set(saved["runs"]) == {"relu", "relu_braincog_reference", "qcfs"}
     for i, seed in enumerate((1, 2)):  # each seed's runs are what lenet_convert.py gives
-        for name in ("relu", "qcfs"):
-            checkpoint = tmp_path / "ck" / f"{name}_seed{seed}.pt"
+        for name, file in (("relu", "relu"), ("qcfs", "qcfs_L4")):
+            checkpoint = tmp_path / "ck" / f"{file}_seed{seed}.pt"
             single = lenet_convert.main(["--checkpoint", str(checkpoint), "--limit", "200",
                                          "--timesteps", "4", "--device", "cpu", "--data-dir",
                                          str(DATA), "--out-dir", str(tmp_path / "single")])
@@ -42,26 +42,52 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     assert gamma["per_seed"] == [[a - b for a, b in zip(run["γ = 4"]["snn_accuracy"],
                                                          run["as given"]["snn_accuracy"],
                                                          strict=True)] for run in per_seed]
-    assert saved["paired"]["qcfs: γ = 1"]["against"] == "qcfs: as given"
+    assert saved["paired"]["qcfs L=4: γ = 1"]["against"] == "qcfs L=4: as given"
+    for knob, entry in saved["paired"].items():  # each against its own network's default
+        assert entry["against"] == knob.rpartition(": ")[0] + (": " if ": " in knob else "") + (
+            "as given")
     assert {"lateral inhibition off", "V0 = 0", "γ = 1", "p = 99.9", "p = 100", "norm per channel",
             "norm per neuron", "reset to 0", "spike calibration 4", "early exit (margin)"} <= set(
         saved["paired"])
     early = saved["early_exit"]
-    assert set(early) == {"early exit (margin)", "qcfs: early exit (margin)"}
-    steps = [run["qcfs: early exit (margin)"]["early_exit"]["mean_steps"] for run in per_seed]
-    assert early["qcfs: early exit (margin)"]["mean_steps"]["per_seed"] == steps
-    assert early["qcfs: early exit (margin)"]["mean_steps"]["mean"] == pytest.approx(sum(steps) / 2)
+    qcfs_exit = "qcfs L=4: early exit (margin)"
+    assert set(early) == {"early exit (margin)", qcfs_exit}
+    steps = [run[qcfs_exit]["early_exit"]["mean_steps"] for run in per_seed]
+    assert early[qcfs_exit]["mean_steps"]["per_seed"] == steps
+    assert early[qcfs_exit]["mean_steps"]["mean"] == pytest.approx(sum(steps) / 2)
+    levels = saved["levels"]
+    assert set(levels) == {"L=2", "L=4"} and set(levels["L=2"]) == {"gamma = 2", "gamma = L"}
+    relu_ann = saved["runs"]["relu"]["ann"]
+    for levels_name, rules in levels.items():
+        for rule, entry in rules.items():
+            runs = [run[entry["run"]] for run in per_seed]
+            assert all(r["settings"]["gamma"] == (2 if rule == "gamma = 2" else r["settings"][
+                "levels"]) for r in runs)
+            assert entry["first_step_within_0.05pp_of_relu_ann"] == [
+                lenet_convert.first_step_within(r["snn_accuracy"], ann, 0.0005)
+                for r, ann in zip(runs, relu_ann, strict=True)]
+            if levels_name == "L=2":  # paired against the default levels, the same gamma rule
+                base = [run[levels["L=4"][rule]["run"]] for run in per_seed]
+                assert entry["minus_default_levels"]["ann"] == [
+                    a["ann_accuracy"] - b["ann_accuracy"] for a, b in zip(runs, base, strict=True)]
+    front = saved["pareto_front"]
+    assert all(a["energy_uj"] <= b["energy_uj"] and a["accuracy"] < b["accuracy"]
+               for a, b in zip(front, front[1:], strict=False))  # each buys accuracy
+    points = seeds.energy_points(saved)[0]
+    assert not any(p[0] <= f["energy_uj"] and p[1] > f["accuracy"] for f in front
+                   for p in points)  # no point beats a front point on both axes
     rows = list(csv.DictReader((tmp_path / "out" / "seeds.csv").open()))
-    assert len(rows) == 4 * (3 + len(saved["paired"]))
-    assert (tmp_path / "out" / "seeds.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(rows) == 4 * (3 + 4 + len(saved["paired"]))
+    for name in ("seeds.png", "seeds_energy.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
     # a second run reuses every checkpoint made with the same arguments
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").glob("*.pt")}
     capsys.readouterr()
     assert seeds.main(argv)["runs"] == saved["runs"]
     out = capsys.readouterr().out
-    assert out.count("(made with the same arguments)") == 4  # both networks of both seeds
-    conversions = len(per_seed[0])  # 16 of the ReLU network, 4 of the QCFS one
-    assert conversions == 20
+    assert out.count("(made with the same arguments)") == 6  # the three networks of both seeds
+    conversions = len(per_seed[0])  # 16 of the ReLU network, 4 of L = 4 and 1 of L = 2
+    assert conversions == 21
     assert f"reusing {conversions} conversions" in out and "simulating" not in out
     seeds.main([*argv, "--timesteps", "3"])  # a change the conversions depend on: run again
     assert capsys.readouterr().out.count("simulating") == 2 * conversions

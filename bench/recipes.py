@@ -1,0 +1,249 @@
+"""Choices made on validation: the QCFS training recipe, and how a QCFS network is converted.
+
+For each seed, each recipe trains a QCFS network with lenet5.py, from the seed's ReLU network
+(the one bench/seeds.py trains, reused when it was made with the same arguments) or from
+scratch, in one or more stages (each starting from the one before); every network trained with
+the same arguments before is reused. The recipes are judged on the 5,000 validation images
+only, never on the test set: for each recipe, the validation accuracy of its best epoch (mean
+and standard deviation over the seeds), and its difference to the baseline recipe on the same
+seed (paired), which removes the seed-to-seed spread of the networks themselves. With L = 4
+and gamma = L the spiking network gives exactly its ANN's outputs after one step, so the ANN's
+accuracy is the one-step SNN's.
+
+Then, for the QCFS network lenet5.py trains by default (the one bench/seeds.py studies), each
+conversion setting of CONVERSIONS (burst limit gamma, initial potential V0) is simulated on the
+validation images: the first step at which it comes within 0.05 pp of the same seed's ReLU
+ANN's validation accuracy, and its energy there. lenet_convert.py converts a QCFS network by
+default with the setting that gets there in the fewest steps (then the least energy).
+
+Example:
+    python bench/recipes.py --seeds 1 2 3     # about 80 minutes on 2 CPU cores, given the
+                                              # ReLU networks of bench/seeds.py
+Writes (into --out-dir, default results/recipes/): recipes.json, recipes.csv
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/recipes.py
+import cli  # noqa: E402  (first: see its docstring)
+
+# isort: split
+import json  # noqa: E402
+import statistics  # noqa: E402
+
+import seeds  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import lenet5  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from cli import positive_int, write_csv, write_json  # noqa: E402
+from early_exit import validation_split  # noqa: E402
+from efficiency import efficiency, input_shapes  # noqa: E402
+from lenet_convert import (  # noqa: E402
+    BATCH_SIZE,
+    Settings,
+    build_snn,
+    evaluate_snn,
+    first_step_within,
+    load_ann,
+)
+from mnist import load_mnist  # noqa: E402
+
+# ----------------------------------------------------------------------------- defaults
+SEEDS = (1, 2, 3)
+CHECKPOINT_DIR = Path("checkpoints/seeds")  # the seeds study's ReLU networks; recipes/ inside
+OUT_DIR = Path("results/recipes")
+BASELINE = "fine-tune 20 epochs"
+RECIPES = {  # name: stages, each (its code, lenet5.py's arguments); the first stage starts from
+    # the seed's ReLU network unless its arguments hold "scratch", every other from the stage
+    # before it
+    BASELINE: [("A", [])],
+    "lambda without weight decay": [("B", ["--threshold-decay", "0"])],
+    "lambda per channel": [("E", ["--channel-thresholds"])],
+    "fine-tune 40 epochs": [("C", ["--epochs", "40"])],
+    "levels 16 -> 8 -> 4 (10, 10, 20 epochs)": [
+        ("G16", ["--levels", "16", "--epochs", "10"]), ("G8", ["--levels", "8", "--epochs", "10"]),
+        ("G", [])],
+    "from scratch, 40 epochs": [("F", ["scratch", "--epochs", "40"])],
+    "lambda learning rate 0.1": [("D", ["--threshold-lr", "0.1"])],
+}
+CONVERSIONS = [(gamma, v0) for gamma in (1, 2, "L", "2L") for v0 in (0.5, 0.25)]  # gamma, V0
+CONVERSION_STEPS = 8  # steps simulated on validation for each conversion
+CONVERSION_MARGIN = 0.0005  # "within 0.05 pp of the ReLU ANN"
+
+
+def stage_argv(seed, code, extra, init_from, args):
+    """lenet5.py's command line for one stage of a recipe, for one seed."""
+    argv = ["--seed", str(seed), "--device", args.device, "--data-dir", str(args.data_dir),
+            "--checkpoint", str(args.checkpoint_dir / "recipes" / f"{code}_seed{seed}.pt"),
+            "--activation", "qcfs"]
+    if "scratch" not in extra:
+        argv += ["--init-from", str(init_from)]
+    argv += [a for a in extra if a != "scratch"]
+    if args.limit_train:
+        argv += ["--limit-train", str(args.limit_train)]
+    return argv + (["--epochs", str(args.epochs)] if args.epochs else [])
+
+
+def train_recipe(seed, stages, args):
+    """Train (or reuse) every stage of a recipe for `seed`; the last stage's checkpoint path."""
+    path = seeds.checkpoint_path(args.checkpoint_dir, "relu", seed)
+    for code, extra in stages:
+        argv = stage_argv(seed, code, extra, path, args)
+        seeds.ensure_trained(argv, args.retrain)
+        path = Path(argv[argv.index("--checkpoint") + 1])
+    return path
+
+
+def record(path):
+    """What a recipe's network is judged by, and what it cost, from its checkpoint and history."""
+    checkpoint = load_checkpoint(path)
+    history = json.loads(path.with_name(f"{path.stem}_history.json").read_text())
+    return {"val_accuracy": checkpoint["val_accuracy"], "epoch": checkpoint["epoch"],
+            "epochs": len(history), "final_train_accuracy": history[-1]["train_accuracy"],
+            "seconds": sum(h["seconds"] for h in history)}
+
+
+def conversions_on_validation(seed, args, device):
+    """Each of CONVERSIONS of the seed's default QCFS network, on its validation images:
+    {"gamma=G, V0=V": its accuracy per step, the first step within CONVERSION_MARGIN of the
+    ReLU ANN's validation accuracy and the energy per image there}."""
+    relu_path = seeds.checkpoint_path(args.checkpoint_dir, "relu", seed)
+    argv = seeds.training_argv(seed, args, "qcfs", relu_path)
+    seeds.ensure_trained(argv, args.retrain)
+    checkpoint, ann = load_ann(argv[argv.index("--checkpoint") + 1], device)
+    validation = validation_split(checkpoint, *load_mnist(args.data_dir, train=True), BATCH_SIZE)
+    relu_ann = lenet5.evaluate(load_ann(relu_path, device)[1], validation, device)
+    results = {"relu_ann_accuracy": relu_ann}
+    for gamma, v0 in CONVERSIONS:
+        g = {"L": checkpoint["levels"], "2L": 2 * checkpoint["levels"]}.get(gamma, gamma)
+        snn = build_snn(checkpoint, ann, Settings(None, gamma=g, v0=v0)).to(device)
+        accuracy, counts = evaluate_snn(snn, validation, CONVERSION_STEPS, device)
+        energy = efficiency(snn, counts, len(validation.labels), CONVERSION_STEPS,
+                            input_shapes(ann))["snn_energy_pj"]
+        t = first_step_within(accuracy, relu_ann, CONVERSION_MARGIN)
+        results[f"gamma={gamma}, V0={v0:g}"] = {"accuracy": accuracy, "first_step_within": t,
+                                                "energy_pj_there": energy[t - 1] if t else None}
+    return results
+
+
+def summarise(per_seed, seed_list):
+    """Per recipe: mean and std over the seeds, and the paired difference to the baseline."""
+    summary = {}
+    for name in RECIPES:
+        values = [per_seed[s][name]["val_accuracy"] for s in seed_list]
+        diffs = [v - per_seed[s][BASELINE]["val_accuracy"] for v, s in zip(values, seed_list,
+                                                                          strict=True)]
+        summary[name] = {"val_accuracy": values, "mean": statistics.fmean(values),
+                         "std": _std(values), "minus_baseline": diffs,
+                         "minus_baseline_mean": statistics.fmean(diffs),
+                         "minus_baseline_std": _std(diffs),
+                         "train_accuracy_mean": statistics.fmean(
+                             per_seed[s][name]["final_train_accuracy"] for s in seed_list),
+                         "minutes_mean": statistics.fmean(
+                             per_seed[s][name]["seconds"] for s in seed_list) / 60}
+    return summary
+
+
+def summarise_conversions(per_seed, seed_list):
+    """Per conversion: the first step within the margin and the energy there, per seed and as
+    mean ± std when every seed got there; and the one chosen (fewest steps, then energy)."""
+    summary = {}
+    for name in [n for n in per_seed[seed_list[0]] if n != "relu_ann_accuracy"]:
+        steps = [per_seed[s][name]["first_step_within"] for s in seed_list]
+        energy = [per_seed[s][name]["energy_pj_there"] for s in seed_list]
+        summary[name] = {"steps": steps, "energy_pj": energy}
+        if None not in steps:
+            summary[name] |= {"steps_mean": statistics.fmean(steps), "steps_std": _std(steps),
+                              "energy_pj_mean": statistics.fmean(energy),
+                              "energy_pj_std": _std(energy)}
+    reached = [n for n, e in summary.items() if "steps_mean" in e]
+    chosen = min(reached, key=lambda n: (summary[n]["steps_mean"], summary[n]["energy_pj_mean"]),
+                 default=None)
+    return {"per_conversion": summary, "chosen": chosen}
+
+
+def _std(values):
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def print_summary(summary, seed_list):
+    print(f"validation accuracy of the best epoch over seeds {seed_list} (% ; minus the "
+          f"baseline, {BASELINE}, on the same seed, in pp)")
+    for name, entry in summary.items():
+        print(f"{name:42s} {100 * entry['mean']:6.2f} ± {100 * entry['std']:.2f}   "
+              f"{100 * entry['minus_baseline_mean']:+.2f} ± {100 * entry['minus_baseline_std']:.2f}"
+              f"   train {100 * entry['train_accuracy_mean']:.2f}   "
+              f"{entry['minutes_mean']:.1f} min")
+
+
+def print_conversions(conversions):
+    print(f"conversions of the default QCFS network on validation: first step within "
+          f"{100 * CONVERSION_MARGIN:g} pp of the ReLU ANN, and µJ per image there")
+    for name, entry in conversions["per_conversion"].items():
+        where = (f"{entry['steps_mean']:.1f} ± {entry['steps_std']:.1f} steps, "
+                 f"{entry['energy_pj_mean'] / 1e6:.2f} ± {entry['energy_pj_std'] / 1e6:.2f} µJ"
+                 if "steps_mean" in entry else f"per seed {entry['steps']}")
+        print(f"{name:22s} {where}{'   <- chosen' if name == conversions['chosen'] else ''}")
+
+
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=cli.seed_int, nargs="+", default=list(SEEDS),
+                        help="the seeds")
+    parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR,
+                        help="the seeds' ReLU networks (trained here if missing); the recipes' "
+                             "networks go into recipes/ inside it")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where the results go")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train again even where a checkpoint with the same arguments exists")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="epochs of every stage (quick runs; default: each recipe's own)")
+    parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
+                        help="train on the first N training images only (quick runs)")
+    cli.add_device_and_data(parser)
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"argument --seeds: each seed once, got {args.seeds}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    per_seed = {}
+
+    def body():
+        device = cli.resolve_device(args.device)
+        for directory in (args.out_dir, args.checkpoint_dir / "recipes"):
+            cli.check_writable(directory, folder=True)
+        converted = {}
+        for seed in tqdm(args.seeds, desc="seeds", unit="seed", disable=None):
+            seeds.ensure_trained(seeds.training_argv(seed, args, "relu"), args.retrain)
+            per_seed[seed] = {name: record(train_recipe(seed, stages, args))
+                              for name, stages in RECIPES.items()}
+            converted[seed] = conversions_on_validation(seed, args, device)
+        summary = summarise(per_seed, args.seeds)
+        conversions = summarise_conversions(converted, args.seeds)
+        write_json(args.out_dir / "recipes.json", {
+            "seeds": args.seeds, "baseline": BASELINE,
+            "recipes": {n: [" ".join(a) for _, a in s] for n, s in RECIPES.items()},
+            "per_seed": per_seed, "summary": summary, "conversions_per_seed": converted,
+            "conversions": conversions})
+        write_csv(args.out_dir / "recipes.csv", [
+            {"recipe": name, "val_accuracy_mean": round(100 * e["mean"], 3),
+             "val_accuracy_std": round(100 * e["std"], 3),
+             "minus_baseline_mean_pp": round(100 * e["minus_baseline_mean"], 3),
+             "minus_baseline_std_pp": round(100 * e["minus_baseline_std"], 3),
+             "minutes": round(e["minutes_mean"], 1)} for name, e in summary.items()])
+        print_summary(summary, args.seeds)
+        print_conversions(conversions)
+        print(f"wrote recipes.json and recipes.csv in {args.out_dir}")
+        return summary | {"conversions": conversions}
+    return cli.run("recipes.py", body,
+                   f"the networks trained so far are in {args.checkpoint_dir}; a re-run reuses "
+                   "them")
+
+
+if __name__ == "__main__":
+    main()

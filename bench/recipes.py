@@ -37,7 +37,7 @@ from tqdm import tqdm  # noqa: E402
 
 import lenet5  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
-from cli import positive_int, write_csv, write_json  # noqa: E402
+from cli import write_csv, write_json  # noqa: E402
 from early_exit import validation_split  # noqa: E402
 from efficiency import efficiency, input_shapes  # noqa: E402
 from lenet_convert import (  # noqa: E402
@@ -52,7 +52,6 @@ from mnist import load_mnist  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
 SEEDS = (1, 2, 3)
-CHECKPOINT_DIR = Path("checkpoints/seeds")  # the seeds study's ReLU networks; recipes/ inside
 OUT_DIR = Path("results/recipes")
 BASELINE = "fine-tune 20 epochs"
 RECIPES = {  # name: stages, each (its code, lenet5.py's arguments); the first stage starts from
@@ -189,24 +188,8 @@ def print_conversions(conversions):
 
 
 def parse_args(argv=None):
-    parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=cli.seed_int, nargs="+", default=list(SEEDS),
-                        help="the seeds")
-    parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR,
-                        help="the seeds' ReLU networks (trained here if missing); the recipes' "
-                             "networks go into recipes/ inside it")
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where the results go")
-    parser.add_argument("--retrain", action="store_true",
-                        help="train again even where a checkpoint with the same arguments exists")
-    parser.add_argument("--epochs", type=positive_int, default=None,
-                        help="epochs of every stage (quick runs; default: each recipe's own)")
-    parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
-                        help="train on the first N training images only (quick runs)")
-    cli.add_device_and_data(parser)
-    args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"argument --seeds: each seed once, got {args.seeds}")
-    return args
+    parser = seeds.study_parser(__doc__, SEEDS, OUT_DIR)
+    return seeds.parse_study_args(parser, argv)
 
 
 def main(argv=None):

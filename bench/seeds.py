@@ -449,32 +449,45 @@ def plot_energy(study, path):
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_args(argv=None):
-    parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=cli.seed_int, nargs="+", default=list(SEEDS),
+def study_parser(description, seeds, out_dir):
+    """The options a study over seeds has: the seeds, where its networks and results go,
+    retraining, and quick runs (fewer epochs or training images)."""
+    parser = cli.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=cli.seed_int, nargs="+", default=list(seeds),
                         help="the seeds")
-    parser.add_argument("--levels", type=positive_int, nargs="+", default=list(LEVELS),
-                        help="QCFS levels L to train and convert (lenet5.py's default among "
-                             f"them: {lenet5.LEVELS})")
     parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR,
                         help="where each seed's checkpoints are kept and looked for")
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where the results go")
+    parser.add_argument("--out-dir", type=Path, default=out_dir, help="where the results go")
     parser.add_argument("--retrain", action="store_true",
                         help="train again even where a checkpoint with the same arguments exists")
     parser.add_argument("--epochs", type=positive_int, default=None,
-                        help="training epochs of both networks (default: lenet5.py's)")
+                        help="training epochs of every network (quick runs; default: "
+                             "lenet5.py's)")
     parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
                         help="train on the first N training images only (quick runs)")
+    cli.add_device_and_data(parser)
+    return parser
+
+
+def parse_study_args(parser, argv):
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"argument --seeds: each seed once, got {args.seeds}")
+    return args
+
+
+def parse_args(argv=None):
+    parser = study_parser(__doc__, SEEDS, OUT_DIR)
+    parser.add_argument("--levels", type=positive_int, nargs="+", default=list(LEVELS),
+                        help="QCFS levels L to train and convert (lenet5.py's default among "
+                             f"them: {lenet5.LEVELS})")
     parser.add_argument("--timesteps", type=positive_int, default=lenet_convert.TIMESTEPS,
                         help="simulation steps T")
     parser.add_argument("--batch-size", type=positive_int, default=lenet_convert.BATCH_SIZE,
                         help="test images simulated at once")
     parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")
-    cli.add_device_and_data(parser)
-    args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"argument --seeds: each seed once, got {args.seeds}")
+    args = parse_study_args(parser, argv)
     if lenet5.LEVELS not in args.levels:
         parser.error(f"argument --levels: must include lenet5.py's default, {lenet5.LEVELS}")
     return args

@@ -187,10 +187,8 @@ def test_more_calibration_images_than_training_images_is_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_interrupted_rerun_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
-    path = _quick_run(tmp_path, "ck.pt")
-    before = path.read_bytes()
-    history_before = (tmp_path / "ck_history.json").read_bytes()
+def _interrupt_in_epoch_2(monkeypatch):
+    """Make the next training runs raise KeyboardInterrupt (Ctrl-C) in their second epoch."""
     original, epochs = lenet5.train_epoch, []
 
     def interrupted_in_epoch_2(*args, **kwargs):
@@ -199,6 +197,13 @@ def test_interrupted_rerun_keeps_the_previous_checkpoint(tmp_path, monkeypatch, 
             raise KeyboardInterrupt
         return original(*args, **kwargs)
     monkeypatch.setattr(lenet5, "train_epoch", interrupted_in_epoch_2)
+
+
+def test_interrupted_rerun_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    path = _quick_run(tmp_path, "ck.pt")
+    before = path.read_bytes()
+    history_before = (tmp_path / "ck_history.json").read_bytes()
+    _interrupt_in_epoch_2(monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         _quick_run(tmp_path, "ck.pt", "--epochs", "3", "--seed", "5")
     assert exit_info.value.code == 130
@@ -264,14 +269,7 @@ def test_a_checkpoint_without_a_suffix_keeps_its_history(tmp_path, monkeypatch, 
     path = _quick_run(tmp_path, "net")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert set(before) == {"net", "net_history.json"}
-    original, epochs = lenet5.train_epoch, []
-
-    def interrupted_in_epoch_2(*args, **kwargs):
-        epochs.append(1)
-        if len(epochs) == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-    monkeypatch.setattr(lenet5, "train_epoch", interrupted_in_epoch_2)
+    _interrupt_in_epoch_2(monkeypatch)
     with pytest.raises(SystemExit):
         _quick_run(tmp_path, "net", "--epochs", "3")
     assert f"{path} is untouched" in capsys.readouterr().err

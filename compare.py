@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import matplotlib.pyplot as plt
 import torch.nn as nn
 
 import cli
@@ -34,13 +33,10 @@ from lenet_convert import (
     first_step_within,
     load_ann,
     plot_accuracy,
-    report_steps,
-    save_figure,
     settings_from,
-    settings_text,
-    step_axis,
 )
 from mnist import Batches, load_mnist
+from plots import plt, report_steps, save_figure, settings_text, step_axis
 
 COMPARE_GAMMAS = (1, 2, 4)  # burst limits every compared checkpoint is run with
 COMPARE_SPICALIBS = (2, 4)  # the spike calibration allowances compare mode tries

@@ -13,7 +13,6 @@ import statistics
 import time
 from typing import NamedTuple
 
-import matplotlib.pyplot as plt
 import matplotlib.ticker
 import torch
 
@@ -28,12 +27,10 @@ from lenet_convert import (
     predict,
     predictions,
     readout_node,
-    save_figure,
-    settings_text,
-    step_axis,
     within,
 )
 from mnist import Batches, load_mnist, split_train_val
+from plots import plt, save_figure, settings_text, step_axis
 
 EXIT_GRID = 200  # thresholds tried on the validation split (quantiles of the recorded values)
 HARDEST = 16  # test images shown in the figure: those that ran longest

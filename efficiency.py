@@ -5,7 +5,6 @@ fan-out; the first layer takes the analog image, so it costs multiply-accumulate
 since the image is constant. Energy is a 45 nm estimate (docs/method.md §7).
 """
 
-import matplotlib.pyplot as plt
 import matplotlib.ticker
 import torch
 import torch.nn as nn
@@ -14,12 +13,9 @@ from lenet_convert import (
     ANN_LEVEL,
     AT_ANN_LEVEL,
     SpikeNode,
-    report_steps,
-    save_figure,
-    settings_text,
-    step_axis,
 )
 from mnist import IMAGE_SHAPE
+from plots import plt, report_steps, save_figure, settings_text, step_axis
 
 PJ_PER_MAC, PJ_PER_AC = 4.6, 0.9  # energy of a 32-bit float MAC and AC at 45 nm (Horowitz, 2014)
 ENERGY_MODEL = ("45 nm: 4.6 pJ per MAC, 0.9 pJ per accumulate (AC). The first layer's analog "

@@ -34,8 +34,6 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
-import matplotlib
-import matplotlib.ticker
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -43,9 +41,7 @@ from tqdm import tqdm
 from checkpoint import OUTPUT_LAYER, default_percentile, load_checkpoint, percentile_key
 from cli import UserError
 from lenet5 import QCFS, model_from_checkpoint
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+from plots import plt, save_figure, settings_text, step_axis
 
 # ----------------------------------------------------------------------------- defaults
 CHECKPOINT = Path("checkpoints/lenet5_best.pt")  # written by lenet5.py
@@ -542,51 +538,6 @@ def first_step_within(snn_accuracy, ann_accuracy, margin=ANN_LEVEL):
 
 
 # ----------------------------------------------------------------------------- reporting
-
-
-def report_steps(timesteps):
-    """The steps the table shows: 1, 2, 4, 8, ... and the last."""
-    steps = [2**i for i in range(int(math.log2(timesteps)) + 1)]
-    return steps if steps[-1] == timesteps else steps + [timesteps]
-
-
-def settings_text(settings):
-    scaling = (f"θ=λ/γ (QCFS, L={settings['levels']})" if settings["percentile"] is None
-               else f"p={settings['percentile']}")
-    return (f"{scaling} per {settings.get('norm', NORM)}, γ={settings['gamma']}, "
-            f"V0={settings['v0']:g}θ, reset "
-            f"{'to 0' if settings.get('reset', RESET) == 'zero' else 'by subtraction'}, "
-            f"lateral inhibition {'on' if settings['lateral_inhibition'] else 'off'}, "
-            f"{settings['readout']} read-out"
-            + (f", spike calibration {settings['spicalib']}" if settings.get("spicalib") else "")
-            + exit_text(settings))
-
-
-def exit_text(settings):
-    rule = settings.get("exit_rule", EXIT_RULE)
-    if rule == "none":
-        return ""
-    threshold, deadline = settings.get("exit_threshold"), settings.get("exit_deadline")
-    text = f", early exit at {rule} ≥ " + ("X" if threshold is None else f"{threshold:.5g}")
-    text += f" by step {deadline}" if deadline else ""
-    if threshold is None:
-        text += " (X chosen on validation)" if deadline else " (X, deadline on validation)"
-    return text
-
-
-def step_axis(ax, timesteps):
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(report_steps(timesteps))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("time step t")
-    ax.grid(True, which="both", alpha=0.3)
-
-
-def save_figure(fig, path):
-    fig.tight_layout()
-    with cli.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
 
 
 def plot_accuracy(result, path):

@@ -40,7 +40,6 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -57,9 +56,8 @@ from lenet_convert import (  # noqa: E402
     default_settings,
     first_step_within,
     load_ann,
-    save_figure,
-    step_axis,
 )
+from plots import plt, report_steps, save_figure, step_axis  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
 SEEDS = (1, 2, 3, 4, 5)
@@ -524,7 +522,7 @@ def main(argv=None):
 
 
 def print_summary(study):
-    steps = lenet_convert.report_steps(study["timesteps"])
+    steps = report_steps(study["timesteps"])
 
     def cell(mean, std, sign=""):
         return f"{100 * mean:{sign}8.2f} ±{100 * std:4.2f}"

@@ -29,9 +29,9 @@ from lenet_convert import (
     max_pool,
     normalise,
     predict,
-    report_steps,
     simulate,
 )
+from plots import report_steps, settings_text
 
 # ----------------------------------------------------------------------------- conversion steps
 
@@ -405,7 +405,7 @@ def test_channel_norm_reset_and_calibration_reach_the_json_and_the_plots(trained
         "norm": "channel", "reset": "zero", "spicalib": 4}
     text = ("p=99 per channel, γ=2, V0=0.5θ, reset to 0, lateral inhibition on, analog read-out, "
             "spike calibration 4")
-    assert lenet_convert.settings_text(saved["settings"]) == text
+    assert settings_text(saved["settings"]) == text
     assert len(titles) == 2 and all(title.endswith(text) for title in titles)
     assert result["snn_accuracy"][-1] > 0.5  # far above chance, though not at the ANN's level
 

@@ -53,8 +53,10 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint written by this script, with a clear error for anything else."""
+    """Load a checkpoint written by lenet5.py and check it; a clear error for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a checkpoint")
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: train one first with `python lenet5.py`")
     try:

@@ -24,12 +24,15 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("content, message", [
     (None, "no checkpoint at .*python lenet5.py"),
+    ("folder", "is a folder, not a checkpoint"),
     (b"not a checkpoint at all", "not a readable checkpoint"),
     ({"weights": 1}, "not a checkpoint of lenet5.py"),
 ])
 def test_load_checkpoint_rejects_bad_files(tmp_path, content, message):
     path = tmp_path / "ck.pt"
-    if isinstance(content, bytes):
+    if content == "folder":
+        path.mkdir()
+    elif isinstance(content, bytes):
         path.write_bytes(content)
     elif content is not None:
         torch.save(content, path)

@@ -55,13 +55,16 @@ if threading.current_thread() is threading.main_thread():
 def run(prog, body, kept="nothing was written"):
     """Run a command's `body()` and return what it returns; end its errors in one line.
 
-    A UserError exits with status 1 and "prog: error: ...". Ctrl-C (130) and SIGTERM (143) say
-    what was kept: `kept`, a text or a function that gives it at that moment.
+    A UserError (or an OSError: a full disk, a file that cannot be written) exits with status 1
+    and "prog: error: ...". Ctrl-C (130) and SIGTERM (143) say what was kept: `kept`, a text or
+    a function that gives it at that moment.
     """
     try:
         return body()
     except UserError as e:
         sys.exit(f"{prog}: error: {e}")
+    except OSError as e:  # a file that cannot be written or read after all: full disk, rights
+        sys.exit(f"{prog}: error: {e.filename or 'a file'}: {e.strerror or e}")
     except KeyboardInterrupt as e:
         what = kept() if callable(kept) else kept
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"

@@ -74,6 +74,8 @@ def _interrupted(kind):
     def body():
         if kind is UserError:
             raise UserError("the checkpoint is spoiled")
+        if kind is OSError:
+            raise OSError(28, "No space left on device", "results/snn_accuracy.json")
         if kind is KeyboardInterrupt:
             raise KeyboardInterrupt
         os.kill(os.getpid(), signal.SIGTERM)  # the handler cli installs raises Terminated
@@ -82,6 +84,7 @@ def _interrupted(kind):
 
 @pytest.mark.parametrize("kind, code, line", [
     (UserError, None, "prog.py: error: the checkpoint is spoiled"),
+    (OSError, None, "prog.py: error: results/snn_accuracy.json: No space left on device"),
     (KeyboardInterrupt, 130, "prog.py: interrupted; results kept"),
     ("sigterm", 143, "prog.py: terminated; results kept"),
 ])

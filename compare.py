@@ -24,11 +24,13 @@ from lenet5 import evaluate, remeasure_percentiles
 from lenet_convert import (
     AT_ANN_LEVEL,
     NORMS,
+    QCFS_DEFAULT,
     READOUTS,
     RESETS,
     V0,
     Settings,
     build_snn,
+    default_settings,
     evaluate_snn,
     first_step_within,
     load_ann,
@@ -68,6 +70,8 @@ def run(planned, batches, timesteps, device, validation=None):
     settings = planned.settings._asdict() | {  # and the network they apply to
         "activation": activation,
         "levels": planned.checkpoint.get("levels") if activation == "qcfs" else None}
+    if activation == "qcfs" and planned.settings == default_settings(planned.checkpoint):
+        settings["default"] = QCFS_DEFAULT  # what the default is, and why
     print(f"simulating {len(batches.labels)} test images for {timesteps} steps on {device}: "
           f"{planned.path}, {settings_text(settings)}")
     early = None

@@ -49,6 +49,9 @@ OUT_DIR = Path("results")  # plots and JSON
 TIMESTEPS = 64  # simulation steps T
 BATCH_SIZE = 500  # test images simulated at once: a layer's state stays in the CPU's cache
 GAMMA = 2  # burst limit, the most spikes a neuron fires per step (BrainCog's)
+QCFS_DEFAULT = ("a QCFS network is converted with gamma = L, its levels, and V0 = theta/2: one "
+                "step gives its ANN's outputs, and on validation this came closest to the ReLU "
+                "ANN in the fewest steps (bench/recipes.py)")
 V0 = 0.5  # initial potential in units of the threshold: turns the rate's floor into a rounding
 LATERAL_INHIBITION = True  # the exact spiking max-pool
 READOUT = "analog"  # sum the output layer's currents; "spikes": count a SpikeNode's spikes
@@ -392,7 +395,9 @@ def scaling_percentile(checkpoint, asked=None):
 
 
 def default_settings(checkpoint):
-    """The Settings a conversion of `checkpoint` uses unless told otherwise."""
+    """The Settings a conversion of `checkpoint` uses unless told otherwise (QCFS_DEFAULT)."""
+    if checkpoint.get("activation") == "qcfs":
+        return Settings(None, gamma=checkpoint["levels"])
     return Settings(scaling_percentile(checkpoint))
 
 
@@ -583,8 +588,9 @@ def parse_args(argv=None):
                         help="activation percentile that sets each layer's scale (one the "
                              "checkpoint recorded: 99, 99.9, 99.99, 100); default: a QCFS "
                              "checkpoint's trained thresholds, else the checkpoint's percentile")
-    parser.add_argument("--gamma", type=cli.positive_int, default=GAMMA,
-                        help="most spikes a neuron may fire per step (1: plain IF; 2: burst)")
+    parser.add_argument("--gamma", type=cli.positive_int, default=None,
+                        help=f"most spikes a neuron may fire per step (1: plain IF; 2: burst); "
+                             f"default: {GAMMA}, but {QCFS_DEFAULT}")
     parser.add_argument("--v0", type=cli.fraction, default=V0,
                         help="initial membrane potential in units of the threshold, in [0, 1)")
     parser.add_argument("--no-lateral-inhibition", dest="lateral_inhibition",

@@ -323,6 +323,7 @@ def test_defaults_depend_on_the_activation_and_on_fine_tuning():
     tune = lenet5.parse_args(["--activation", "qcfs", "--init-from", "a.pt", "--epochs", "3"])
     assert tune.checkpoint == Path("checkpoints/lenet5_qcfs_best.pt")
     assert (tune.epochs, tune.lr) == (3, 0.01)  # the fine-tuning default, unless given
+    assert lenet5.parse_args(["--init-from", "a.pt"]).epochs == lenet5.FINE_TUNING["epochs"]
 
 
 def test_same_seed_gives_the_same_weights(tmp_path):

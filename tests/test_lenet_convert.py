@@ -363,7 +363,8 @@ def test_qcfs_checkpoint_converts_with_its_thresholds(qcfs, tmp_path):
     result = lenet_convert.main(["--checkpoint", str(qcfs), "--limit", "500", "--timesteps", "8",
                                  "--data-dir", str(DATA), "--out-dir", str(tmp_path)])
     assert result["settings"]["percentile"] is None and result["settings"]["levels"] == 2
-    assert result["settings"]["v0"] == 0.5
+    assert result["settings"]["v0"] == 0.5 and result["settings"]["gamma"] == 2  # gamma = L
+    assert result["settings"]["default"] == lenet_convert.QCFS_DEFAULT  # what it is and why
     assert result["snn_accuracy"][-1] >= result["ann_accuracy"] - 0.02
 
 

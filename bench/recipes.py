@@ -87,22 +87,24 @@ def stage_argv(seed, code, extra, init_from, args):
 
 
 def train_recipe(seed, stages, args):
-    """Train (or reuse) every stage of a recipe for `seed`; the last stage's checkpoint path."""
-    path = seeds.checkpoint_path(args.checkpoint_dir, "relu", seed)
+    """Train (or reuse) every stage of a recipe for `seed`; the stages' checkpoint paths."""
+    paths = [seeds.checkpoint_path(args.checkpoint_dir, "relu", seed)]
     for code, extra in stages:
-        argv = stage_argv(seed, code, extra, path, args)
+        argv = stage_argv(seed, code, extra, paths[-1], args)
         seeds.ensure_trained(argv, args.retrain)
-        path = Path(argv[argv.index("--checkpoint") + 1])
-    return path
+        paths.append(Path(argv[argv.index("--checkpoint") + 1]))
+    return paths[1:]
 
 
-def record(path):
-    """What a recipe's network is judged by, and what it cost, from its checkpoint and history."""
-    checkpoint = load_checkpoint(path)
-    history = json.loads(path.with_name(f"{path.stem}_history.json").read_text())
+def record(paths):
+    """What a recipe's network (the last of `paths`, its stages) is judged by, from its
+    checkpoint and history, and what all its stages cost together."""
+    checkpoint = load_checkpoint(paths[-1])
+    histories = [json.loads(p.with_name(f"{p.stem}_history.json").read_text()) for p in paths]
     return {"val_accuracy": checkpoint["val_accuracy"], "epoch": checkpoint["epoch"],
-            "epochs": len(history), "final_train_accuracy": history[-1]["train_accuracy"],
-            "seconds": sum(h["seconds"] for h in history)}
+            "epochs": sum(map(len, histories)),
+            "final_train_accuracy": histories[-1][-1]["train_accuracy"],
+            "seconds": sum(h["seconds"] for history in histories for h in history)}
 
 
 def conversions_on_validation(seed, args, device):

@@ -39,6 +39,11 @@ def test_recipes_are_judged_on_validation_paired_with_the_baseline(tmp_path, mon
         per_seed = saved["per_seed"][str(seed)]
         assert per_seed["two stages"]["val_accuracy"] == max(h["val_accuracy"]
                                                              for h in made["two"])
+        first = json.loads((tmp_path / "ck" / "recipes" / f"S1_seed{seed}_history.json")
+                           .read_text())
+        assert per_seed["two stages"]["epochs"] == len(first) + len(made["two"])  # all stages
+        assert per_seed["two stages"]["seconds"] == pytest.approx(
+            sum(h["seconds"] for h in first + made["two"]))
     two = summary["two stages"]
     assert two["minus_baseline"] == pytest.approx(
         [saved["per_seed"][s]["two stages"]["val_accuracy"] -

@@ -389,14 +389,20 @@ def energy_points(study):
     names of the curves in order."""
     summary, points = study["summary"], []
     curves = {"ReLU, default": summary[RELU], "ReLU, BrainCog's reference": summary[RELU_BRAINCOG]}
-    curves |= {f"QCFS {levels}, {rule}": entry for levels, rules in study["levels"].items()
-               for rule, entry in rules.items()}
+    for levels, rules in study["levels"].items():
+        runs = [entry["run"] for entry in rules.values()]
+        for rule, entry in rules.items():  # L = 2: gamma = 2 and gamma = L are one run, one curve
+            if runs.count(entry["run"]) == 1 or rule == "gamma = L":
+                curves[f"QCFS {levels}, {rule}" + (" = 2" if runs.count(entry["run"]) > 1
+                                                   else "")] = entry
     for name, entry in curves.items():
         points += [(energy / 1e6, 100 * accuracy, name, t) for t, (energy, accuracy) in enumerate(
             zip(entry["energy_pj_mean"], entry["snn_mean"], strict=True), 1) if t <= ENERGY_STEPS]
     for knob, entry in study["early_exit"].items():
+        network, _, rule = knob.rpartition(": ")  # "qcfs L=4: early exit (...)" or "early exit"
         points.append((entry["energy_pj_per_image"]["mean"] / 1e6,
-                       100 * entry["test_accuracy"]["mean"], f"early exit: {knob}", None))
+                       100 * entry["test_accuracy"]["mean"],
+                       f"{network.replace('qcfs', 'QCFS') or 'ReLU'}, {rule}", None))
     points.append((summary[RELU]["ann_energy_pj"] / 1e6, 100 * summary[RELU]["ann_mean"],
                    "ReLU ANN", 0))
     return points, list(curves)
@@ -416,17 +422,23 @@ def plot_energy(study, path):
     """Mean accuracy against mean energy per image of every network and conversion."""
     points, curves = energy_points(study)
     fig, ax = plt.subplots(figsize=(12, 7.5))
-    for i, name in enumerate(curves):
+    networks = list(dict.fromkeys(name.partition(", ")[0] for name in curves))
+    for name in curves:  # one hue per network: dark for its default conversion, light and
+        network, _, conversion = name.partition(", ")  # dashed for the other
+        other = conversion in ("BrainCog's reference", "gamma = 2")
         curve = [p for p in points if p[2] == name]
         ax.plot([p[0] for p in curve], [p[1] for p in curve], marker=".", markersize=4,
-                color=plt.cm.tab20(i % 20), label=name)
+                color=plt.cm.tab20((2 * networks.index(network) + other) % 20),
+                linestyle="--" if other else "-", label=name)
         for x, y, _, t in curve:
             if t in (1, 2, 4, 8, 16):
                 ax.annotate(f"{t}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     for x, y, name, t in points:
-        if t is None or t == 0:
+        if t is None or t == 0:  # early exit in its network's hue; the ANN in gold
+            network = name.partition(", ")[0]
+            color = plt.cm.tab20(2 * networks.index(network)) if t is None else "gold"
             ax.plot(x, y, marker="X" if t is None else "*", markersize=11 if t is None else 15,
-                    linestyle="none", markeredgecolor="k", label=name)
+                    linestyle="none", color=color, markeredgecolor="k", label=name)
     front = pareto_front(points)
     ax.plot([p[0] for p in front], [p[1] for p in front], color="k", linewidth=2, alpha=0.5,
             zorder=0, label="no other point has both less energy and more accuracy")

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -38,17 +39,41 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
+STARTING = "while starting; nothing was written"  # what an interrupt before `run` says
+
+
+def _exit_at_once(signum, frame):
+    """A signal while a command starts (loading torch, reading its arguments): nothing is
+    written yet, so end at once. No KeyboardInterrupt is raised: inside a library's import it
+    can be swallowed (the run goes on) or turned into another error with a long traceback."""
+    if multiprocessing.parent_process() is None:  # a worker (bench_snn.py's) ends quietly
+        stopped = "terminated" if signum == signal.SIGTERM else "interrupted"
+        os.write(2, f"{Path(sys.argv[0]).name}: {stopped} {STARTING}\n".encode())
+    os._exit(128 + signum)
+
+
 def _one_line_interrupts(kind, value, traceback):
-    """sys.excepthook: an interrupt that no command caught (while loading) is one line."""
+    """sys.excepthook: an interrupt that no command caught is one line."""
     if not issubclass(kind, KeyboardInterrupt):
         return sys.__excepthook__(kind, value, traceback)
     print(f"{Path(sys.argv[0]).name}: {'terminated' if kind is Terminated else 'interrupted'} "
-          "while starting; nothing was written", file=sys.stderr, flush=True)
+          f"{STARTING}", file=sys.stderr, flush=True)
     os._exit(exit_code(value))
 
 
+def _is_a_command():
+    """Whether this process runs one of the project's scripts (not, say, pytest)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    here = Path(__file__).resolve().parent
+    return main is not None and Path(main).resolve().parent in (here, here / "bench")
+
+
 if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    if _is_a_command():
+        signal.signal(signal.SIGINT, _exit_at_once)
+        signal.signal(signal.SIGTERM, _exit_at_once)
+    else:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     sys.excepthook = _one_line_interrupts
 
 
@@ -59,6 +84,9 @@ def run(prog, body, kept="nothing was written"):
     and "prog: error: ...". Ctrl-C (130) and SIGTERM (143) say what was kept: `kept`, a text or
     a function that gives it at that moment.
     """
+    if threading.current_thread() is threading.main_thread():  # from here on an interrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # is raised, so that the
+        signal.signal(signal.SIGTERM, _raise_terminated)  # command can say what it kept
     try:
         return body()
     except UserError as e:

@@ -403,7 +403,7 @@ def plot_early_exit(fixed, record, images, path):
     counts = record["exit_steps"]
     ax.bar(range(1, len(counts) + 1), counts)
     ax.set_xlim(0.4, record["deadline"] + 0.6)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_yscale("log")
     ax.set_xlabel("exit step")
     ax.set_ylabel("test images")

@@ -39,7 +39,10 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
-STARTING = "while starting; nothing was written"  # what an interrupt before `run` says
+def _starting_line(terminated):
+    """What an interrupt before a command's `run` says."""
+    return (f"{Path(sys.argv[0]).name}: {'terminated' if terminated else 'interrupted'} "
+            "while starting; nothing was written\n")
 
 
 def _exit_at_once(signum, frame):
@@ -47,8 +50,7 @@ def _exit_at_once(signum, frame):
     written yet, so end at once. No KeyboardInterrupt is raised: inside a library's import it
     can be swallowed (the run goes on) or turned into another error with a long traceback."""
     if multiprocessing.parent_process() is None:  # a worker (bench_snn.py's) ends quietly
-        stopped = "terminated" if signum == signal.SIGTERM else "interrupted"
-        os.write(2, f"{Path(sys.argv[0]).name}: {stopped} {STARTING}\n".encode())
+        os.write(2, _starting_line(signum == signal.SIGTERM).encode())
     os._exit(128 + signum)
 
 
@@ -56,8 +58,7 @@ def _one_line_interrupts(kind, value, traceback):
     """sys.excepthook: an interrupt that no command caught is one line."""
     if not issubclass(kind, KeyboardInterrupt):
         return sys.__excepthook__(kind, value, traceback)
-    print(f"{Path(sys.argv[0]).name}: {'terminated' if kind is Terminated else 'interrupted'} "
-          f"{STARTING}", file=sys.stderr, flush=True)
+    print(_starting_line(kind is Terminated), end="", file=sys.stderr, flush=True)
     os._exit(exit_code(value))
 
 

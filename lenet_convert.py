@@ -578,8 +578,9 @@ def parse_args(argv=None):
     parser.add_argument("--compare", nargs="*", type=Path, default=None, metavar="CHECKPOINT",
                         help="compare settings instead of one run: the given settings, each knob "
                              "changed alone and BrainCog's reference on --checkpoint, plus each "
-                             "CHECKPOINT listed (e.g. a QCFS one) at the given settings and with "
-                             "γ = 1, 2, 4; writes compare.png, .json and .csv")
+                             "CHECKPOINT listed (e.g. a QCFS one) with the options given (what "
+                             "is not given at that checkpoint's own default) and with γ = 1, 2, "
+                             "4; writes compare.png, .json and .csv")
     parser.add_argument("--timesteps", type=cli.positive_int, default=TIMESTEPS,
                         help="simulation steps T")
     parser.add_argument("--batch-size", type=cli.positive_int, default=BATCH_SIZE,

@@ -47,7 +47,7 @@ from plots import plt, save_figure, settings_text, step_axis
 CHECKPOINT = Path("checkpoints/lenet5_best.pt")  # written by lenet5.py
 OUT_DIR = Path("results")  # plots and JSON
 TIMESTEPS = 64  # simulation steps T
-BATCH_SIZE = 500  # test images simulated at once: a layer's state stays in the CPU's cache
+BATCH_SIZE = 500  # test images simulated at once (a step costs the same per image from 100 to 500)
 GAMMA = 2  # burst limit, the most spikes a neuron fires per step (BrainCog's)
 QCFS_DEFAULT = ("a QCFS network is converted with gamma = L, its levels, and V0 = theta/2: one "
                 "step gives its ANN's outputs, and on validation this came closest to the ReLU "

@@ -392,9 +392,9 @@ def energy_points(study):
     for levels, rules in study["levels"].items():
         runs = [entry["run"] for entry in rules.values()]
         for rule, entry in rules.items():  # L = 2: gamma = 2 and gamma = L are one run, one curve
-            if runs.count(entry["run"]) == 1 or rule == "gamma = L":
-                curves[f"QCFS {levels}, {rule}" + (" = 2" if runs.count(entry["run"]) > 1
-                                                   else "")] = entry
+            shared = runs.count(entry["run"]) > 1
+            if not shared or rule == "gamma = L":
+                curves[f"QCFS {levels}, {rule}" + (" = 2" if shared else "")] = entry
     for name, entry in curves.items():
         points += [(energy / 1e6, 100 * accuracy, name, t) for t, (energy, accuracy) in enumerate(
             zip(entry["energy_pj_mean"], entry["snn_mean"], strict=True), 1) if t <= ENERGY_STEPS]

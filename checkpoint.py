@@ -69,7 +69,7 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def _number(value, lowest=-math.inf, integer=False):
+def _is_number(value, lowest=-math.inf, integer=False):
     """Whether `value` is a finite number (an integer if asked) of at least `lowest`."""
     kinds = int if integer else (int, float)
     return (isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
@@ -79,19 +79,19 @@ def _number(value, lowest=-math.inf, integer=False):
 CHECKS = {  # key (args.* inside "args"): (test, what it must be); checked where present
     "arch": (lambda v: v == ARCH, repr(ARCH)),
     "activation": (lambda v: v in ACTIVATIONS, " or ".join(ACTIVATIONS)),
-    "levels": (lambda v: _number(v, 1, integer=True), "a positive integer"),
+    "levels": (lambda v: _is_number(v, 1, integer=True), "a positive integer"),
     "channel_thresholds": (lambda v: isinstance(v, bool), "true or false"),
-    "seed": (lambda v: _number(v, 0, integer=True) and v <= cli.SEED_RANGE[1],
+    "seed": (lambda v: _is_number(v, 0, integer=True) and v <= cli.SEED_RANGE[1],
              f"an integer in [0, {cli.SEED_RANGE[1]}]"),
-    "calibration_images": (lambda v: _number(v, 1, integer=True) and v < TRAIN_IMAGES,
+    "calibration_images": (lambda v: _is_number(v, 1, integer=True) and v < TRAIN_IMAGES,
                            "a positive number of training images"),
     "percentile": (lambda v: isinstance(v, str), "a key of the percentiles table"),
     "args": (lambda v: isinstance(v, dict), "a table of the arguments"),
-    "args.val_size": (lambda v: _number(v, 1, integer=True) and v < TRAIN_IMAGES,
+    "args.val_size": (lambda v: _is_number(v, 1, integer=True) and v < TRAIN_IMAGES,
                       f"an integer in [1, {TRAIN_IMAGES - 1}]"),
-    "args.limit_train": (lambda v: v is None or _number(v, 1, integer=True),
+    "args.limit_train": (lambda v: v is None or _is_number(v, 1, integer=True),
                          "empty or a positive integer"),
-    "args.calibration_images": (lambda v: v is None or _number(v, 1, integer=True),
+    "args.calibration_images": (lambda v: v is None or _is_number(v, 1, integer=True),
                                 "empty or a positive integer"),
 }
 PLAUSIBLE = 1e-6  # a percentile below this fraction of its layer's maximum is a spoiled value
@@ -142,7 +142,7 @@ def _check_percentiles(tables, name, path):
         lowest = -math.inf if layer == OUTPUT_LAYER else 0
         for key, value in table.items():
             if isinstance(value, list) != per_channel or not all(
-                    _number(v, lowest) for v in (value if per_channel else [value])):
+                    _is_number(v, lowest) for v in (value if per_channel else [value])):
                 raise UserError(f"{path}: {name}[{layer!r}][{key!r}] is {reprlib.repr(value)}, "
                                 f"not {kind}{' >= 0' if lowest == 0 else ''}")
         if per_channel and len({len(v) for v in table.values()}) > 1:
@@ -167,7 +167,7 @@ def _check_thresholds(checkpoint, path):
     """A QCFS network's lambda: positive, and the same in the weights and in `thresholds`."""
     table = checkpoint.get("thresholds", {})
     if not isinstance(table, dict) or not all(
-            all(_number(x) and x > 0 for x in (v if isinstance(v, list) else [v]))
+            all(_is_number(x) and x > 0 for x in (v if isinstance(v, list) else [v]))
             for v in table.values()):
         raise UserError(f"{path}: thresholds is {reprlib.repr(table)}, not positive numbers "
                         "per layer")

@@ -15,8 +15,10 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import sys
 import threading
+import time
 from pathlib import Path
 
 SEED_RANGE = (0, 2**32 - 1)  # numpy's: every seed the project takes must be valid for it
@@ -161,6 +163,75 @@ def write_csv(path, rows):
         writer.writerows(rows)
 
 
+class FileSet:
+    """The files of one run, each written to a temporary file beside its place (`path`) and
+    moved into place with the others by `file_set`."""
+
+    def __init__(self, folder):
+        self.folder, self.made = Path(folder), {}
+
+    def path(self, name):
+        """Where to write the file `name` of the set; its folder is made now if need be."""
+        target = self.folder / name
+        check_writable(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.made[name] = target.with_name(f".{target.stem}.set{os.getpid()}{target.suffix}")
+        return self.made[name]
+
+    @property
+    def names(self):
+        return list(self.made)
+
+
+@contextlib.contextmanager
+def file_set(folder):
+    """Yield a FileSet; once the block has completed, move all its files into place together.
+
+    So a run that fails or is interrupted before then, whatever file it had made, leaves every
+    earlier file as it was, and a folder it made is removed again. Each target is checked first;
+    the moves are renames, made with Ctrl-C and SIGTERM held back until all are done.
+    """
+    folder = Path(folder)
+    new = [p for p in (folder, *folder.parents) if not p.exists()]
+    files = FileSet(folder)
+    done = False
+    try:
+        yield files
+        for name in files.made:
+            check_writable(folder / name)
+        with _signals_held():
+            for name, tmp in files.made.items():
+                os.replace(tmp, folder / name)
+        done = True
+    finally:
+        for tmp in files.made.values():
+            tmp.unlink(missing_ok=True)
+        for made in new if not done else ():  # the deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold back Ctrl-C and SIGTERM during the block (where the platform can); they arrive after."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is (
+        threading.main_thread())
+    if can:
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        if can:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+def and_list(names):
+    """'a', 'a and b', 'a, b and c'."""
+    names = list(names)
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+
+
 def partial_path(path):
     """Where a run keeps a file until the run completes: <stem>.partial<suffix>."""
     return path.with_name(f"{path.stem}.partial{path.suffix}")
@@ -207,6 +278,26 @@ def check_writable(path, folder=False):
         raise UserError(f"cannot write to {path}: {parent} is not writable")
 
 
+# ----------------------------------------------------------------------------- timing
+
+
+def median_seconds(runs, repeats, warm_up=True):
+    """({name: median wall time of runs[name]()}, {name: the last result of runs[name]()}).
+
+    Each run is called once untimed first (unless not `warm_up`: the caller's last call was
+    that), then all of them in turn, `repeats` rounds: a machine that speeds up or slows down
+    meanwhile affects each alike, so ratios between them hold even where absolute times drift.
+    """
+    results = {name: run() for name, run in runs.items()} if warm_up else {}
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results[name] = run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, results
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -237,7 +328,7 @@ def add_device_and_data(parser):
                         help="folder holding MNIST/raw (the shipped .gz files)")
 
 
-def _number(text, convert, kind):
+def _parse_number(text, convert, kind):
     try:
         return convert(text)
     except ValueError:
@@ -247,7 +338,7 @@ def _number(text, convert, kind):
 def int_in(lowest, highest=None, kind="an integer"):
     """An argparse type: an integer in [lowest, highest]."""
     def parse(text):
-        value = _number(text, int, kind)
+        value = _parse_number(text, int, kind)
         if value < lowest or highest is not None and value > highest:
             raise argparse.ArgumentTypeError(
                 f"must be at least {lowest}, got {value}" if highest is None
@@ -262,28 +353,28 @@ seed_int = int_in(*SEED_RANGE, kind="a seed")
 
 
 def positive_float(text):
-    value = _number(text, float, "a positive number")
+    value = _parse_number(text, float, "a positive number")
     if not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def non_negative_float(text):
-    value = _number(text, float, "a number >= 0")
+    value = _parse_number(text, float, "a number >= 0")
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
 def percentile_arg(text):
-    value = _number(text, float, "a percentile")
+    value = _parse_number(text, float, "a percentile")
     if not 0 < value <= 100:
         raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
     return value
 
 
 def fraction(text):
-    value = _number(text, float, "a number in [0, 1)")
+    value = _parse_number(text, float, "a number in [0, 1)")
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value

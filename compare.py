@@ -1,44 +1,40 @@
-"""Running planned conversions, one or many on the same test images, and compare mode.
+"""Compare mode (`lenet_convert.py --compare`): many conversions on the same test images.
 
-A plan is a list of `Planned` conversions (a checkpoint, its ANN and the settings); `run_all`
-checks every entry before it simulates any, then `run` converts (`lenet_convert.build_snn`),
-simulates and measures each: the result is the dict that snn_accuracy.json holds. Compare mode
-(`lenet_convert.py --compare`) plans the given settings, each knob changed alone and BrainCog's
-reference, and draws them in one figure and one table.
+A plan is a list of (label, `lenet_convert.Conversion`): the given settings, each knob changed
+alone and BrainCog's reference on --checkpoint, and for every further checkpoint its own
+defaults with the options given, the other burst limits and early exit (`compare_settings`).
+`run_all` converts every entry and checks its validation split before it simulates any, then
+runs each (`lenet_convert.run`, or `early_exit.run` for an early-exit entry); the results go
+into one figure, one JSON and one table. The seeds study runs its plans with `run_all` too.
 
 Example:
     python lenet_convert.py --compare checkpoints/lenet5_qcfs_best.pt --out-dir results/compare
 """
 
-import time
 from pathlib import Path
-from typing import NamedTuple
-
-import torch.nn as nn
 
 import cli
 import early_exit
 import efficiency
+import lenet_convert
 from checkpoint import OUTPUT_LAYER
-from lenet5 import evaluate, remeasure_percentiles
 from lenet_convert import (
-    AT_ANN_LEVEL,
+    AT_ANN_LEVEL_KEY,
     NORMS,
-    QCFS_DEFAULT,
     READOUTS,
     RESETS,
     V0,
+    Conversion,
     Settings,
-    build_snn,
-    default_settings,
-    evaluate_snn,
-    first_step_within,
+    at_ann_level,
+    clean_mem_spike,
+    convert,
     load_ann,
-    plot_accuracy,
+    load_test_set,
     settings_from,
 )
-from mnist import Batches, load_mnist
-from plots import plt, report_steps, save_figure, settings_text, step_axis
+from mnist import load_mnist
+from plots import plt, report_steps, save_figure, step_axis
 
 COMPARE_GAMMAS = (1, 2, 4)  # burst limits every compared checkpoint is run with
 COMPARE_SPICALIBS = (2, 4)  # the spike calibration allowances compare mode tries
@@ -47,140 +43,52 @@ GIVEN, BRAINCOG = "as given", "BrainCog reference"  # labels of the main runs
 BRAINCOG_SETTINGS = Settings("99.9", gamma=2, v0=0.0, lateral_inhibition=False, readout="analog")
 
 
-class Planned(NamedTuple):
-    """One conversion to run: a loaded checkpoint, its ANN and the settings."""
-
-    label: str
-    path: Path
-    checkpoint: dict
-    ann: nn.Module
-    settings: Settings
-
-
 # ----------------------------------------------------------------------------- running a plan
 
 
-def run(planned, batches, timesteps, device, validation=None):
-    """Convert and simulate one `planned` conversion on `batches`; the result dict (JSON-ready).
-
-    With an exit rule, `validation` (Batches) chooses the threshold unless the settings give one.
-    """
-    snn = build_snn(planned.checkpoint, planned.ann, planned.settings).to(device)
-    activation = planned.checkpoint.get("activation", "relu")
-    settings = planned.settings._asdict() | {  # and the network they apply to
-        "activation": activation,
-        "levels": planned.checkpoint.get("levels") if activation == "qcfs" else None}
-    if activation == "qcfs" and planned.settings == default_settings(planned.checkpoint):
-        settings["default"] = QCFS_DEFAULT  # what the default is, and why
-    print(f"simulating {len(batches.labels)} test images for {timesteps} steps on {device}: "
-          f"{planned.path}, {settings_text(settings)}")
-    early = None
-    if planned.settings.exit_rule == "none":
-        start = time.perf_counter()
-        snn_accuracy, counts = evaluate_snn(snn, batches, timesteps, device)
-        seconds = time.perf_counter() - start
-    else:
-        snn_accuracy, counts, seconds, early = early_exit.run_early_exit(
-            snn, planned.ann, planned.settings, batches, validation, timesteps, device)
-    ann_accuracy = evaluate(planned.ann, batches, device)
-    result = {
-        "ann_accuracy": ann_accuracy,
-        "snn_accuracy": snn_accuracy,
-        "timesteps": timesteps,
-        AT_ANN_LEVEL: first_step_within(snn_accuracy, ann_accuracy),
-        "settings": settings,
-        "checkpoint": str(planned.path),
-        "test_images": len(batches.labels),
-        "device": str(device),
-        "simulation_seconds": round(seconds, 2),
-        "efficiency": efficiency.efficiency(snn, counts, len(batches.labels), timesteps,
-                                            efficiency.input_shapes(planned.ann)),
-    }
-    if early:
-        eff = result["efficiency"]
-        result["early_exit"] = early | {"synops_per_image": eff["synops_per_image"][-1],
-                                        "energy_pj_per_image": eff["snn_energy_pj"][-1]}
-    return result
-
-
-def add_channel_percentiles(planned, data_dir, device):
-    """Give a checkpoint written before they were recorded its per-channel percentiles.
-
-    They are measured as lenet5.py does, on the same training images (in memory only; the file
-    is not changed).
-    """
-    if "channel_percentiles" in planned.checkpoint:
-        return
-    print(f"{planned.path} has no per-channel percentiles: measuring them on the training images "
-          "its per-layer ones came from")
-    planned.checkpoint["channel_percentiles"] = remeasure_percentiles(
-        planned.checkpoint, planned.ann, data_dir, device)[1]
-
-
 def run_all(plan, data_dir, limit, batch_size, timesteps, device):
-    """`run` every entry of `plan` on the same test images (the first `limit`, or all).
+    """Run every conversion of `plan` ([(label, Conversion)]) on the same test images (the
+    first `limit`, or all); the results, in order.
 
-    Every entry is built and its validation split checked first, so a bad setting fails before
-    anything is simulated.
+    Every entry is converted and its validation split checked first, so a bad setting fails
+    before anything is simulated.
     """
-    validated = [early_exit.needs_validation(p.checkpoint, p.settings, p.path) for p in plan]
-    for planned in plan:
-        if planned.settings.norm != "layer":
-            add_channel_percentiles(planned, data_dir, device)
-        build_snn(planned.checkpoint, planned.ann, planned.settings)
-    images, labels = load_mnist(data_dir, train=False)
-    if limit and limit > len(labels):
-        raise cli.UserError(f"--limit {limit}: the test set has only {len(labels)} images")
-    batches = Batches(images[:limit], labels[:limit], batch_size)
-    train = load_mnist(data_dir, train=True) if any(validated) else None
-    return [run(planned, batches, timesteps, device,
-                early_exit.validation_split(planned.checkpoint, *train, batch_size)
-                if needed else None)
-            for planned, needed in zip(plan, validated, strict=True)]
+    conversions = [conversion for _, conversion in plan]
+    exits = any(c.settings.exit_rule != "none" for c in conversions)
+    train = load_mnist(data_dir, train=True) if exits else None
+    validations = [early_exit.validation_batches(c, train, batch_size) for c in conversions]
+    snns = [convert(c, data_dir, device) for c in conversions]
+    batches = load_test_set(data_dir, limit, batch_size)
+    results = []
+    for conversion, snn, validation in zip(conversions, snns, validations, strict=True):
+        if conversion.settings.exit_rule == "none":
+            results.append(lenet_convert.run(conversion, snn, batches, timesteps, device))
+        else:
+            results.append(early_exit.run(conversion, snn, batches, validation, timesteps,
+                                          device))
+        clean_mem_spike(snn)  # its state and counts are in the result now
+    return results
 
 
-# ----------------------------------------------------------------------------- the two modes
-
-
-def single(args, device):
-    """One run: load, convert, simulate; write the plots and the JSON; return the result."""
-    checkpoint, ann = load_ann(args.checkpoint, device)
-    settings = settings_from(args, checkpoint)
-    plan = [Planned(GIVEN, args.checkpoint, checkpoint, ann, settings._replace(exit_rule="none"))]
-    if settings.exit_rule != "none":
-        plan.append(Planned("early exit", args.checkpoint, checkpoint, ann, settings))
-    result, *early = run_all(plan, args.data_dir, args.limit, args.batch_size, args.timesteps,
-                             device)
-    plot_accuracy(result, args.out_dir / "snn_accuracy.png")
-    efficiency.plot_efficiency(result, args.out_dir / "snn_efficiency.png")
-    cli.write_json(args.out_dir / "snn_accuracy.json", result)
-    efficiency.print_table(result)
-    written = "snn_accuracy.png, snn_efficiency.png and snn_accuracy.json"
-    if early:
-        record = early_exit.write(result, early[0], args.data_dir, args.out_dir)
-        written = written.replace(" and ", ", ") + ", snn_early_exit.png and .json"
-        result = result | {"early_exit": record}
-    print(f"wrote {written} in {args.out_dir} (simulation {result['simulation_seconds']:.0f}s)")
-    return result
-
-
-def compare(args, device):
-    """Compare mode: `compare_settings` on --checkpoint and on each extra one; one figure."""
+def main(args, device):
+    """Compare mode: `compare_settings` on --checkpoint and on each extra one; one figure, one
+    JSON and one table."""
     plan = []
     for i, path in enumerate([args.checkpoint, *args.compare]):
         checkpoint, ann = load_ann(path, device)
         recorded = list(checkpoint.get("percentiles", {}).get(OUTPUT_LAYER, {}))
-        plan += [Planned(label, path, checkpoint, ann, variant) for label, variant in
+        plan += [(label, Conversion(path, checkpoint, ann, variant)) for label, variant in
                  compare_settings(settings_from(args, checkpoint), recorded, every_knob=i == 0)]
-    results = [result | {"label": planned.label} for planned, result in zip(
+    results = [result | {"label": label} for (label, _), result in zip(
         plan, run_all(plan, args.data_dir, args.limit, args.batch_size, args.timesteps, device),
         strict=True)]
     rows = compare_rows(results)
-    plot_compare(results, args.out_dir / "compare.png")
-    cli.write_json(args.out_dir / "compare.json", {"runs": results, "table": rows})
-    cli.write_csv(args.out_dir / "compare.csv", rows)
+    with cli.file_set(args.out_dir) as files:
+        plot_compare(results, files.path("compare.png"))
+        cli.write_json(files.path("compare.json"), {"runs": results, "table": rows})
+        cli.write_csv(files.path("compare.csv"), rows)
     print_compare(rows)
-    print(f"wrote compare.png, compare.json and compare.csv in {args.out_dir}")
+    print(f"wrote {cli.and_list(files.names)} in {args.out_dir}")
     return results
 
 
@@ -239,9 +147,9 @@ def compare_rows(results):
                "ann": round(100 * result["ann_accuracy"], 2)}
         row |= {f"t={t}": round(100 * result["snn_accuracy"][t - 1], 2)
                 for t in report_steps(result["timesteps"])}
-        reached = efficiency.at_ann_level(result)
+        reached = at_ann_level(result)
         eff = result["efficiency"]
-        row |= {AT_ANN_LEVEL: reached[0] if reached else None,
+        row |= {AT_ANN_LEVEL_KEY: reached[0] if reached else None,
                 "synops_there": round(reached[1]) if reached else None,
                 "energy_there_uJ": round(reached[2] / 1e6, 3) if reached else None,
                 "ann_energy_uJ": round(eff["ann_energy_pj"] / 1e6, 3)}
@@ -278,9 +186,9 @@ def plot_compare(results, path):
     axes[0].set_ylabel("test accuracy after t steps (%; dotted: the ANNs)")
     axes[0].set_title("accuracy per time step")
     axes[0].legend(fontsize=7, loc="lower right")
-    main = [i for i, r in enumerate(results) if r["label"] in (GIVEN, BRAINCOG)]
-    efficiency.plot_energy_axis(axes[1], [results[i] for i in main], [labels[i] for i in main],
-                     [styles[i] for i in main])
+    headline = [i for i, r in enumerate(results) if r["label"] in (GIVEN, BRAINCOG)]
+    efficiency.plot_energy_axis(axes[1], [results[i] for i in headline],
+                                [labels[i] for i in headline], [styles[i] for i in headline])
     for result, label, style in zip(results, labels, styles, strict=True):
         if "early_exit" in result:  # one point: its accuracy and energy per image
             early = result["early_exit"]
@@ -300,7 +208,7 @@ def print_compare(rows):
           f"{'at ANN':>8} {'µJ there':>8}   early exit: accuracy at mean steps")
     for row in rows:
         name = f"{Path(row['checkpoint']).stem}: {row['setting']}"[:42]
-        there = row[AT_ANN_LEVEL]
+        there = row[AT_ANN_LEVEL_KEY]
         early = (f"   {row['early_exit_accuracy']:.2f} at {row['early_exit_mean_steps']:.2f}"
                  if row["early_exit_mean_steps"] is not None else "")
         print(f"{name:42s} " + " ".join(f"{row[s]:6.2f}" for s in steps) + f" {row['ann']:6.2f} "

@@ -9,8 +9,6 @@ validation split from one recording of every image and step (`record_settledness
 """
 
 import math
-import statistics
-import time
 from typing import NamedTuple
 
 import matplotlib.ticker
@@ -19,7 +17,8 @@ import torch
 import cli
 from lenet5 import evaluate, quantiles_of
 from lenet_convert import (
-    ANN_LEVEL,
+    ANN_MARGIN,
+    announce,
     clean_mem_spike,
     counting_modules,
     evaluate_snn,
@@ -27,9 +26,10 @@ from lenet_convert import (
     predict,
     predictions,
     readout_node,
+    result_of,
     within,
 )
-from mnist import Batches, load_mnist, split_train_val
+from mnist import Batches, split_train_val
 from plots import plt, save_figure, settings_text, step_axis
 
 EXIT_GRID = 200  # thresholds tried on the validation split (quantiles of the recorded values)
@@ -130,15 +130,18 @@ def threshold_grid(values, size=EXIT_GRID):
     return sorted(set(grid)) + [math.inf]
 
 
-def needs_validation(checkpoint, settings, path):
-    """Whether `settings` choose an exit threshold; an error if the checkpoint has no split."""
+def validation_batches(conversion, train, batch_size):
+    """The validation images lenet5.py held out for `conversion`'s checkpoint, rebuilt from its
+    seed and split out of `train` (the training images and labels), if its settings choose
+    the exit threshold there (else None); an error if the checkpoint records no split."""
+    checkpoint, settings = conversion.checkpoint, conversion.settings
     if settings.exit_rule == "none" or settings.exit_threshold is not None:
-        return False
+        return None
     if not isinstance(checkpoint.get("args"), dict) or "val_size" not in checkpoint["args"] or (
             "seed" not in checkpoint):
-        raise cli.UserError(f"{path} records no validation split (seed and val_size) to "
-                            "choose the exit threshold on: give --exit-threshold")
-    return True
+        raise cli.UserError(f"{conversion.path} records no validation split (seed and val_size) "
+                            "to choose the exit threshold on: give --exit-threshold")
+    return validation_split(checkpoint, *train, batch_size)
 
 
 def validation_split(checkpoint, train_images, train_labels, batch_size):
@@ -281,6 +284,23 @@ def _padded(counts, timesteps):
 # ----------------------------------------------------------------------------- one run
 
 
+def run(conversion, snn, batches, validation, timesteps, device):
+    """Early exit of `snn`, the spiking network of `conversion`, on `batches`: the result (as
+    `lenet_convert.run` gives it, with the accuracy when the steps are capped at t and the
+    spikes of the steps each image ran) and under "early_exit" its record and energy.
+
+    `validation` (Batches) chooses the threshold unless the settings give one.
+    """
+    announce(conversion, len(batches.labels), timesteps, device)
+    accuracy, counts, seconds, record = run_early_exit(
+        snn, conversion.ann, conversion.settings, batches, validation, timesteps, device)
+    result = result_of(conversion, snn, batches, device, accuracy, counts, seconds)
+    eff = result["efficiency"]
+    result["early_exit"] = record | {"synops_per_image": eff["synops_per_image"][-1],
+                                     "energy_pj_per_image": eff["snn_energy_pj"][-1]}
+    return result
+
+
 def run_early_exit(snn, ann, settings, batches, validation, timesteps, device):
     """Early exit of `snn` on `batches`, its threshold chosen on `validation` if not given.
 
@@ -304,9 +324,11 @@ def run_early_exit(snn, ann, settings, batches, validation, timesteps, device):
     accuracy, counts, steps, chosen = evaluate_early_exit(snn, batches, timesteps, device, rule,
                                                           threshold, deadline)
     fixed_t = first_step_within(fixed, accuracy[-1], margin=0) or timesteps
-    seconds, fixed_seconds = time_against_fixed(
-        lambda: evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, deadline),
-        lambda: evaluate_snn(snn, batches, fixed_t, device))
+    seconds, _ = cli.median_seconds({
+        "fixed": lambda: evaluate_snn(snn, batches, fixed_t, device),
+        "early": lambda: evaluate_early_exit(snn, batches, timesteps, device, rule, threshold,
+                                             deadline)}, EXIT_TIMING_REPEATS, warm_up=False)
+    seconds, fixed_seconds = seconds["early"], seconds["fixed"]
     record = {"rule": rule, "threshold": threshold, "deadline": deadline} | record | {
         "test_accuracy": accuracy[-1],
         "mean_steps": steps.double().mean().item(),
@@ -321,18 +343,6 @@ def run_early_exit(snn, ann, settings, batches, validation, timesteps, device):
         "hardest": hardest(values, steps, labels, chosen, rule),
     }
     return accuracy, counts, seconds, record
-
-
-def time_against_fixed(early, fixed):
-    """Median seconds of `early()` and of `fixed()`, each timed EXIT_TIMING_REPEATS times,
-    alternating (after the warm-up the caller's first run was), so drift hits both alike."""
-    times = {early: [], fixed: []}
-    for _ in range(EXIT_TIMING_REPEATS):
-        for simulate_them in (fixed, early):
-            start = time.perf_counter()
-            simulate_them()
-            times[simulate_them].append(time.perf_counter() - start)
-    return statistics.median(times[early]), statistics.median(times[fixed])
 
 
 def hardest(values, steps, labels, predicted, rule):
@@ -390,7 +400,7 @@ def plot_early_exit(fixed, record, images, path):
             label=f"chosen: {record['rule']} ≥ {record['threshold']:.5g} by step "
                   f"{record['deadline']}")
     ann = 100 * fixed["ann_accuracy"]
-    margin = 100 * fixed["settings"].get("exit_margin", ANN_LEVEL)
+    margin = 100 * fixed["settings"].get("exit_margin", ANN_MARGIN)
     ax.axhspan(ann - margin, ann, color="tab:gray", alpha=0.25,
                label=f"ANN ({ann:.2f} %) minus {margin:g} pp")
     step_axis(ax, timesteps)
@@ -427,12 +437,10 @@ def plot_early_exit(fixed, record, images, path):
     save_figure(fig, path)
 
 
-def write(result, early, data_dir, out_dir):
-    """Write snn_early_exit.json and .png of the `early` run beside the fixed-T `result`; print
-    its line; return the record."""
+def write(result, early, images, files):
+    """Write snn_early_exit.json and .png of the `early` run beside the fixed-T `result` into
+    `files` (a cli.FileSet); `images` are the test images ([N, H, W]); return the record."""
     record = early_exit_record(early)
-    images = load_mnist(data_dir, train=False)[0]
-    plot_early_exit(result, record, images, out_dir / "snn_early_exit.png")
-    cli.write_json(out_dir / "snn_early_exit.json", record)
-    print_early_exit(record)
+    plot_early_exit(result, record, images, files.path("snn_early_exit.png"))
+    cli.write_json(files.path("snn_early_exit.json"), record)
     return record

@@ -9,13 +9,8 @@ import matplotlib.ticker
 import torch
 import torch.nn as nn
 
-from lenet_convert import (
-    ANN_LEVEL,
-    AT_ANN_LEVEL,
-    SpikeNode,
-)
 from mnist import IMAGE_SHAPE
-from plots import plt, report_steps, save_figure, settings_text, step_axis
+from plots import plt, save_figure, settings_text, step_axis
 
 PJ_PER_MAC, PJ_PER_AC = 4.6, 0.9  # energy of a 32-bit float MAC and AC at 45 nm (Horowitz, 2014)
 ENERGY_MODEL = ("45 nm: 4.6 pJ per MAC, 0.9 pJ per accumulate (AC). The first layer's analog "
@@ -50,12 +45,13 @@ def fan_out(layer, input_shape):
     return x.grad[0]
 
 
-def efficiency(snn, counts, images, timesteps, shapes):
+def efficiency(snn, counts, images, timesteps, neurons, shapes):
     """Firing rates, synaptic operations and energy per image from spike counts (docs/method.md §7).
 
     Args:
         snn: the converted network; counts: {module: spikes [T, *units] over all images}, from
         `evaluate_snn`; images: how many images the counts are summed over; timesteps: T;
+        neurons: the names of its neuron layers, whose firing rates are given;
         shapes: {weighted layer: one sample's input shape}, from `input_shapes` of the ANN.
     """
     fanouts = {name: fan_out(getattr(snn, name), shape).cpu() for name, shape in shapes.items()}
@@ -70,7 +66,7 @@ def efficiency(snn, counts, images, timesteps, shapes):
             synops[name] = (per_step.cumsum(0) / images).tolist()
     total = [sum(ops[t] for ops in synops.values()) for t in range(timesteps)]
     rates = {name: counts[name].sum().item() / (images * counts[name][0].numel() * timesteps)
-             for name, module in snn.named_children() if isinstance(module, SpikeNode)}
+             for name in neurons}
     return {
         "firing_rate": rates,
         "ann_macs_per_image": sum(macs.values()),
@@ -82,15 +78,6 @@ def efficiency(snn, counts, images, timesteps, shapes):
         "snn_energy_pj": [macs[first] * PJ_PER_MAC + ops * PJ_PER_AC for ops in total],
         "energy_model": ENERGY_MODEL,
     }
-
-
-def at_ann_level(result):
-    """(t, SynOps, energy in pJ) per image at the first step at the ANN's level, or None."""
-    t = result[AT_ANN_LEVEL]
-    if t is None:
-        return None
-    eff = result["efficiency"]
-    return t, eff["synops_per_image"][t - 1], eff["snn_energy_pj"][t - 1]
 
 
 def plot_energy_axis(ax, results, labels, styles):
@@ -139,26 +126,3 @@ def plot_efficiency(result, path):
     fig.suptitle(f"LeNet5 SNN efficiency on {result['test_images']} MNIST test images: "
                  f"{settings_text(result['settings'])}", fontsize=10)
     save_figure(fig, path)
-
-
-def print_table(result):
-    ann = result["ann_accuracy"]
-    print(f"{'t':>5}  {'SNN':>7}  {'SNN - ANN':>9}  {'SynOps':>8}  {'energy':>9}")
-    eff = result["efficiency"]
-    for t in report_steps(result["timesteps"]):
-        acc = result["snn_accuracy"][t - 1]
-        print(f"{t:>5}  {acc:7.2%}  {100 * (acc - ann):+8.2f}pp  "
-              f"{eff['synops_per_image'][t - 1] / 1e3:7.0f}k  "
-              f"{eff['snn_energy_pj'][t - 1] / 1e6:6.3f} µJ")
-    print(f"  ANN  {ann:7.2%}  {'':9}  {eff['ann_macs_per_image'] / 1e3:7.0f}k  "
-          f"{eff['ann_energy_pj'] / 1e6:6.3f} µJ   (the ANN's: MACs, not SynOps)")
-    reached = at_ann_level(result)
-    level = f"first step within {100 * ANN_LEVEL:g} pp of the ANN"
-    if reached:
-        t, ops, energy = reached
-        print(f"{level}: {t} ({ops / 1e3:.0f}k SynOps, "
-              f"{energy / eff['ann_energy_pj']:.2f} × the ANN's energy per image)")
-    else:
-        print(f"{level}: not within {result['timesteps']} steps")
-    print("firing rates: " + ", ".join(f"{name} {rate:.3f}"
-                                       for name, rate in eff["firing_rate"].items()))

@@ -7,7 +7,7 @@ on a fixed calibration subset of the training split (--calibration-images): `len
 scales the spiking network with them.
 
 Example:
-    python lenet5.py                       # defaults: about 3 minutes on 2 CPU cores
+    python lenet5.py                       # defaults: 3 to 6 minutes on 2 CPU cores
     python lenet5.py --epochs 1 --limit-train 2000   # a quick smoke run
 
 Writes:

@@ -5,10 +5,11 @@ the convolutions, normalise each layer by the activation scale recorded in the c
 replace ReLU by integrate-and-fire neurons (SpikeNode) and max-pooling by a spiking max-pool
 (SMaxPool). The spiking network sees the analog image as a constant current at every step; the
 output layer's currents are summed over time (or its spikes counted) and read out by argmax.
-This file holds that core, top to bottom: settings, spiking modules, conversion, simulation, the
-accuracy plot and the command line. Each further feature has a module of its own:
-efficiency.py (spike counts into SynOps and energy), early_exit.py (per-image early exit) and
-compare.py (running planned conversions, and compare mode).
+This file holds that core, top to bottom: settings, spiking modules, conversion, simulation, one
+run and its report, and the command line, whose `main` tells the plain run step by step. It
+measures with efficiency.py (spike counts into SynOps and energy); the features build on it and
+are handed over to from `main` when asked for: early_exit.py (per-image early exit) and
+compare.py (many conversions side by side).
 
 Examples:
     python lenet_convert.py                          # checkpoints/lenet5_best.pt, T = 64
@@ -30,6 +31,7 @@ import cli  # first: see its docstring
 # isort: split
 import copy
 import math
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
@@ -38,10 +40,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import efficiency
 from checkpoint import OUTPUT_LAYER, default_percentile, load_checkpoint, percentile_key
 from cli import UserError
-from lenet5 import QCFS, model_from_checkpoint
-from plots import plt, save_figure, settings_text, step_axis
+from lenet5 import QCFS, evaluate, model_from_checkpoint, remeasure_percentiles
+from mnist import Batches, load_mnist
+from plots import plt, report_steps, save_figure, settings_text, step_axis
 
 # ----------------------------------------------------------------------------- defaults
 CHECKPOINT = Path("checkpoints/lenet5_best.pt")  # written by lenet5.py
@@ -49,9 +53,9 @@ OUT_DIR = Path("results")  # plots and JSON
 TIMESTEPS = 64  # simulation steps T
 BATCH_SIZE = 500  # test images simulated at once (a step costs the same per image from 100 to 500)
 GAMMA = 2  # burst limit, the most spikes a neuron fires per step (BrainCog's)
-QCFS_DEFAULT = ("a QCFS network is converted with gamma = L, its levels, and V0 = theta/2: one "
-                "step gives its ANN's outputs, and on validation this came closest to the ReLU "
-                "ANN in the fewest steps (bench/recipes.py)")
+QCFS_DEFAULT_REASON = ("a QCFS network is converted with gamma = L, its levels, and V0 = "
+                       "theta/2: one step gives its ANN's outputs, and on validation this came "
+                       "closest to the ReLU ANN in the fewest steps (bench/recipes.py)")
 V0 = 0.5  # initial potential in units of the threshold: turns the rate's floor into a rounding
 LATERAL_INHIBITION = True  # the exact spiking max-pool
 READOUT = "analog"  # sum the output layer's currents; "spikes": count a SpikeNode's spikes
@@ -59,15 +63,15 @@ NORM = "layer"  # one activation scale per layer; "channel", "neuron": see NORMS
 RESET = "subtract"  # after spiking, lose s thresholds; "zero": the potential goes to 0
 SPICALIB = 0  # spike calibration's allowance in steps; 0: off
 EXIT_RULE = "none"  # per-image early exit: "margin" or "confidence" of the averaged output
-ANN_LEVEL = 0.001  # "at the ANN's level": accuracy within 0.1 percentage points of the ANN's
-POOL_K = 1000.0  # BrainCog's weight of the accumulated input in the pool without inhibition
+ANN_MARGIN = 0.001  # "at the ANN's level": accuracy within 0.1 percentage points of the ANN's
+POOL_ACCUMULATED_WEIGHT = 1000.0  # BrainCog's K: the pool without inhibition weighs C_t by it
 
 READOUTS = ("analog", "spikes")
 NORMS = ("layer", "channel", "neuron")  # per layer; per convolution channel; and per neuron
 RESETS = ("subtract", "zero")
 EXIT_RULES = ("none", "margin", "confidence")
 READOUT_NODE = "readout"  # the SpikeNode appended after the output layer for a spiking read-out
-AT_ANN_LEVEL = f"first_step_within_{100 * ANN_LEVEL:g}pp"  # result key: first step at that level
+AT_ANN_LEVEL_KEY = f"first_step_within_{100 * ANN_MARGIN:g}pp"  # result key: the first step there
 
 
 class Settings(NamedTuple):
@@ -90,7 +94,7 @@ class Settings(NamedTuple):
     spicalib: int = SPICALIB
     exit_rule: str = EXIT_RULE
     exit_threshold: float | None = None
-    exit_margin: float = ANN_LEVEL
+    exit_margin: float = ANN_MARGIN
     exit_deadline: int | None = None
 
 
@@ -230,9 +234,11 @@ class SMaxPool(Counting):
 
     state = ("acc", "pooled")
 
-    def __init__(self, kernel_size=2, lateral_inhibition=True, k=POOL_K, signed=False):
+    def __init__(self, kernel_size=2, lateral_inhibition=True,
+                 accumulated_weight=POOL_ACCUMULATED_WEIGHT, signed=False):
         super().__init__()
-        self.kernel_size, self.lateral_inhibition, self.k = kernel_size, lateral_inhibition, k
+        self.kernel_size, self.lateral_inhibition = kernel_size, lateral_inhibition
+        self.accumulated_weight = accumulated_weight  # K of the form without inhibition
         self.signed = signed  # its input can be negative (spike calibration)
         self.reset()
 
@@ -245,7 +251,8 @@ class SMaxPool(Counting):
         self.acc = x.clone() if self.acc is None else self.acc.add_(x)
         k = self.kernel_size
         if not self.lateral_inhibition:
-            out = max_pool(x + self.k * self.acc, k) - max_pool(self.k * self.acc, k)
+            weighted = self.accumulated_weight * self.acc
+            out = max_pool(x + weighted, k) - max_pool(weighted, k)
         else:
             pooled = max_pool(self.acc, k)
             out = pooled if self.pooled is None else pooled - self.pooled
@@ -383,22 +390,13 @@ def fuse_norm_replace(model, scales, settings=DEFAULT_SETTINGS):
     return replace_by_spiking(normalised, settings)
 
 
-def scaling_percentile(checkpoint, asked=None):
-    """The percentile key that sets the scales, or None for a QCFS network's trained lambda.
-
-    The one asked for, if any; else a QCFS checkpoint uses its thresholds and a ReLU checkpoint
-    the percentile it was trained to be converted with.
-    """
-    if asked is not None:
-        return percentile_key(asked)
-    return None if checkpoint.get("activation") == "qcfs" else default_percentile(checkpoint)
-
-
 def default_settings(checkpoint):
-    """The Settings a conversion of `checkpoint` uses unless told otherwise (QCFS_DEFAULT)."""
+    """The Settings a conversion of `checkpoint` uses unless told otherwise: a ReLU network's
+    recorded default percentile; a QCFS network's trained lambda (percentile None) with gamma = L
+    (QCFS_DEFAULT_REASON)."""
     if checkpoint.get("activation") == "qcfs":
         return Settings(None, gamma=checkpoint["levels"])
-    return Settings(scaling_percentile(checkpoint))
+    return Settings(default_percentile(checkpoint))
 
 
 def activation_scales(checkpoint, percentile=None, gamma=1, per_channel=()):
@@ -458,7 +456,7 @@ def per_channel_layers(ann, norm):
 def build_snn(checkpoint, ann, settings):
     """The spiking network of `ann` (loaded from `checkpoint`) converted with `settings`.
 
-    The one builder: the script, its compare mode and the benchmark all call it.
+    The one builder: every spiking network a command simulates is built here.
     """
     scales = activation_scales(checkpoint, settings.percentile, settings.gamma,
                                per_channel_layers(ann, settings.norm))
@@ -476,6 +474,11 @@ def readout_node(snn):
 def counting_modules(snn):
     """{name: module} of every module that counts its spikes (SpikeNode, SMaxPool)."""
     return {name: m for name, m in snn.named_modules() if isinstance(m, Counting)}
+
+
+def neuron_names(snn):
+    """The names of the SpikeNode layers of `snn`, in order."""
+    return [name for name, m in snn.named_children() if isinstance(m, SpikeNode)]
 
 
 def simulate(snn, images, timesteps):
@@ -531,15 +534,127 @@ def evaluate_snn(snn, batches, timesteps, device, simulator=simulate):
     return (correct / seen).tolist(), counts
 
 
-def within(accuracy, ann_accuracy, margin=ANN_LEVEL):
+def within(accuracy, ann_accuracy, margin=ANN_MARGIN):
     """Whether `accuracy` is at least the ANN's minus `margin` (up to float rounding)."""
     return accuracy >= ann_accuracy - margin - 1e-12
 
 
-def first_step_within(snn_accuracy, ann_accuracy, margin=ANN_LEVEL):
+def first_step_within(snn_accuracy, ann_accuracy, margin=ANN_MARGIN):
     """The first step t (1-based) whose accuracy is `within` the ANN's `margin`, or None."""
     return next((t for t, acc in enumerate(snn_accuracy, 1)
                  if within(acc, ann_accuracy, margin)), None)
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+class Conversion(NamedTuple):
+    """A checkpoint (where it came from, what it holds, its ANN) and the settings to convert it
+    with: what one run of the simulation is about."""
+
+    path: Path
+    checkpoint: dict
+    ann: nn.Module
+    settings: Settings
+
+
+def load_ann(path, device):
+    """(checkpoint, its ANN on `device`) from a file written by lenet5.py."""
+    checkpoint = load_checkpoint(path)
+    return checkpoint, model_from_checkpoint(checkpoint, path).to(device)
+
+
+def settings_from(args, checkpoint):
+    """The Settings the command line asks for, applied to `checkpoint`; what it leaves open
+    (None) is the checkpoint's default (`default_settings`)."""
+    asked = {field: getattr(args, field) for field in Settings._fields
+             if getattr(args, field) is not None}
+    if args.percentile is not None:
+        asked["percentile"] = percentile_key(args.percentile)
+    asked["exit_margin"] = args.exit_margin / 100  # asked in percentage points
+    return default_settings(checkpoint)._replace(**asked)
+
+
+def convert(conversion, data_dir, device):
+    """`build_snn` of `conversion`, on `device`.
+
+    A checkpoint written before per-channel percentiles were recorded gets them measured first
+    where the settings need them, on the training images its per-layer ones came from (in
+    memory; the file is not changed).
+    """
+    checkpoint = conversion.checkpoint
+    if conversion.settings.norm != "layer" and "channel_percentiles" not in checkpoint:
+        print(f"{conversion.path} has no per-channel percentiles: measuring them on the training "
+              "images its per-layer ones came from")
+        checkpoint["channel_percentiles"] = remeasure_percentiles(
+            checkpoint, conversion.ann, data_dir, device)[1]
+    return build_snn(checkpoint, conversion.ann, conversion.settings).to(device)
+
+
+def load_test_set(data_dir, limit, batch_size):
+    """The first `limit` MNIST test images (all if None), in batches of `batch_size`."""
+    images, labels = load_mnist(data_dir, train=False)
+    if limit and limit > len(labels):
+        raise UserError(f"--limit {limit}: the test set has only {len(labels)} images")
+    return Batches(images[:limit], labels[:limit], batch_size)
+
+
+def run(conversion, snn, batches, timesteps, device):
+    """Simulate `snn`, the spiking network of `conversion`, on `batches` for `timesteps` steps
+    and measure it: the result that snn_accuracy.json holds."""
+    announce(conversion, len(batches.labels), timesteps, device)
+    start = time.perf_counter()
+    accuracy, counts = evaluate_snn(snn, batches, timesteps, device)
+    return result_of(conversion, snn, batches, device, accuracy, counts,
+                     time.perf_counter() - start)
+
+
+def announce(conversion, images, timesteps, device):
+    print(f"simulating {images} test images for {timesteps} steps on {device}: "
+          f"{conversion.path}, {settings_text(settings_record(conversion))}")
+
+
+def result_of(conversion, snn, batches, device, accuracy, counts, seconds):
+    """The result of a simulation of `conversion`'s `snn` on `batches` (JSON-ready): its
+    accuracy per step (a list over T steps) beside the ANN's, the settings, and the firing
+    rates, SynOps and energy from its spike `counts` ({module: [T, *units]})."""
+    ann_accuracy = evaluate(conversion.ann, batches, device)
+    images, timesteps = len(batches.labels), len(accuracy)
+    return {
+        "ann_accuracy": ann_accuracy,
+        "snn_accuracy": accuracy,
+        "timesteps": timesteps,
+        AT_ANN_LEVEL_KEY: first_step_within(accuracy, ann_accuracy),
+        "settings": settings_record(conversion),
+        "checkpoint": str(conversion.path),
+        "test_images": images,
+        "device": str(device),
+        "simulation_seconds": round(seconds, 2),
+        "efficiency": efficiency.efficiency(snn, counts, images, timesteps, neuron_names(snn),
+                                            efficiency.input_shapes(conversion.ann)),
+    }
+
+
+def settings_record(conversion):
+    """The settings as a result records them: with the network they apply to, and for a QCFS
+    network's default conversion what it is and why."""
+    checkpoint, settings = conversion.checkpoint, conversion.settings
+    activation = checkpoint.get("activation", "relu")
+    record = settings._asdict() | {
+        "activation": activation, "levels": checkpoint.get("levels") if activation == "qcfs"
+        else None}
+    if activation == "qcfs" and settings == default_settings(checkpoint):
+        record["default"] = QCFS_DEFAULT_REASON
+    return record
+
+
+def at_ann_level(result):
+    """(t, SynOps, energy in pJ) per image at the first step at the ANN's level, or None."""
+    t = result[AT_ANN_LEVEL_KEY]
+    if t is None:
+        return None
+    eff = result["efficiency"]
+    return t, eff["synops_per_image"][t - 1], eff["snn_energy_pj"][t - 1]
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -568,6 +683,29 @@ def plot_accuracy(result, path):
     save_figure(fig, path)
 
 
+def print_table(result):
+    ann = result["ann_accuracy"]
+    print(f"{'t':>5}  {'SNN':>7}  {'SNN - ANN':>9}  {'SynOps':>8}  {'energy':>9}")
+    eff = result["efficiency"]
+    for t in report_steps(result["timesteps"]):
+        acc = result["snn_accuracy"][t - 1]
+        print(f"{t:>5}  {acc:7.2%}  {100 * (acc - ann):+8.2f}pp  "
+              f"{eff['synops_per_image'][t - 1] / 1e3:7.0f}k  "
+              f"{eff['snn_energy_pj'][t - 1] / 1e6:6.3f} µJ")
+    print(f"  ANN  {ann:7.2%}  {'':9}  {eff['ann_macs_per_image'] / 1e3:7.0f}k  "
+          f"{eff['ann_energy_pj'] / 1e6:6.3f} µJ   (the ANN's: MACs, not SynOps)")
+    reached = at_ann_level(result)
+    level = f"first step within {100 * ANN_MARGIN:g} pp of the ANN"
+    if reached:
+        t, ops, energy = reached
+        print(f"{level}: {t} ({ops / 1e3:.0f}k SynOps, "
+              f"{energy / eff['ann_energy_pj']:.2f} × the ANN's energy per image)")
+    else:
+        print(f"{level}: not within {result['timesteps']} steps")
+    print("firing rates: " + ", ".join(f"{name} {rate:.3f}"
+                                       for name, rate in eff["firing_rate"].items()))
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -576,11 +714,11 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
                         help="checkpoint written by lenet5.py (ReLU or QCFS)")
     parser.add_argument("--compare", nargs="*", type=Path, default=None, metavar="CHECKPOINT",
-                        help="compare settings instead of one run: the given settings, each knob "
-                             "changed alone and BrainCog's reference on --checkpoint, plus each "
-                             "CHECKPOINT listed (e.g. a QCFS one) with the options given (what "
-                             "is not given at that checkpoint's own default) and with γ = 1, 2, "
-                             "4; writes compare.png, .json and .csv")
+                        help="compare settings instead of one run: on --checkpoint the given "
+                             "settings, each knob changed alone, early exit and BrainCog's "
+                             "reference; on each CHECKPOINT listed (e.g. a QCFS one) the options "
+                             "given (the rest at that checkpoint's own defaults), with γ = 1, 2 "
+                             "and 4 and with early exit; writes compare.png, .json and .csv")
     parser.add_argument("--timesteps", type=cli.positive_int, default=TIMESTEPS,
                         help="simulation steps T")
     parser.add_argument("--batch-size", type=cli.positive_int, default=BATCH_SIZE,
@@ -591,7 +729,7 @@ def parse_args(argv=None):
                              "checkpoint's trained thresholds, else the checkpoint's percentile")
     parser.add_argument("--gamma", type=cli.positive_int, default=None,
                         help=f"most spikes a neuron may fire per step (1: plain IF; 2: burst); "
-                             f"default: {GAMMA}, but {QCFS_DEFAULT}")
+                             f"default: {GAMMA}, but {QCFS_DEFAULT_REASON}")
     parser.add_argument("--v0", type=cli.fraction, default=V0,
                         help="initial membrane potential in units of the threshold, in [0, 1)")
     parser.add_argument("--no-lateral-inhibition", dest="lateral_inhibition",
@@ -623,7 +761,7 @@ def parse_args(argv=None):
                         help="the step by which every image stops (at most --timesteps); "
                              "default: chosen on validation with the threshold, or --timesteps "
                              "when --exit-threshold is given")
-    parser.add_argument("--exit-margin", type=cli.positive_float, default=100 * ANN_LEVEL,
+    parser.add_argument("--exit-margin", type=cli.positive_float, default=100 * ANN_MARGIN,
                         metavar="PP", help="percentage points below the ANN's validation "
                         "accuracy the chosen threshold may lose")
     parser.add_argument("--limit", type=cli.positive_int, default=None, metavar="N",
@@ -645,39 +783,50 @@ def parse_args(argv=None):
     return args
 
 
-def load_ann(path, device):
-    """(checkpoint, its ANN on `device`) from a file written by lenet5.py."""
-    checkpoint = load_checkpoint(path)
-    return checkpoint, model_from_checkpoint(checkpoint, path).to(device)
-
-
-def settings_from(args, checkpoint):
-    """The Settings the command line asks for, applied to `checkpoint`; what it leaves open
-    (None) is the checkpoint's default (`default_settings`)."""
-    asked = {field: getattr(args, field) for field in Settings._fields
-             if getattr(args, field) is not None}
-    if args.percentile is not None:
-        asked["percentile"] = percentile_key(args.percentile)
-    asked["exit_margin"] = args.exit_margin / 100  # asked in percentage points
-    return default_settings(checkpoint)._replace(**asked)
-
-
 def main(argv=None):
-    """One conversion (compare.single), or compare mode (compare.compare); see --help."""
+    """The plain run, step by step: load, convert, simulate and measure, plot, write.
+
+    `--compare` and `--exit-rule` hand over to their modules (compare.py, early_exit.py),
+    imported only when asked for: they build on this module, which never needs them.
+    """
     args = parse_args(argv)
-    # The feature modules build on this one, so they are imported once it is loaded; and
-    # `python lenet_convert.py` hands over to the imported module (below), so that this command
-    # and they share one copy of its classes.
-    import compare
 
     def body():
         device = cli.resolve_device(args.device)
         cli.check_writable(args.out_dir, folder=True)
-        return (compare.compare if args.compare is not None else compare.single)(args, device)
+        if args.compare is not None:  # many conversions side by side, instead
+            import compare
+            return compare.main(args, device)
+        checkpoint, ann = load_ann(args.checkpoint, device)
+        conversion = Conversion(args.checkpoint, checkpoint, ann, settings_from(args, checkpoint))
+        exit_rule = conversion.settings.exit_rule != "none"
+        if exit_rule:  # per-image early exit, besides: its validation split is checked now
+            import early_exit
+            validation = early_exit.validation_batches(
+                conversion, load_mnist(args.data_dir, train=True), args.batch_size)
+        snn = convert(conversion, args.data_dir, device)
+        batches = load_test_set(args.data_dir, args.limit, args.batch_size)
+        fixed = conversion._replace(settings=conversion.settings._replace(exit_rule="none"))
+        result = run(fixed, snn, batches, args.timesteps, device)
+        if exit_rule:
+            early = early_exit.run(conversion, snn, batches, validation, args.timesteps, device)
+        with cli.file_set(args.out_dir) as files:
+            plot_accuracy(result, files.path("snn_accuracy.png"))
+            efficiency.plot_efficiency(result, files.path("snn_efficiency.png"))
+            cli.write_json(files.path("snn_accuracy.json"), result)
+            if exit_rule:
+                record = early_exit.write(result, early, batches.images, files)
+        print_table(result)
+        if exit_rule:
+            early_exit.print_early_exit(record)
+            result = result | {"early_exit": record}
+        print(f"wrote {cli.and_list(files.names)} in {args.out_dir} "
+              f"(simulation {result['simulation_seconds']:.0f}s)")
+        return result
     return cli.run("lenet_convert.py", body, f"earlier results in {args.out_dir} are untouched")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # hand over to the imported module, which the features share
     import lenet_convert
 
     lenet_convert.main()

@@ -22,7 +22,7 @@ so the benchmark times the networks the script simulates. Each time is the media
 runs after a warm-up.
 
 Examples:
-    python bench/bench_snn.py                                     # the full table (~20 min)
+    python bench/bench_snn.py                                     # the full table (10-20 min)
     python bench/bench_snn.py --timesteps 1 2 4 64 --repeats 3    # a shorter run
 
 Writes bench/results/bench_snn.json (--out).
@@ -40,8 +40,6 @@ import multiprocessing  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 
 import torch  # noqa: E402
@@ -49,7 +47,7 @@ import torch.nn as nn  # noqa: E402
 from layerwise import simulate_layerwise  # noqa: E402
 
 import early_exit  # noqa: E402
-from cli import positive_int, write_json  # noqa: E402
+from cli import median_seconds, positive_int, write_json  # noqa: E402
 from lenet5 import evaluate  # noqa: E402
 from lenet_convert import (  # noqa: E402
     BATCH_SIZE,
@@ -60,6 +58,7 @@ from lenet_convert import (  # noqa: E402
     first_step_within,
     fold_batchnorm,
     load_ann,
+    load_test_set,
     max_pool,
     simulate,
 )
@@ -68,23 +67,6 @@ from mnist import Batches, load_mnist  # noqa: E402
 SIMULATORS = {"step": simulate, "layerwise": simulate_layerwise}
 QCFS_CHECKPOINT = Path("checkpoints/lenet5_qcfs_best.pt")
 EXIT_RULE = "margin"  # the early-exit rule timed for the time to the ANN's accuracy
-
-
-def median_seconds(runs, repeats):
-    """{name: median wall time of runs[name]()}, and each run's last result.
-
-    Every run is called once untimed (a warm-up), then all of them in turn, `repeats` rounds:
-    a machine that speeds up or slows down meanwhile affects each alike, so ratios between them
-    hold even where absolute times drift.
-    """
-    results = {name: run() for name, run in runs.items()}
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            results[name] = run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}, results
 
 
 def spikingjelly_snn(ann, calibration, device):
@@ -126,13 +108,13 @@ def fastest_ann(ann):
 
 
 def load(args, path=None):
-    """(device, the ANN, the SNN lenet_convert.py simulates by default, the test batches)."""
+    """(device, the checkpoint, its ANN, the SNN lenet_convert.py simulates by default, the test
+    batches)."""
     device = cli.resolve_device(args.device)
     checkpoint, ann = load_ann(path or args.checkpoint, device)
     snn = build_snn(checkpoint, ann, default_settings(checkpoint)).to(device)
-    images, labels = load_mnist(args.data_dir, train=False)
-    batches = Batches(images[:args.limit], labels[:args.limit], args.batch_size)
-    return device, ann, snn, batches
+    batches = load_test_set(args.data_dir, args.limit, args.batch_size)
+    return device, checkpoint, ann, snn, batches
 
 
 def peak_memory_mb(args, simulator, timesteps):
@@ -144,7 +126,7 @@ def peak_memory_mb(args, simulator, timesteps):
 
 def _measure_memory(args, simulator, timesteps):
     torch.set_num_threads(args.threads)
-    device, _, snn, batches = load(args)
+    device, _, _, snn, batches = load(args)
     before = _peak_rss_mb()
     evaluate_snn(snn, batches, timesteps, device, SIMULATORS[simulator])
     after = _peak_rss_mb()
@@ -223,8 +205,7 @@ def time_to_ann_level(args, path, dense_run):
     """For the network at `path`: the ANN's accuracy; the fixed T that first comes within
     0.1 pp of it and early exit, each timed against one pass of `dense_run` (the ReLU
     network's dense unit, for a QCFS network too: its activation costs more than a ReLU)."""
-    device, ann, snn, batches = load(args, path)
-    checkpoint = load_ann(path, device)[0]
+    device, checkpoint, ann, snn, batches = load(args, path)
     ann_accuracy = evaluate(ann, batches, device)
     accuracy, _ = evaluate_snn(snn, batches, args.search_timesteps, device)
     fixed_t = first_step_within(accuracy, ann_accuracy) or args.search_timesteps
@@ -259,7 +240,7 @@ def time_to_ann_level(args, path, dense_run):
 
 def run_benchmark(args):
     torch.set_num_threads(args.threads)
-    device, ann, snn, batches = load(args)
+    device, _, ann, snn, batches = load(args)
     runs, accuracy = dense_runs(ann, batches, device)
     seconds, _ = median_seconds(runs | {"as trained": functools.partial(
         evaluate, ann, batches, device)}, args.repeats)

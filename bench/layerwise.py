@@ -67,8 +67,8 @@ def _pool_over_time(pool, spikes):
         pooled = max_pool(cumulative, k).unflatten(0, steps)
         out = torch.diff(pooled, dim=0, prepend=torch.zeros_like(pooled[:1]))
     else:  # o_t = MP(x_t + K*C_t) - MP(K*C_t)
-        current = spikes.flatten(0, 1)
-        out = max_pool(current + pool.k * cumulative, k) - max_pool(pool.k * cumulative, k)
+        current, weighted = spikes.flatten(0, 1), pool.accumulated_weight * cumulative
+        out = max_pool(current + weighted, k) - max_pool(weighted, k)
         out = out.unflatten(0, steps)
     pool.restart()  # a fresh chunk of images; its counts add to the same steps
     pool.count(out)

@@ -17,7 +17,7 @@ ANN's validation accuracy, and its energy there. lenet_convert.py converts a QCF
 default with the setting that gets there in the fewest steps (then the least energy).
 
 Example:
-    python bench/recipes.py --seeds 1 2 3     # about 80 minutes on 2 CPU cores, given the
+    python bench/recipes.py --seeds 1 2 3     # 80 to 160 minutes on 2 CPU cores, given the
                                               # ReLU networks of bench/seeds.py
 Writes (into --out-dir, default results/recipes/): recipes.json, recipes.csv
 """
@@ -48,6 +48,7 @@ from lenet_convert import (  # noqa: E402
     evaluate_snn,
     first_step_within,
     load_ann,
+    neuron_names,
 )
 from mnist import load_mnist  # noqa: E402
 
@@ -123,7 +124,7 @@ def conversions_on_validation(seed, args, device):
         snn = build_snn(checkpoint, ann, Settings(None, gamma=g, v0=v0)).to(device)
         accuracy, counts = evaluate_snn(snn, validation, CONVERSION_STEPS, device)
         energy = efficiency(snn, counts, len(validation.labels), CONVERSION_STEPS,
-                            input_shapes(ann))["snn_energy_pj"]
+                            neuron_names(snn), input_shapes(ann))["snn_energy_pj"]
         t = first_step_within(accuracy, relu_ann, CONVERSION_MARGIN)
         results[f"gamma={gamma}, V0={v0:g}"] = {"accuracy": accuracy, "first_step_within": t,
                                                 "energy_pj_there": energy[t - 1] if t else None}

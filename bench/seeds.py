@@ -17,7 +17,7 @@ at what energy, paired against the default level; and for early exit its accurac
 and time against fixed T.
 
 Example:
-    python bench/seeds.py --seeds 1 2 3 4 5        # about 3 hours on 2 CPU cores
+    python bench/seeds.py --seeds 1 2 3 4 5        # 3 to 6 hours on 2 CPU cores
     python bench/seeds.py --seeds 1 2 --limit-train 1000 --epochs 2 --limit 500   # a quick look
 
 Writes (into --out-dir, default results/seeds/):
@@ -48,11 +48,12 @@ import lenet5  # noqa: E402
 import lenet_convert  # noqa: E402
 from checkpoint import OUTPUT_LAYER, load_checkpoint  # noqa: E402
 from cli import positive_int, write_csv, write_json  # noqa: E402
-from compare import BRAINCOG, GIVEN, Planned, compare_settings, run_all  # noqa: E402
-from efficiency import at_ann_level  # noqa: E402
+from compare import BRAINCOG, GIVEN, compare_settings, run_all  # noqa: E402
 from lenet_convert import (  # noqa: E402
-    AT_ANN_LEVEL,
+    AT_ANN_LEVEL_KEY,
+    Conversion,
     Settings,
+    at_ann_level,
     default_settings,
     first_step_within,
     load_ann,
@@ -120,7 +121,7 @@ def qcfs_prefix(levels):
 
 
 def seed_plan(seed, args, device):
-    """The conversions of one seed: {name or knob: Planned}, the defaults first."""
+    """The conversions of one seed: {name or knob: (label, Conversion)}, the defaults first."""
     plan = {}
     for levels in (None, *args.levels):
         path = checkpoint_path(args.checkpoint_dir, "relu" if levels is None else
@@ -135,7 +136,7 @@ def seed_plan(seed, args, device):
                                               for gamma in dict.fromkeys((2, levels))
                                               if gamma != settings.gamma]
         prefix = "" if levels is None else qcfs_prefix(levels)
-        plan |= {prefix + label: Planned(label, path, checkpoint, ann, variant)
+        plan |= {prefix + label: (label, Conversion(path, checkpoint, ann, variant))
                  for label, variant in variants}
     return plan
 
@@ -154,11 +155,11 @@ def run_seed(seed, args, device):
                        args.retrain or retrained)
     plan = seed_plan(seed, args, device)
     earlier = _read_json(args.out_dir / f"seed{seed}.json")
-    fingerprints = {path: _sha256(path) for path in {p.path for p in plan.values()}}
-    inputs = {name: {"checkpoint_sha256": fingerprints[planned.path],
-                     "settings": planned.settings._asdict(), "timesteps": args.timesteps,
+    fingerprints = {path: _sha256(path) for path in {c.path for _, c in plan.values()}}
+    inputs = {name: {"checkpoint_sha256": fingerprints[conversion.path],
+                     "settings": conversion.settings._asdict(), "timesteps": args.timesteps,
                      "limit": args.limit, "batch_size": args.batch_size}
-              for name, planned in plan.items()}  # what a conversion's result depends on
+              for name, (_, conversion) in plan.items()}  # what a conversion's result depends on
     done = {name: earlier[name] for name in plan if _same_run(earlier.get(name), inputs[name])}
     todo = [name for name in plan if name not in done]
     if done:
@@ -166,7 +167,7 @@ def run_seed(seed, args, device):
     results = run_all([plan[name] for name in todo], args.data_dir, args.limit, args.batch_size,
                       args.timesteps, device) if todo else []
     for name, result in zip(todo, results, strict=True):
-        done[name] = {key: result[key] for key in ("ann_accuracy", "snn_accuracy", AT_ANN_LEVEL,
+        done[name] = {key: result[key] for key in ("ann_accuracy", "snn_accuracy", AT_ANN_LEVEL_KEY,
                                                    "settings", "checkpoint", "test_images")}
         done[name] |= {"energy_pj_at_ann_level": (at_ann_level(result) or (None,) * 3)[2],
                        "snn_energy_pj": result["efficiency"]["snn_energy_pj"],
@@ -249,7 +250,7 @@ def _runs(results):
             "snn": [r["snn_accuracy"] for r in results],
             "energy_pj": [r["snn_energy_pj"] for r in results],
             "ann_energy_pj": [r["ann_energy_pj"] for r in results],
-            AT_ANN_LEVEL: [r[AT_ANN_LEVEL] for r in results],
+            AT_ANN_LEVEL_KEY: [r[AT_ANN_LEVEL_KEY] for r in results],
             "energy_pj_at_ann_level": [r["energy_pj_at_ann_level"] for r in results]}
 
 
@@ -261,7 +262,7 @@ def _summary(run, relu_ann=None):
     summary = {"ann_mean": ann_mean, "ann_std": ann_std, "snn_mean": mean, "snn_std": std,
                "snn_min": low, "snn_max": high, "energy_pj_mean": _stats(run["energy_pj"])[0],
                "ann_energy_pj": run["ann_energy_pj"][0]}
-    reached = {AT_ANN_LEVEL: run[AT_ANN_LEVEL],
+    reached = {AT_ANN_LEVEL_KEY: run[AT_ANN_LEVEL_KEY],
                "energy_pj_at_ann_level": run["energy_pj_at_ann_level"]}
     for margin in MARGINS if relu_ann else ():
         steps = [first_step_within(snn, ann, margin)

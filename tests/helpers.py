@@ -1,10 +1,12 @@
 """Networks and paths the tests share (imported as `helpers`: pytest puts tests/ on the path)."""
 
+import re
 import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -77,6 +79,17 @@ def without_timings(value):
     if isinstance(value, list):
         return [without_timings(v) for v in value]
     return value
+
+
+def check_refused(main, argv, message, capsys):
+    """`main(argv)` refuses its arguments: exit status 2 and one line on stderr, no traceback,
+    that matches the regular expression `message`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err), err
 
 
 def run_command(*argv, timeout=300):

@@ -1,5 +1,6 @@
 import itertools
 import json
+import math
 import re
 import sys
 
@@ -66,7 +67,7 @@ def test_layerwise_gives_the_same_accuracy_on_a_trained_network(trained):
 def test_benchmark_simulates_the_network_the_script_converts(trained):
     args = bench_snn.parse_args(["--checkpoint", str(trained), "--data-dir", str(DATA),
                                  "--limit", "10"])
-    _, ann, snn, batches = bench_snn.load(args)
+    _, _, ann, snn, batches = bench_snn.load(args)
     checkpoint, script_ann = lenet_convert.load_ann(trained, "cpu")
     script_args = lenet_convert.parse_args(["--checkpoint", str(trained)])
     script_snn = lenet_convert.build_snn(checkpoint, script_ann,
@@ -91,27 +92,30 @@ def test_benchmark_writes_its_table(trained, qcfs, tmp_path, capsys):
     rows = {(r["simulator"], r["timesteps"]): r for r in result["rows"]}
     assert set(rows) >= {("step", 1), ("layerwise", 1), ("step", 3), ("layerwise", 3)}
     dense = result["dense_unit"]
-    for (_, timesteps), row in rows.items():
-        assert row["ratio_to_T_ann"] == pytest.approx(row["seconds"] / (timesteps *
-                                                                         row["dense_seconds"]))
+    for (_, timesteps), row in rows.items():  # times measured, not made up
+        assert all(0 < row[key] < math.inf for key in ("seconds", "dense_seconds",
+                                                          "ratio_to_T_ann"))
         assert len(row["accuracy"]) == timesteps
     assert rows["step", 1]["same_spikes_as_layerwise"] and rows["step", 3][
         "same_spikes_as_layerwise"]
-    step = result["step"]
-    assert step["ratio_to_dense_rest"] == pytest.approx(step["seconds"] /
-                                                        step["dense_rest_seconds"])
+    assert result["step"]["from_timesteps"] == [1, 9] and result["step"]["dense_rest_seconds"] > 0
     # both simulators give the accuracy that lenet_convert.py's evaluation gives
     args = bench_snn.parse_args(["--checkpoint", str(trained), "--data-dir", str(DATA),
                                  "--limit", "40"])
-    _, ann, snn, batches = bench_snn.load(args)
+    _, _, ann, snn, batches = bench_snn.load(args)
     expected, _ = evaluate_snn(snn, batches, 3, "cpu")
     assert rows["step", 3]["accuracy"] == expected == rows["layerwise", 3]["accuracy"]
     assert dense["accuracy"] == lenet5.evaluate(ann, batches, "cpu")
-    for name in ("relu", "qcfs"):
+    for name, path in (("relu", trained), ("qcfs", qcfs)):  # what the script's evaluation gives
         level = result["to_ann_level"][name]
-        assert 1 <= level["fixed_timesteps"] <= 4 and 1 <= level["early_exit"]["mean_steps"] <= 4
-        assert level["fixed_vs_dense"] == pytest.approx(level["fixed_seconds"] /
-                                                        level["dense_seconds"])
+        _, _, ann, snn, _ = bench_snn.load(args, path)
+        accuracy, _ = evaluate_snn(snn, batches, 4, "cpu")
+        ann_accuracy = lenet5.evaluate(ann, batches, "cpu")
+        assert level["ann_accuracy"] == ann_accuracy
+        assert level["fixed_timesteps"] == (lenet_convert.first_step_within(accuracy, ann_accuracy)
+                                            or 4)
+        assert level["fixed_accuracy"] == accuracy[level["fixed_timesteps"] - 1]
+        assert 1 <= level["early_exit"]["mean_steps"] <= 4
     assert result["peak_memory"]["layerwise"]["peak_mb"] > 0
     assert "x T*ANN" in capsys.readouterr().out
 

@@ -1,9 +1,10 @@
 import argparse
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -28,6 +29,40 @@ def test_atomic_path_keeps_the_old_file_when_the_write_fails(tmp_path):
         raise RuntimeError
     assert path.read_text() == '{\n  "a": 1\n}\n'
     assert [p.name for p in path.parent.iterdir()] == ["result.json"]
+
+
+def test_file_set_moves_all_files_in_at_the_end_or_none(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "a.json").write_text("earlier a")
+    with cli.file_set(out) as files:
+        cli.write_json(files.path("a.json"), {"a": 2})
+        files.path("b.txt").write_text("b")
+        assert (out / "a.json").read_text() == "earlier a" and not (out / "b.txt").exists()
+    assert files.names == ["a.json", "b.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.txt"]
+    assert json.loads((out / "a.json").read_text()) == {"a": 2}
+    for fail in (RuntimeError, KeyboardInterrupt):  # a later run that fails half-way
+        with pytest.raises(fail), cli.file_set(out) as files:
+            files.path("a.json").write_text("half of a new set")
+            raise fail
+        assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.txt"]
+        assert json.loads((out / "a.json").read_text()) == {"a": 2}
+
+
+def test_file_set_checks_every_target_before_moving_any(tmp_path):
+    (tmp_path / "a.json").write_text("earlier a")
+    with pytest.raises(UserError, match="b.json is a folder"), cli.file_set(tmp_path) as files:
+        files.path("a.json").write_text("new a")
+        files.path("b.json").write_text("new b")
+        (tmp_path / "b.json").mkdir()  # a folder where the set wants a file, made meanwhile
+    assert (tmp_path / "a.json").read_text() == "earlier a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+    new = tmp_path / "new" / "folder"
+    with pytest.raises(RuntimeError), cli.file_set(new) as files:
+        files.path("x.json").write_text("x")
+        raise RuntimeError
+    assert not (tmp_path / "new").exists()  # the folders it made are gone again
 
 
 @pytest.mark.parametrize("text, parse, value", [
@@ -103,12 +138,12 @@ def _start(*argv):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _wait_for(process, text):
-    """Read the command's output until a line holds `text`."""
-    for line in process.stdout:
-        if text in line:
+def _wait_for(process, pattern, stream="stdout"):
+    """Read the command's output (or stderr) until a line matches the regular expression."""
+    for line in getattr(process, stream):
+        if re.search(pattern, line):
             return
-    pytest.fail(f"the command ended without printing {text!r}: {process.stderr.read()}")
+    pytest.fail(f"the command ended without printing {pattern!r}: {process.stderr.read()}")
 
 
 def test_sigterm_during_training_keeps_the_checkpoint_and_says_so(trained, tmp_path):
@@ -127,19 +162,23 @@ def test_sigterm_during_training_keeps_the_checkpoint_and_says_so(trained, tmp_p
     assert load_checkpoint(tmp_path / "ck.partial.pt")["epoch"] == 1  # complete and usable
 
 
-@pytest.mark.parametrize("when", [0.2, 0.4, 0.6, "while simulating"])  # seconds: loading torch
-def test_ctrl_c_in_the_converter_is_one_line(trained, tmp_path, when):
+@pytest.mark.parametrize("phase", ["numpy", "torch", "matplotlib", "simulating"])
+def test_ctrl_c_in_the_converter_is_one_line(trained, tmp_path, phase):
     out = tmp_path / "results"
     out.mkdir()
     (out / "snn_accuracy.json").write_text("an earlier run")
-    process = _start("lenet_convert.py", "--checkpoint", str(trained), "--device", "cpu",
-                     "--data-dir", str(DATA), "--out-dir", str(out))
-    if when == "while simulating":
+    importtime = [] if phase == "simulating" else ["-X", "importtime"]
+    process = _start(*importtime, "lenet_convert.py", "--checkpoint", str(trained),
+                     "--device", "cpu", "--data-dir", str(DATA), "--out-dir", str(out))
+    if phase == "simulating":
         _wait_for(process, "simulating")
-    else:  # inside numpy's or torch's imports, which can swallow a KeyboardInterrupt
-        time.sleep(when)
+    else:  # inside that library's imports (which can swallow a KeyboardInterrupt): Python
+        # writes a line to stderr for each module imported, the package itself last
+        _wait_for(process, rf"\|\s+{phase}\.", stream="stderr")
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
+    err = "".join(line for line in err.splitlines(keepends=True)
+                  if not line.startswith("import time:"))
     assert process.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("lenet_convert.py: interrupted")
     assert [p.name for p in out.iterdir()] == ["snn_accuracy.json"]

@@ -35,7 +35,7 @@ def test_spike_counts_synops_and_energy_by_hand():
     _, counts = evaluate_snn(snn, batches, 2, "cpu")
     # act1: neuron 0 fires at steps 1 and 2, neuron 1 at step 2 (V = 0.5, then 1), neuron 2 never
     assert counts["act1"].tolist() == [[4, 0, 0], [4, 4, 0]]
-    eff = efficiency.efficiency(snn, counts, images=4, timesteps=2,
+    eff = efficiency.efficiency(snn, counts, images=4, timesteps=2, neurons=["act1"],
                                 shapes={"c1": (2,), "out": (3,)})
     assert eff["firing_rate"] == {"act1": pytest.approx(3 / (3 * 2))}
     assert eff["ann_macs_by_layer"] == {"c1": 6, "out": 6} and eff["first_layer_macs"] == 6

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import DATA, HIDDEN
+from helpers import DATA, HIDDEN, check_refused
 
 import lenet5
 import mnist
@@ -355,12 +355,7 @@ def test_same_seed_gives_the_same_weights(tmp_path):
     (["--threshold-lr", "0"], "--threshold-lr: must be a positive number"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert re.search(message, err)
+    check_refused(main, argv, message, capsys)
 
 
 @pytest.mark.parametrize("argv, message", [

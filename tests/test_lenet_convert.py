@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import DATA, HIDDEN, random_lenet
+from helpers import DATA, HIDDEN, check_refused, random_lenet, run_command
 
 import efficiency
 import lenet5
@@ -348,7 +348,8 @@ def test_converted_network_reaches_its_ann(trained, tmp_path):
     assert result["snn_accuracy"][-1] >= result["ann_accuracy"] - 0.01
     saved = json.loads((tmp_path / "snn_accuracy.json").read_text())
     assert saved["snn_accuracy"] == result["snn_accuracy"] and len(saved["snn_accuracy"]) == 64
-    for key in ("ann_accuracy", "timesteps", lenet_convert.AT_ANN_LEVEL, "settings", "checkpoint"):
+    for key in ("ann_accuracy", "timesteps", lenet_convert.AT_ANN_LEVEL_KEY, "settings",
+                "checkpoint"):
         assert key in saved
     defaults = Settings(percentile=percentile_key(PERCENTILE))._asdict()
     assert saved["settings"] == defaults | {"activation": "relu", "levels": None}
@@ -364,7 +365,7 @@ def test_qcfs_checkpoint_converts_with_its_thresholds(qcfs, tmp_path):
                                  "--data-dir", str(DATA), "--out-dir", str(tmp_path)])
     assert result["settings"]["percentile"] is None and result["settings"]["levels"] == 2
     assert result["settings"]["v0"] == 0.5 and result["settings"]["gamma"] == 2  # gamma = L
-    assert result["settings"]["default"] == lenet_convert.QCFS_DEFAULT  # what it is and why
+    assert result["settings"]["default"] == lenet_convert.QCFS_DEFAULT_REASON  # what it is and why
     assert result["snn_accuracy"][-1] >= result["ann_accuracy"] - 0.02
 
 
@@ -395,6 +396,7 @@ def test_channel_norm_reset_and_calibration_reach_the_json_and_the_plots(trained
 
     def save_figure(fig, path):
         titles.append(fig.get_suptitle())
+        path.write_text("a figure")
     for module in (lenet_convert, efficiency):
         monkeypatch.setattr(module, "save_figure", save_figure)
     result = lenet_convert.main(["--checkpoint", str(trained), "--limit", "200",
@@ -538,11 +540,7 @@ def test_bad_input_gives_one_line_and_keeps_old_results(network, spoil, argv, me
     (["--exit-deadline", "3"], "--exit-deadline: needs --exit-rule margin or confidence"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        lenet_convert.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and re.search(message, err)
+    check_refused(lenet_convert.main, argv, message, capsys)
 
 
 def test_channel_norm_of_a_qcfs_network_needs_a_percentile(qcfs, tmp_path):
@@ -557,3 +555,13 @@ def test_unwritable_out_dir_fails_before_simulating(trained, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit, match="cannot write to"):
         lenet_convert.main(["--checkpoint", str(trained), "--out-dir", str(tmp_path / "file/x")])
+
+
+@pytest.mark.parametrize("module, must_not_load", [
+    ("lenet_convert", ("compare", "early_exit")),  # the core never needs a feature ...
+    ("efficiency", ("lenet_convert", "compare", "early_exit")),  # ... and measures with a leaf
+])
+def test_the_core_loads_no_feature_module(module, must_not_load):
+    done = run_command("-c", f"import sys, {module}; print(sorted(set({must_not_load!r}) & "
+                             "set(sys.modules)))")
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

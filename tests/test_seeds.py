@@ -1,10 +1,11 @@
 import csv
 import json
-import re
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
-from helpers import DATA, ROOT
+from helpers import DATA, ROOT, check_refused
 
 import lenet_convert
 
@@ -13,30 +14,43 @@ sys.path.insert(0, str(ROOT / "bench"))
 import seeds  # noqa: E402
 
 
-def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A tiny study of two seeds and two levels, as the command runs it: (argv, its folder,
+    seeds.json, the per-seed JSON)."""
+    tmp = tmp_path_factory.mktemp("study")
     argv = ["--seeds", "1", "2", "--levels", "2", "4", "--limit-train", "1000", "--epochs", "2",
             "--limit", "200", "--timesteps", "4", "--device", "cpu", "--data-dir", str(DATA),
-            "--checkpoint-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out")]
-    study = seeds.main(argv)
-    saved = json.loads((tmp_path / "out" / "seeds.json").read_text())
-    assert saved == json.loads(json.dumps(study))
+            "--checkpoint-dir", str(tmp / "ck"), "--out-dir", str(tmp / "out")]
+    returned = seeds.main(argv)
+    saved = json.loads((tmp / "out" / "seeds.json").read_text())
+    assert saved == json.loads(json.dumps(returned))
+    per_seed = [json.loads((tmp / "out" / f"seed{s}.json").read_text()) for s in (1, 2)]
+    return argv, tmp, saved, per_seed
+
+
+def test_each_seed_runs_what_lenet_convert_gives(study):
+    _, tmp, saved, _ = study
     assert saved["seeds"] == [1, 2] and saved["timesteps"] == 4 and saved["test_images"] == 200
     assert set(saved["runs"]) == {"relu", "relu_braincog_reference", "qcfs"}
-    for i, seed in enumerate((1, 2)):  # each seed's runs are what lenet_convert.py gives
+    for i, seed in enumerate((1, 2)):
         for name, file in (("relu", "relu"), ("qcfs", "qcfs_L4")):
-            checkpoint = tmp_path / "ck" / f"{file}_seed{seed}.pt"
+            checkpoint = tmp / "ck" / f"{file}_seed{seed}.pt"
             single = lenet_convert.main(["--checkpoint", str(checkpoint), "--limit", "200",
                                          "--timesteps", "4", "--device", "cpu", "--data-dir",
-                                         str(DATA), "--out-dir", str(tmp_path / "single")])
+                                         str(DATA), "--out-dir", str(tmp / "single")])
             assert saved["runs"][name]["snn"][i] == single["snn_accuracy"]
             assert saved["runs"][name]["ann"][i] == single["ann_accuracy"]
+
+
+def test_summary_and_paired_differences_are_over_the_seeds(study):
+    _, _, saved, per_seed = study
     relu = saved["runs"]["relu"]["snn"]
     summary = saved["summary"]["relu"]
     assert summary["snn_mean"] == pytest.approx([(a + b) / 2 for a, b in zip(*relu, strict=True)])
     assert summary["snn_std"] == pytest.approx([abs(a - b) / 2**0.5
                                                 for a, b in zip(*relu, strict=True)])
     assert summary["snn_min"] == [min(a, b) for a, b in zip(*relu, strict=True)]
-    per_seed = [json.loads((tmp_path / "out" / f"seed{s}.json").read_text()) for s in (1, 2)]
     gamma = saved["paired"]["γ = 4"]
     assert gamma["against"] == "as given"
     assert gamma["per_seed"] == [[a - b for a, b in zip(run["γ = 4"]["snn_accuracy"],
@@ -49,6 +63,10 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     assert {"lateral inhibition off", "V0 = 0", "γ = 1", "p = 99.9", "p = 100", "norm per channel",
             "norm per neuron", "reset to 0", "spike calibration 4", "early exit (margin)"} <= set(
         saved["paired"])
+
+
+def test_early_exit_and_levels_are_summarised_per_seed(study):
+    _, _, saved, per_seed = study
     early = saved["early_exit"]
     qcfs_exit = "qcfs L=4: early exit (margin)"
     assert set(early) == {"early exit (margin)", qcfs_exit}
@@ -70,17 +88,27 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
                 base = [run[levels["L=4"][rule]["run"]] for run in per_seed]
                 assert entry["minus_default_levels"]["ann"] == [
                     a["ann_accuracy"] - b["ann_accuracy"] for a, b in zip(runs, base, strict=True)]
+
+
+def test_pareto_front_table_and_figures(study):
+    _, tmp, saved, _ = study
     front = saved["pareto_front"]
     assert all(a["energy_uj"] <= b["energy_uj"] and a["accuracy"] < b["accuracy"]
                for a, b in zip(front, front[1:], strict=False))  # each buys accuracy
     points = seeds.energy_points(saved)[0]
     assert not any(p[0] <= f["energy_uj"] and p[1] > f["accuracy"] for f in front
                    for p in points)  # no point beats a front point on both axes
-    rows = list(csv.DictReader((tmp_path / "out" / "seeds.csv").open()))
+    rows = list(csv.DictReader((tmp / "out" / "seeds.csv").open()))
     assert len(rows) == 4 * (3 + 4 + len(saved["paired"]))
     for name in ("seeds.png", "seeds_energy.png"):
-        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
-    # a second run reuses every checkpoint made with the same arguments
+        assert (tmp / "out" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_second_run_reuses_networks_and_conversions(study, tmp_path, capsys):
+    argv, tmp, saved, per_seed = study
+    for folder in ("ck", "out"):  # a copy, so that the other tests see the first run
+        shutil.copytree(tmp / folder, tmp_path / folder)
+    argv = [str(tmp_path / Path(a).name) if a.startswith(str(tmp)) else a for a in argv]
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").glob("*.pt")}
     capsys.readouterr()
     assert seeds.main(argv)["runs"] == saved["runs"]
@@ -104,8 +132,4 @@ def test_seeds_study_summarises_the_per_seed_runs(tmp_path, capsys):
     (["--epochs", "0"], "--epochs: must be at least 1"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        seeds.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and re.search(message, err)
+    check_refused(seeds.main, argv, message, capsys)

@@ -8,6 +8,8 @@ while torch is still loading then ends in one line too, not in a traceback.
 import argparse
 import contextlib
 import csv
+import ctypes
+import ctypes.util
 import json
 import math
 import multiprocessing
@@ -80,6 +82,23 @@ if threading.current_thread() is threading.main_thread():
     sys.excepthook = _one_line_interrupts
 
 
+def keep_freed_memory():
+    """Ask the C library's allocator (glibc's) to keep the memory torch frees for reuse, rather
+    than hand it back to the system; True if it could.
+
+    A simulation makes and drops tensors of about 10 MB every step and batch. By default glibc
+    maps each of those anew and returns it when it is freed, so the next one is paged in again:
+    measured here, 90,000 to 145,000 page faults per pass over the test set, and up to half its
+    time. Tensors up to 32 MB (glibc's most) now come from the heap, which is not trimmed.
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to tune
+        return False
+    mmap_threshold, trim_threshold = -3, -1  # mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    return bool(mallopt(mmap_threshold, 32 * 2**20)) and bool(mallopt(trim_threshold, 2**30))
+
+
 def run(prog, body, kept="nothing was written"):
     """Run a command's `body()` and return what it returns; end its errors in one line.
 
@@ -90,6 +109,7 @@ def run(prog, body, kept="nothing was written"):
     if threading.current_thread() is threading.main_thread():  # from here on an interrupt
         signal.signal(signal.SIGINT, signal.default_int_handler)  # is raised, so that the
         signal.signal(signal.SIGTERM, _raise_terminated)  # command can say what it kept
+    keep_freed_memory()
     try:
         return body()
     except UserError as e:

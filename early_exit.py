@@ -27,6 +27,7 @@ from lenet_convert import (
     predictions,
     readout_node,
     result_of,
+    stages,
     within,
 )
 from mnist import Batches, split_train_val
@@ -231,7 +232,8 @@ def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, deadli
     """
     snn.eval()
     readout = readout_node(snn)
-    counting = counting_modules(snn)
+    first, rest = stages(snn)
+    counting = counting_modules(first) | counting_modules(rest)
     deadline = deadline or timesteps
     right = torch.zeros(timesteps, dtype=torch.float64)  # right answers of running images
     right_stopped = torch.zeros(timesteps, dtype=torch.float64)  # ... of those stopping at t
@@ -251,14 +253,17 @@ def evaluate_early_exit(snn, batches, timesteps, device, rule, threshold, deadli
                 for key, value in (group.state or {}).get(name, {}).items():
                     setattr(module, key, value)
                 module.step = t - 1  # its spikes count at step t
-            current = snn[0](group.current) if group.state is None else group.current
-            total = group.total + snn[1:](current)
+            current = first(group.current) if group.state is None else group.current
+            total = group.total + rest(current)
             prediction = predict(total, readout)
             hits = prediction == group.labels
             right[t - 1] += hits.sum().item()
             stop = (settledness(total, t, rule) >= threshold if t < deadline
                     else torch.ones_like(hits))
-            stopped = stop.nonzero()[:, 0].cpu()
+            stopped = stop.nonzero()[:, 0]
+            for module in counting.values():  # those counted when they leave
+                module.leave(stopped, t)
+            stopped = stopped.cpu()
             steps[group.index[stopped]] = t
             predicted[group.index[stopped]] = prediction[stopped].cpu()
             right_stopped[t - 1] += hits[stop].sum().item()

@@ -11,6 +11,11 @@ measures with efficiency.py (spike counts into SynOps and energy); the features 
 are handed over to from `main` when asked for: early_exit.py (per-image early exit) and
 compare.py (many conversions side by side).
 
+The first neuron layer sees the same current every step, so it and its pool are simulated in
+closed form, as one neuron layer on the pooled current: the same spikes, from a tensor a quarter
+the size (docs/method.md §8). Not with --reset zero, --spicalib or --no-lateral-inhibition,
+whose neurons depend on more than their summed input: there every layer is stepped.
+
 Examples:
     python lenet_convert.py                          # checkpoints/lenet5_best.pt, T = 64
     python lenet_convert.py --v0 0 --percentile 99.9 --no-lateral-inhibition   # BrainCog's
@@ -134,6 +139,14 @@ class Counting(nn.Module):
             self.buffer = grown
         self.buffer[self.step:end] += per_step
         self.length, self.step = max(self.length, end), end
+
+    def leave(self, rows, steps):
+        """Images leave the simulation after `steps` steps: those in `rows` (None: all). A module
+        that counts step by step has counted their spikes already."""
+
+    def take_counts(self, other):
+        """Take the counts of `other`, which simulated this module's spikes in its place."""
+        self.buffer, self.length = other.buffer, other.length
 
     @property
     def counts(self):
@@ -481,16 +494,136 @@ def neuron_names(snn):
     return [name for name, m in snn.named_children() if isinstance(m, SpikeNode)]
 
 
-def simulate(snn, images, timesteps):
+def simulate(snn, images, timesteps, closed_form=True):
     """Yield the SNN's output at each of `timesteps` steps for the analog `images`, from reset.
 
-    The first layer's input is the same image every step, so its output is computed once.
+    The first layer's input is the same image every step, so its output is computed once; and
+    where `in_closed_form` allows (and `closed_form`), the first neuron layer and its pool run
+    as one SpikeNode on the pooled current (`stages`). Either way the spikes are the same, and
+    once all steps are run every module holds its counts.
     """
     clean_mem_spike(snn)
-    current = snn[0](images)
-    rest = snn[1:]
+    first, steps = stages(snn, closed_form)
+    current = first(images)
     for _ in range(timesteps):
-        yield rest(current)
+        yield steps(current)
+    for name, module in (counting_modules(first) | counting_modules(steps)).items():
+        module.leave(None, timesteps)
+        if snn.get_submodule(name) is not module:
+            snn.get_submodule(name).take_counts(module)
+
+
+# ----------------------------------------------------------------------------- the first layer
+
+
+def in_closed_form(snn):
+    """Whether `simulate` runs the first neuron layer of `snn` and its pool in closed form
+    (docs/method.md §8): with reset by subtraction, no spike calibration, and the exact pool
+    (lateral inhibition); not where a neuron's output depends on more than its summed input."""
+    if len(snn) < 3:
+        return False
+    neuron, pool = snn[1], snn[2]
+    return (type(neuron) is SpikeNode and neuron.reset_mode == "subtract"
+            and not neuron.allowance and neuron.threshold == 1
+            and type(pool) is SMaxPool and pool.lateral_inhibition)
+
+
+def stages(snn, closed_form=True):
+    """`snn` as `simulate` runs it: (the layers run once on the images, those run every step).
+
+    Normally the first layer, then the rest. In closed form (`in_closed_form`), the first
+    layer's current I is pooled once, and one SpikeNode fed maxpool(I) takes the place of the
+    first neuron layer and its pool: a neuron's spikes after t steps grow with its constant
+    input, so the pool's output, the step differences of maxpool of those counts, is what a
+    neuron fed the window's largest input fires (docs/method.md §8). The neuron layer's own
+    spikes feed only the pool; they are counted from the closed form (`ConstantInputLayer`).
+    The modules taking another's place carry its name, so their counts are that module's.
+    """
+    names = list(snn._modules)
+    if not (closed_form and in_closed_form(snn)):
+        return snn[:1], snn[1:]
+    neuron, pool = snn[1], snn[2]
+    first = nn.Sequential(OrderedDict([
+        (names[0], snn[0]), (names[1], ConstantInputLayer(neuron, pool.kernel_size))]))
+    pooled = SpikeNode(neuron.threshold, neuron.gamma, neuron.v0)
+    return first, nn.Sequential(OrderedDict([(names[2], pooled), *list(snn.named_children())[3:]]))
+
+
+class ConstantInputLayer(Counting):
+    """A layer of integrate-and-fire neurons fed the same current every step: counted, not
+    simulated.
+
+    Called once with the current I, it keeps I and passes on maxpool(I) (see `stages`). When
+    images leave after t steps (`leave`), their spikes are counted in closed form
+    (`constant_input_spikes`): all steps in one row of its counts.
+    """
+
+    state = ("current",)
+
+    def __init__(self, neuron, kernel_size):
+        super().__init__()
+        self.v0, self.gamma, self.kernel_size = neuron.v0, neuron.gamma, kernel_size
+        self.reset()
+
+    def restart(self):
+        super().restart()
+        self.current = None
+
+    def forward(self, current):
+        self.current = current
+        return max_pool(current, self.kernel_size)
+
+    def leave(self, rows, steps):
+        if rows is not None and not len(rows):
+            return
+        everyone = rows is None or len(rows) == len(self.current)
+        current = self.current if everyone else self.current[rows]
+        self.step = 0
+        self.count(constant_input_spikes(current, steps, self.v0, self.gamma).unsqueeze(0))
+
+
+def constant_input_spikes(current, steps, v0, gamma):
+    """The spikes SpikeNode (threshold 1, reset by subtraction) fires in `steps` steps (a number,
+    or one per image) of the constant `current`, element by element, without stepping it.
+
+    In exact arithmetic they are C_t(I) = clamp(floor(v0 + t I), 0, gamma t) (docs/method.md
+    §8). SpikeNode adds in float32, and so does this, so the two can differ only where v0 + t I
+    lies within their rounding of a whole number; those few elements are stepped as SpikeNode
+    steps them. So the result is SpikeNode's count exactly.
+    """
+    if torch.is_tensor(steps):  # one per image
+        t = steps.to(current).view(-1, *[1] * (current.dim() - 1))
+        longest = int(steps.max())
+    else:  # a number: much faster in torch's scalar forms
+        t = longest = int(steps)
+    value = current.add(v0) if isinstance(t, int) and t == 1 else current.mul(t).add_(v0)
+    spikes = value.floor()
+    near = ()
+    if longest > 1:  # at t = 1 both compute fl(I + v0): no rounding apart
+        # |value - (v0 + t I)| + |SpikeNode's accumulated rounding| (docs/method.md §8), twice
+        margin = (4 * (gamma * longest + 1) + 2 * longest * (gamma + 1)) * 2.0**-24
+        distance = value.sub_(spikes).sub_(0.5).abs_().view(len(current), -1)  # to 1/2
+        rows = (distance.amax(1) > 0.5 - margin).nonzero()[:, 0]  # the few images with any
+        units = (distance[rows] > 0.5 - margin).nonzero()
+        near = rows[units[:, 0]] * distance.shape[1] + units[:, 1]  # flat indices
+    spikes = (spikes.clamp_(0, gamma * t) if isinstance(t, int)
+              else torch.minimum(spikes.clamp_(min=0), gamma * t))
+    if len(near):
+        its_steps = (steps.to(near)[near // current[0].numel()] if torch.is_tensor(steps)
+                     else torch.full_like(near, t))
+        spikes.view(-1)[near] = _stepped(current.reshape(-1)[near], its_steps, v0, gamma)
+    return spikes
+
+
+def _stepped(current, steps, v0, gamma):
+    """Each element's spikes after its own number of `steps`, stepping a SpikeNode."""
+    neuron, total = SpikeNode(gamma=gamma, v0=v0), torch.zeros_like(current)
+    counted = torch.empty(int(steps.max()), *current.shape, dtype=current.dtype,
+                          device=current.device)
+    for t in range(len(counted)):
+        total = total + neuron(current)
+        counted[t] = total
+    return counted.gather(0, (steps - 1)[None])[0]
 
 
 def predictions(snn, images, timesteps, simulator=simulate):
@@ -626,6 +759,7 @@ def result_of(conversion, snn, batches, device, accuracy, counts, seconds):
         "timesteps": timesteps,
         AT_ANN_LEVEL_KEY: first_step_within(accuracy, ann_accuracy),
         "settings": settings_record(conversion),
+        "first_layer_in_closed_form": in_closed_form(snn),  # how it was simulated (`stages`)
         "checkpoint": str(conversion.path),
         "test_images": images,
         "device": str(device),

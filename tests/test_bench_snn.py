@@ -43,13 +43,16 @@ def test_layerwise_simulation_resets_and_calibrates_identically(reset, spicalib,
 def _check_layerwise(**settings):
     snn = dyadic_snn(**settings)
     images = torch.rand(13, 1, 32, 32)
-    step_outputs, step_counts = _run(simulate, snn, images, 12)
     layer_outputs, layer_counts = _run(simulate_layerwise, snn, images, 12,
                                        chunk_elements=12 * 4704 * 5)  # 5 images a chunk
-    assert step_counts["act6"].sum() > 0 and step_counts.keys() == layer_counts.keys()
-    for name, counts in step_counts.items():  # the same spikes at every step and unit
+    stepped_outputs, stepped_counts = _run(simulate, snn, images, 12, closed_form=False)
+    assert stepped_counts["act6"].sum() > 0 and stepped_counts.keys() == layer_counts.keys()
+    for name, counts in stepped_counts.items():  # the same spikes at every step and unit
         assert counts.shape[0] == 12 and torch.equal(counts, layer_counts[name]), name
-    assert torch.equal(step_outputs, layer_outputs)
+    assert torch.equal(stepped_outputs, layer_outputs)
+    outputs, counts = _run(simulate, snn, images, 12)  # the script's: in closed form if it can
+    assert torch.equal(outputs, layer_outputs) and bench_snn.same_spikes(counts, layer_counts)
+    assert (len(counts["act1"]) == 1) == lenet_convert.in_closed_form(snn)
 
 
 def test_layerwise_gives_the_same_accuracy_on_a_trained_network(trained):
@@ -60,8 +63,7 @@ def test_layerwise_gives_the_same_accuracy_on_a_trained_network(trained):
     batches = mnist.Batches(images[:300], labels[:300], 128)
     step = evaluate_snn(snn, batches, 16, "cpu")
     layerwise = evaluate_snn(snn, batches, 16, "cpu", simulate_layerwise)
-    assert step[0] == layerwise[0]
-    assert all(torch.equal(step[1][name], layerwise[1][name]) for name in step[1])
+    assert step[0] == layerwise[0] and bench_snn.same_spikes(step[1], layerwise[1])
 
 
 def test_benchmark_simulates_the_network_the_script_converts(trained):

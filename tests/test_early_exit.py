@@ -157,6 +157,8 @@ def test_early_exit_steps_the_slow_images_of_all_batches_together():
 
 
 @pytest.mark.parametrize("settings", [
+    {},  # the first layer in closed form
+    {"readout": "spikes", "v0": 0.25, "gamma": 1},  # the same
     {"spicalib": 2, "reset": "zero", "readout": "spikes"},
     {"spicalib": 1, "lateral_inhibition": False, "gamma": 1},
 ])
@@ -180,9 +182,12 @@ def test_early_exit_carries_every_module_state_when_images_leave_or_merge(settin
     assert alone[0] == merged[0]
     for name, counts in alone[1].items():
         assert torch.equal(counts, merged[1][name]), name
-    # an image's predictions up to its exit step are those it has when nothing stops
-    full = evaluate_snn(dyadic_snn(**settings), [(images, labels)], 10, "cpu")[0]
+    # an image's predictions up to its exit step are those it has when nothing stops, and so
+    # are its spikes (a layer counted in closed form: all steps in one row)
+    full, counts = evaluate_snn(dyadic_snn(**settings), [(images, labels)], 10, "cpu")
     assert everything[0] == pytest.approx(full)
+    for name, counted in counts.items():
+        assert torch.equal(everything[1][name].sum(0), counted.sum(0)), name
 
 
 

@@ -12,7 +12,8 @@ from helpers import DATA, HIDDEN, check_refused, random_lenet, run_command
 import efficiency
 import lenet5
 import lenet_convert
-from checkpoint import PERCENTILE, percentile_key
+import mnist
+from checkpoint import PERCENTILE, load_checkpoint, percentile_key
 from cli import UserError
 from lenet5 import QCFS, LeNet5, percentile_activations
 from lenet_convert import (
@@ -21,6 +22,7 @@ from lenet_convert import (
     SpikeNode,
     activation_scales,
     clean_mem_spike,
+    counting_modules,
     evaluate_snn,
     first_step_within,
     fold_batchnorm,
@@ -297,15 +299,18 @@ def test_each_conversion_step_returns_a_new_network():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_clean_mem_spike_makes_runs_repeatable():
+@pytest.mark.parametrize("closed_form", [False, True])
+def test_clean_mem_spike_makes_runs_repeatable(closed_form):
     snn = fuse_norm_replace(random_lenet(), {n: 1.0 for n in (*HIDDEN, "out")})
     images = torch.rand(8, 1, 32, 32)
     with torch.no_grad():
-        first = torch.stack(list(simulate(snn, images, 10)))
-        assert snn.act1.mem is not None and snn.s2.acc is not None and snn.act3.counts.sum() > 0
+        first = torch.stack(list(simulate(snn, images, 10, closed_form)))
+        assert snn.act3.mem is not None and snn.s4.acc is not None
+        assert snn.act1.counts.sum() > 0 and snn.act3.counts.sum() > 0
         clean_mem_spike(snn)
-        assert snn.act1.mem is None and snn.s2.acc is None and snn.act3.counts.sum() == 0
-        second = torch.stack(list(simulate(snn, images, 10)))
+        assert snn.act3.mem is None and snn.s4.acc is None and snn.act3.counts.sum() == 0
+        assert snn.act1.counts.sum() == 0
+        second = torch.stack(list(simulate(snn, images, 10, closed_form)))
     assert torch.equal(first, second)
 
 
@@ -565,3 +570,89 @@ def test_the_core_loads_no_feature_module(module, must_not_load):
     done = run_command("-c", f"import sys, {module}; print(sorted(set({must_not_load!r}) & "
                              "set(sys.modules)))")
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+# ----------------------------------------------------------------------------- the first layer
+
+
+def _stepped_counts(current, steps, gamma, v0):
+    """SpikeNode's spikes after each step 1..steps: [steps, *current.shape]."""
+    neuron, total, counts = SpikeNode(gamma=gamma, v0=v0), torch.zeros_like(current), []
+    for _ in range(steps):
+        total = total + neuron(current)
+        counts.append(total)
+    return torch.stack(counts)
+
+
+def _hard_currents(steps, gamma, v0):
+    """Currents where the closed form is hardest: v0 + t I at, and a few ulps around, whole
+    numbers for every t, negative ones, zero, above gamma, and random ones."""
+    torch.manual_seed(0)
+    t = torch.arange(1, steps + 1, dtype=torch.float32)[:, None]
+    k = torch.arange(0, gamma * steps + 2, dtype=torch.float32)[None]
+    whole = ((k - v0) / t).flatten()
+    whole = whole[(whole > -1) & (whole < gamma + 1)]
+    around = torch.cat([torch.nextafter(whole, torch.tensor(side)) for side in (-9.0, 9.0)])
+    return torch.cat([whole, around, torch.nextafter(around, 2 * around), -torch.rand(50),
+                      torch.zeros(3), gamma + 3 * torch.rand(50), (gamma + 1) * torch.rand(2000)])
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 3, 8])
+@pytest.mark.parametrize("v0", [0.0, 0.25, 0.5, 1 - 2**-24])
+def test_constant_input_spikes_are_the_spike_nodes_count(gamma, v0):
+    current = _hard_currents(24, gamma, v0)
+    stepped = _stepped_counts(current, 24, gamma, v0)
+    for t in (1, 2, 7, 24):
+        assert torch.equal(lenet_convert.constant_input_spikes(current, t, v0, gamma),
+                           stepped[t - 1]), t
+    per_image = torch.randint(1, 25, (len(current),))  # early exit: each its own number of steps
+    assert torch.equal(lenet_convert.constant_input_spikes(current, per_image, v0, gamma),
+                       stepped.gather(0, (per_image - 1)[None])[0])
+
+
+@pytest.mark.parametrize("gamma, v0", [(1, 0.5), (2, 0.0), (4, 0.5), (3, 0.9)])
+def test_pool_of_constant_input_neurons_fires_as_one_neuron_on_the_pooled_input(gamma, v0):
+    """SMaxPool(SpikeNode(I)) gives step by step the spikes of a SpikeNode fed maxpool(I)."""
+    current = _hard_currents(16, gamma, v0)[:2048].view(2, 4, 16, 16)
+    current = current[:, :, torch.randperm(16)]  # neighbours in a window: unrelated values
+    neuron, pool, pooled = SpikeNode(gamma=gamma, v0=v0), SMaxPool(2), SpikeNode(gamma=gamma,
+                                                                                 v0=v0)
+    for _ in range(16):
+        assert torch.equal(pool(neuron(current)), pooled(max_pool(current, 2)))
+
+
+@pytest.mark.parametrize("settings", [{}, {"gamma": 1, "v0": 0.0}, {"gamma": 4},
+                                      {"readout": "spikes"}, {"norm": "channel"}])
+def test_closed_form_and_stepped_paths_fire_the_same_spikes(trained, settings):
+    checkpoint = load_checkpoint(trained)
+    ann = lenet5.model_from_checkpoint(checkpoint)
+    snn = lenet_convert.build_snn(checkpoint, ann, lenet_convert.default_settings(
+        checkpoint)._replace(**settings))
+    assert lenet_convert.in_closed_form(snn)
+    images = mnist.load_mnist(DATA, train=False)[0][:300].unsqueeze(1).float() / 255
+    runs = {}
+    for closed_form in (True, False):
+        pooled = []  # what enters c3 at each step: the pool's spikes
+        hook = snn.c3.register_forward_pre_hook(lambda _, x, pooled=pooled: pooled.append(x[0]))
+        with torch.no_grad():
+            outputs = torch.stack(list(lenet_convert.simulate(snn, images, 12, closed_form)))
+        hook.remove()
+        runs[closed_form] = outputs, torch.stack(pooled), {
+            name: m.counts.clone() for name, m in counting_modules(snn).items()}
+    (fast, fast_pooled, fast_counts), (stepped, stepped_pooled, stepped_counts) = runs.values()
+    assert torch.equal(fast, stepped) and torch.equal(fast_pooled, stepped_pooled)
+    assert fast_pooled.sum() > 0
+    assert len(fast_counts["act1"]) == 1 and len(stepped_counts["act1"]) == 12  # all steps in one
+    for name, counts in fast_counts.items():
+        assert torch.equal(counts.sum(0), stepped_counts[name].sum(0)), name
+        assert name == "act1" or torch.equal(counts, stepped_counts[name]), name
+
+
+@pytest.mark.parametrize("settings", [{"reset": "zero"}, {"spicalib": 2},
+                                      {"lateral_inhibition": False}])
+def test_settings_outside_the_closed_form_step_every_layer(settings):
+    snn = fuse_norm_replace(random_lenet(), dict.fromkeys((*HIDDEN, "out"), 1.0),
+                            Settings(**settings))
+    assert not lenet_convert.in_closed_form(snn)
+    first, steps = lenet_convert.stages(snn)
+    assert list(first) == [snn.c1] and list(steps) == list(snn)[1:]

@@ -597,7 +597,7 @@ def constant_input_spikes(current, steps, v0, gamma):
     else:  # a number: much faster in torch's scalar forms
         t = longest = int(steps)
     value = current.add(v0) if isinstance(t, int) and t == 1 else current.mul(t).add_(v0)
-    spikes = value.floor()
+    spikes = value.floor() if longest > 1 else value.floor_()  # value is needed on, or not
     near = ()
     if longest > 1:  # at t = 1 both compute fl(I + v0): no rounding apart
         # |value - (v0 + t I)| + |SpikeNode's accumulated rounding| (docs/method.md §8), twice

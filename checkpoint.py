@@ -69,25 +69,32 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def _is_number(value, lowest=-math.inf, integer=False):
-    """Whether `value` is a finite number (an integer if asked) of at least `lowest`."""
+def _is_number(value, lowest=-math.inf, integer=False, highest=math.inf):
+    """Whether `value` is a finite number (an integer if asked) in [lowest, highest]."""
     kinds = int if integer else (int, float)
-    return (isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
-            and value >= lowest)
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        return False
+    finite = isinstance(value, int) or math.isfinite(value)  # an int may be too large for a float
+    return finite and lowest <= value <= highest
 
 
+MAX_LEVELS = 1024  # QCFS levels L, here and in lenet5.py's --levels
 CHECKS = {  # key (args.* inside "args"): (test, what it must be); checked where present
     "arch": (lambda v: v == ARCH, repr(ARCH)),
     "activation": (lambda v: v in ACTIVATIONS, " or ".join(ACTIVATIONS)),
-    "levels": (lambda v: _is_number(v, 1, integer=True), "a positive integer"),
+    "levels": (lambda v: _is_number(v, 1, integer=True, highest=MAX_LEVELS),
+               f"an integer in [1, {MAX_LEVELS}]"),
     "channel_thresholds": (lambda v: isinstance(v, bool), "true or false"),
-    "seed": (lambda v: _is_number(v, 0, integer=True) and v <= cli.SEED_RANGE[1],
+    "seed": (lambda v: _is_number(v, 0, integer=True, highest=cli.SEED_RANGE[1]),
              f"an integer in [0, {cli.SEED_RANGE[1]}]"),
-    "calibration_images": (lambda v: _is_number(v, 1, integer=True) and v < TRAIN_IMAGES,
+    "calibration_images": (lambda v: _is_number(v, 1, integer=True, highest=TRAIN_IMAGES - 1),
                            "a positive number of training images"),
     "percentile": (lambda v: isinstance(v, str), "a key of the percentiles table"),
+    "epoch": (lambda v: _is_number(v, 1, integer=True), "a positive integer"),
+    "val_accuracy": (lambda v: _is_number(v, 0, highest=1), "a fraction in [0, 1]"),
+    "test_accuracy": (lambda v: _is_number(v, 0, highest=1), "a fraction in [0, 1]"),
     "args": (lambda v: isinstance(v, dict), "a table of the arguments"),
-    "args.val_size": (lambda v: _is_number(v, 1, integer=True) and v < TRAIN_IMAGES,
+    "args.val_size": (lambda v: _is_number(v, 1, integer=True, highest=TRAIN_IMAGES - 1),
                       f"an integer in [1, {TRAIN_IMAGES - 1}]"),
     "args.limit_train": (lambda v: v is None or _is_number(v, 1, integer=True),
                          "empty or a positive integer"),
@@ -110,6 +117,11 @@ def check_checkpoint(checkpoint, path):
             checkpoint, key)
         if isinstance(table, dict) and name in table and not test(table[name]):
             raise UserError(f"{path}: {key} is {reprlib.repr(table[name])}, not {kind}")
+    if checkpoint.get("activation") == "qcfs" and "levels" not in checkpoint:
+        raise UserError(f"{path}: a QCFS checkpoint without its levels L")
+    if "percentiles" not in checkpoint:
+        raise UserError(f"{path}: the checkpoint holds no activation percentiles; retrain it "
+                        "with `python lenet5.py`")
     state = checkpoint["model_state"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path}: model_state is not a table of tensors")
@@ -117,8 +129,10 @@ def check_checkpoint(checkpoint, path):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UserError(f"{path}: layer {key.split('.')[0]} holds NaN or infinite values "
                             f"({key})")
+        if key.endswith(".running_var") and not (tensor >= 0).all():
+            raise UserError(f"{path}: layer {key.split('.')[0]} has a negative variance ({key})")
     for name in ("percentiles", "channel_percentiles"):
-        if name in checkpoint:  # checkpoints older than a table lack it
+        if name in checkpoint:  # checkpoints older than the per-channel table lack it
             _check_percentiles(checkpoint[name], name, path)
     key = default_percentile(checkpoint)
     if any(key not in table for table in checkpoint.get("percentiles", {}).values()):
@@ -178,7 +192,9 @@ def _check_thresholds(checkpoint, path):
         raise UserError(f"{path}: thresholds names {sorted(table)}, but the weights hold lambda "
                         f"of {sorted(weights)} (activation {checkpoint.get('activation')!r})")
     for layer, lam in weights.items():
-        if not (lam > 0).all() or not torch.allclose(lam, torch.tensor(table[layer]), rtol=1e-6):
+        listed = torch.tensor(table[layer], dtype=lam.dtype)
+        if lam.shape != listed.shape or not (lam > 0).all() or not torch.allclose(lam, listed,
+                                                                                 rtol=1e-6):
             raise UserError(f"{path}: {layer}.threshold in the weights is "
                             f"{reprlib.repr(lam.tolist())}, not positive and equal to "
                             f"thresholds[{layer!r}] = {reprlib.repr(table[layer])}")

@@ -15,7 +15,6 @@ import math
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import statistics
 import sys
@@ -97,6 +96,28 @@ def keep_freed_memory():
         return False
     mmap_threshold, trim_threshold = -3, -1  # mallopt's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     return bool(mallopt(mmap_threshold, 32 * 2**20)) and bool(mallopt(trim_threshold, 2**30))
+
+
+def available_memory():
+    """Bytes of memory this machine can still give a process, or None where it cannot tell."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed, what):
+    """A UserError if `needed` bytes (an estimate for `what`) are more than the machine has."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise UserError(f"{what} needs about {needed / 2**30:.1f} GB of memory, but this machine "
+                        f"has {available / 2**30:.1f} GB free")
 
 
 def run(prog, body, kept="nothing was written"):
@@ -184,23 +205,36 @@ def write_csv(path, rows):
 
 
 class FileSet:
-    """The files of one run, each written to a temporary file beside its place (`path`) and
-    moved into place with the others by `file_set`."""
+    """The files of one run, each written to a temporary file beside its place (`path`), or made
+    earlier (`adopt`), and moved into place with the others by `file_set`."""
 
     def __init__(self, folder):
-        self.folder, self.made = Path(folder), {}
+        self.folder, self.made, self.adopted = Path(folder), {}, {}
 
     def path(self, name):
         """Where to write the file `name` of the set; its folder is made now if need be."""
         target = self.folder / name
-        check_writable(target)
+        self.check(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         self.made[name] = target.with_name(f".{target.stem}.set{os.getpid()}{target.suffix}")
         return self.made[name]
 
+    def adopt(self, name, path):
+        """Move the finished file at `path` to `name` with the set (if the set fails, it stays)."""
+        self.check(self.folder / name)
+        self.adopted[name] = Path(path)
+
+    @staticmethod
+    def check(target):
+        """That `target` can be written: a folder in its place is named as such."""
+        if target.is_dir():
+            raise UserError(f"{target} is a folder where this run writes a file: move it away "
+                            "or write elsewhere")
+        check_writable(target)
+
     @property
     def names(self):
-        return list(self.made)
+        return list(self.made) + list(self.adopted)
 
 
 @contextlib.contextmanager
@@ -217,11 +251,14 @@ def file_set(folder):
     done = False
     try:
         yield files
-        for name in files.made:
-            check_writable(folder / name)
+        moves = {**files.made, **files.adopted}
+        for name, source in moves.items():
+            files.check(folder / name)
+            if not source.is_file():
+                raise UserError(f"{source} is gone: {folder / name} was not replaced")
         with _signals_held():
-            for name, tmp in files.made.items():
-                os.replace(tmp, folder / name)
+            for name, source in moves.items():
+                os.replace(source, folder / name)
         done = True
     finally:
         for tmp in files.made.values():
@@ -260,22 +297,6 @@ def partial_path(path):
 def previous_path(path):
     """Where a completed run keeps the file it replaced: <stem>.prev<suffix>."""
     return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
-def promote(partial, target, keep_previous=True):
-    """Move a completed run's `partial` file onto `target`, keeping a copy of the one it replaces
-    (unless not `keep_previous`: then an earlier copy stays as it is).
-
-    Returns where the replaced file was kept, or None. Each step is atomic, so an interruption
-    leaves either the old target or the new one, never neither.
-    """
-    kept = None
-    if target.exists() and keep_previous:
-        kept = previous_path(target)
-        with atomic_path(kept) as tmp:
-            shutil.copy2(target, tmp)
-    os.replace(partial, target)
-    return kept
 
 
 def check_writable(path, folder=False):
@@ -321,14 +342,19 @@ def median_seconds(runs, repeats, warm_up=True):
 # ----------------------------------------------------------------------------- command line
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help texts end with the default, except where there is none to state (None, a flag); the
-    description (a script's docstring) keeps its lines."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help texts end with the range an integer may take and the default, except where there is
+    none to state (None, a flag); the description (a script's docstring) keeps its lines."""
 
     def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        lowest, highest = getattr(action.type, "bounds", (None, None))
+        if highest is not None:
+            text += f"; {lowest} to {highest}"
+        if action.default is None or isinstance(action.default, bool) or (
+                action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -356,7 +382,7 @@ def _parse_number(text, convert, kind):
 
 
 def int_in(lowest, highest=None, kind="an integer"):
-    """An argparse type: an integer in [lowest, highest]."""
+    """An argparse type: an integer in [lowest, highest] (the help states the range)."""
     def parse(text):
         value = _parse_number(text, int, kind)
         if value < lowest or highest is not None and value > highest:
@@ -364,11 +390,20 @@ def int_in(lowest, highest=None, kind="an integer"):
                 f"must be at least {lowest}, got {value}" if highest is None
                 else f"must be in [{lowest}, {highest}], got {value}")
         return value
+    parse.bounds = (lowest, highest)
     return parse
 
 
-positive_int = int_in(1, kind="a positive integer")
-non_negative_int = int_in(0, kind="an integer >= 0")
+def positive_int(highest):
+    """An argparse type: an integer in [1, highest]."""
+    return int_in(1, highest, "a positive integer")
+
+
+def non_negative_int(highest):
+    """An argparse type: an integer in [0, highest]."""
+    return int_in(0, highest, "an integer >= 0")
+
+
 seed_int = int_in(*SEED_RANGE, kind="a seed")
 
 

@@ -27,6 +27,7 @@ from lenet_convert import (
     Conversion,
     Settings,
     at_ann_level,
+    check_memory,
     clean_mem_spike,
     convert,
     load_ann,
@@ -59,6 +60,8 @@ def run_all(plan, data_dir, limit, batch_size, timesteps, device):
     validations = [early_exit.validation_batches(c, train, batch_size) for c in conversions]
     snns = [convert(c, data_dir, device) for c in conversions]
     batches = load_test_set(data_dir, limit, batch_size)
+    n, most = len(batches.labels), max((len(v.labels) for v in validations if v), default=0)
+    check_memory(snns[0], timesteps, batch_size, n, exits * (n + most))
     results = []
     for conversion, snn, validation in zip(conversions, snns, validations, strict=True):
         if conversion.settings.exit_rule == "none":
@@ -75,7 +78,7 @@ def main(args, device):
     JSON and one table."""
     plan = []
     for i, path in enumerate([args.checkpoint, *args.compare]):
-        checkpoint, ann = load_ann(path, device)
+        checkpoint, ann = load_ann(path, device, args.data_dir)
         recorded = list(checkpoint.get("percentiles", {}).get(OUTPUT_LAYER, {}))
         plan += [(label, Conversion(path, checkpoint, ann, variant)) for label, variant in
                  compare_settings(settings_from(args, checkpoint), recorded, every_knob=i == 0)]

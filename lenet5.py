@@ -24,6 +24,8 @@ import cli  # first: see its docstring
 # isort: split
 import math
 import random
+import reprlib
+import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -38,6 +40,7 @@ from tqdm import tqdm
 from checkpoint import (
     ACTIVATIONS,
     ARCH,
+    MAX_LEVELS,
     OUTPUT_LAYER,
     PERCENTILE,
     check_checkpoint,
@@ -57,7 +60,8 @@ WEIGHT_DECAY = 5e-4  # L2 weight decay of SGD
 MAX_SHIFT = 2  # augmentation: random shift of each training image, in pixels
 SEED = 1  # seed for everything: split, initialisation, shuffling, shifts
 VAL_SIZE = 5000  # validation images carved from the 60,000 training images
-LEVELS = 4  # QCFS quantisation levels L
+LEVELS = 4  # QCFS quantisation levels L (at most MAX_LEVELS)
+MAX_EPOCHS = 10_000
 PERCENTILES = (99.0, 99.9, 99.99, 100.0)  # recorded for every hooked layer
 CALIBRATION_IMAGES = 2048  # training images the percentiles are measured on
 QUANTILE_MAX_VALUES = 2**24  # torch.quantile refuses larger inputs: subsample (seeded) above this
@@ -180,8 +184,9 @@ def train(args):
     """
     device = cli.resolve_device(args.device)
     partial, history_file = cli.partial_path(args.checkpoint), history_path(args.checkpoint)
-    for path in (args.checkpoint, partial, history_file, cli.partial_path(history_file)):
-        cli.check_writable(path)
+    for path in (args.checkpoint, history_file):  # and where the run and the backups go
+        for where in (path, cli.partial_path(path), cli.previous_path(path)):
+            cli.check_writable(where)
     generator = set_seed(args.seed)
     model = LeNet5(args.activation, args.levels, args.channel_thresholds)
     if args.init_from:
@@ -340,22 +345,76 @@ def calibration_set(images, labels, train_index, n=None):
     return Batches(images[index], labels[index], batch_size=1000)
 
 
+def recorded_calibration(checkpoint, data_dir):
+    """The calibration images `checkpoint`'s percentiles were measured on, rebuilt from its seed,
+    split and calibration size."""
+    args = checkpoint.get("args", {})
+    images, labels = load_mnist(data_dir, train=True)
+    train_index, _ = split_train_val(len(labels), args.get("val_size", VAL_SIZE),
+                                     checkpoint.get("seed", SEED), args.get("limit_train"))
+    return calibration_set(images, labels, train_index, checkpoint.get("calibration_images"))
+
+
 def remeasure_percentiles(checkpoint, model, data_dir, device):
     """`percentile_activations` of `model` on the training images `checkpoint`'s were measured on.
 
-    For checkpoints written before per-channel percentiles were recorded: the split, the
-    calibration images and the seed are rebuilt from the checkpoint's arguments, so the per-layer
-    table comes out as recorded and the per-channel one as lenet5.py records it today.
+    For checkpoints written before per-channel percentiles were recorded: the per-layer table
+    comes out as recorded and the per-channel one as lenet5.py records it today.
     """
-    args = checkpoint.get("args", {})
-    seed = checkpoint.get("seed", SEED)
-    images, labels = load_mnist(data_dir, train=True)
-    train_index, _ = split_train_val(len(labels), args.get("val_size", VAL_SIZE), seed,
-                                     args.get("limit_train"))
     percentiles = [float(key) for key in next(iter(checkpoint["percentiles"].values()))]
-    calibration = calibration_set(images, labels, train_index,
-                                  checkpoint.get("calibration_images"))
-    return percentile_activations(model, calibration, device, percentiles, seed)
+    return percentile_activations(model, recorded_calibration(checkpoint, data_dir), device,
+                                  percentiles, checkpoint.get("seed", SEED))
+
+
+@torch.no_grad()
+def check_recorded_maxima(checkpoint, model, path, data_dir, device):
+    """Refuse a percentile table that does not belong to `model`'s weights (edited by hand, say).
+
+    Its 100th percentiles are each layer's (and each channel's) largest activation on the
+    calibration images: measured again (one pass, no quantiles), they must agree to float
+    rounding; where a layer had more values than `quantiles_of` takes, its recorded maximum is
+    a subsample's, so it need only lie between half the largest and the largest. With the checks
+    of checkpoint.py (the other percentiles increase with p, up to these, and are not
+    implausibly small) this anchors every recorded scale.
+    """
+    key = percentile_key(100)
+    tables = {name: checkpoint[name] for name in ("percentiles", "channel_percentiles")
+              if name in checkpoint and all(key in t for t in checkpoint[name].values())}
+    if not tables or "seed" not in checkpoint or "val_size" not in checkpoint.get("args", {}):
+        return  # nothing to check, or no record of which images to check it on
+    calibration = recorded_calibration(checkpoint, data_dir)
+    maxima, values = dict.fromkeys(hooked_layers(model)), dict.fromkeys(hooked_layers(model), 0)
+    modules = dict(model.named_children())
+
+    def hook(module, inputs, output, name):
+        value = output.transpose(0, 1).flatten(1).amax(1)  # per channel
+        maxima[name] = value if maxima[name] is None else torch.maximum(maxima[name], value)
+        values[name] += output.numel()
+    handles = [modules[name].register_forward_hook(
+        lambda m, i, o, name=name: hook(m, i, o, name)) for name in maxima]
+    try:
+        model.eval()
+        for images, _ in calibration:
+            model(images.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, table in tables.items():
+        for layer, per_channel in maxima.items():
+            measured = per_channel.cpu().double()
+            recorded = torch.tensor(table[layer][key], dtype=torch.float64)
+            if recorded.dim() == 0:
+                measured = measured.max()
+            subsampled = values[layer] / (len(measured) if measured.dim() else 1) > (
+                QUANTILE_MAX_VALUES)
+            low = measured - measured.abs() / 2 if subsampled else measured
+            if not ((recorded >= low - 1e-3 * low.abs() - 1e-6).all() and (
+                    recorded <= measured + 1e-3 * measured.abs() + 1e-6).all()):
+                raise UserError(
+                    f"{path}: {name}[{layer!r}]['100'] is {reprlib.repr(recorded.tolist())}, "
+                    f"but the largest activation on its {len(calibration.labels)} calibration "
+                    f"images is {reprlib.repr(measured.tolist())}: the table does not belong "
+                    "to these weights")
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -371,7 +430,28 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
         model.load_state_dict(checkpoint["model_state"])
     except (RuntimeError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: its weights do not fit {ARCH} ({first_line(e)})") from None
+    _check_tables(checkpoint, model, path)
     return model.eval()
+
+
+def _check_tables(checkpoint, model, path):
+    """The percentile tables of `checkpoint` name each recorded layer of `model` (no more), and a
+    per-channel one holds one value per channel of each (checkpoint.py checks their values)."""
+    channels, weighted = {}, None
+    for name, layer in model.named_children():
+        weighted = layer if isinstance(layer, (nn.Conv2d, nn.Linear)) else weighted
+        if name in hooked_layers(model):
+            channels[name] = len(weighted.weight)
+    for table in ("percentiles", "channel_percentiles"):
+        recorded = checkpoint.get(table, channels)
+        if set(recorded) != set(channels):
+            raise UserError(f"{path}: {table} names the layers {sorted(recorded)}, not "
+                            f"{sorted(channels)}")
+    for layer, values in checkpoint.get("channel_percentiles", {}).items():
+        lengths = {len(v) for v in values.values()}
+        if lengths != {channels[layer]}:
+            raise UserError(f"{path}: channel_percentiles[{layer!r}] has {min(lengths)} values "
+                            f"per percentile, not one per channel ({channels[layer]})")
 
 
 def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
@@ -411,10 +491,10 @@ def parse_args(argv=None):
     parser = cli.ArgumentParser(
         description="Train LeNet5-BN on MNIST; save the best checkpoint (chosen on a validation "
                     "split) with activation percentiles for ANN->SNN conversion.")
-    parser.add_argument("--epochs", type=positive_int, default=None,
+    parser.add_argument("--epochs", type=positive_int(MAX_EPOCHS), default=None,
                         help=f"training epochs (default: {TRAINING['epochs']}; "
                              f"{FINE_TUNING['epochs']} when fine-tuning with --init-from)")
-    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+    parser.add_argument("--batch-size", type=positive_int(TRAIN_IMAGES), default=BATCH_SIZE,
                         help="training batch size")
     parser.add_argument("--lr", type=cli.positive_float, default=None,
                         help="peak learning rate of the one-cycle schedule, SGD with Nesterov "
@@ -433,7 +513,7 @@ def parse_args(argv=None):
     parser.add_argument("--activation", choices=ACTIVATIONS, default="relu",
                         help="relu, or qcfs: conversion-aware training with a trained "
                              "quantised clip per layer (an SNN that needs only a few steps)")
-    parser.add_argument("--levels", type=positive_int, default=LEVELS,
+    parser.add_argument("--levels", type=positive_int(MAX_LEVELS), default=LEVELS,
                         help="QCFS quantisation levels L (the SNN matches the ANN in "
                              "expectation after L steps)")
     parser.add_argument("--channel-thresholds", action="store_true",
@@ -450,17 +530,17 @@ def parse_args(argv=None):
     parser.add_argument("--percentile", type=cli.percentile_arg, default=PERCENTILE,
                         help="the activation percentile the conversion uses by default "
                              f"(recorded always: {', '.join(map(percentile_key, PERCENTILES))})")
-    parser.add_argument("--val-size", type=positive_int, default=VAL_SIZE,
+    parser.add_argument("--val-size", type=positive_int(TRAIN_IMAGES - 1), default=VAL_SIZE,
                         help="validation images carved from the 60,000 training images")
-    parser.add_argument("--calibration-images", type=positive_int, default=None, metavar="N",
+    parser.add_argument("--calibration-images", type=positive_int(TRAIN_IMAGES), default=None,
+                        metavar="N",
                         help="training images the activation percentiles are measured on "
                              f"(BrainCog's batch_num times its batch size; default: "
                              f"{CALIBRATION_IMAGES}, or all if there are fewer)")
-    parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
+    parser.add_argument("--limit-train", type=positive_int(TRAIN_IMAGES), default=None,
+                        metavar="N",
                         help="train on the first N training images only (quick runs, tests)")
     args = parser.parse_args(argv)
-    if args.val_size >= TRAIN_IMAGES:
-        parser.error(f"argument --val-size: must be below {TRAIN_IMAGES}, got {args.val_size}")
     for key, value in (FINE_TUNING if args.init_from else TRAINING).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -491,8 +571,9 @@ def run(args):
     """Train with `args`; once the run completes, move its best checkpoint onto args.checkpoint.
 
     Only a network that passes `check_checkpoint` and is better than chance on validation is
-    promoted; the checkpoint it replaces is kept as <name>.prev.pt if it was a valid one (else
-    an earlier .prev.pt stays). Returns the best checkpoint.
+    promoted, with its history, as one set: the checkpoint and history it replaces are kept as
+    <name>.prev.pt and .prev.json if the checkpoint was a valid one (else earlier .prev files
+    stay), and if any of that cannot be done, nothing is replaced. Returns the best checkpoint.
     """
     start = time.perf_counter()
     best = train(args)
@@ -505,9 +586,14 @@ def run(args):
         raise UserError(f"this run's best network is no better than chance (validation "
                         f"{best['val_accuracy']:.2%}); {kept(args)}")
     keep = _valid_checkpoint(args.checkpoint)
-    replaced = cli.promote(partial, args.checkpoint, keep)
     history_file = history_path(args.checkpoint)
-    cli.promote(cli.partial_path(history_file), history_file, keep)
+    replaced = cli.previous_path(args.checkpoint) if keep and args.checkpoint.exists() else None
+    with cli.file_set(args.checkpoint.parent) as files:  # all of it, or none
+        for target in (args.checkpoint, history_file) if keep else ():
+            if target.exists():
+                shutil.copy2(target, files.path(cli.previous_path(target).name))
+        files.adopt(args.checkpoint.name, partial)
+        files.adopt(history_file.name, cli.partial_path(history_file))
     print(f"best epoch {best['epoch']}: val {best['val_accuracy']:.2%}, "
           f"test {best['test_accuracy']:.2%}; saved {args.checkpoint} "
           f"({time.perf_counter() - start:.0f}s in all)"

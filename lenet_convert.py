@@ -48,16 +48,24 @@ from tqdm import tqdm
 import efficiency
 from checkpoint import OUTPUT_LAYER, default_percentile, load_checkpoint, percentile_key
 from cli import UserError
-from lenet5 import QCFS, evaluate, model_from_checkpoint, remeasure_percentiles
-from mnist import Batches, load_mnist
+from lenet5 import (
+    QCFS,
+    check_recorded_maxima,
+    evaluate,
+    model_from_checkpoint,
+    remeasure_percentiles,
+)
+from mnist import IMAGE_SHAPE, TEST_IMAGES, Batches, load_mnist
 from plots import plt, report_steps, save_figure, settings_text, step_axis
 
 # ----------------------------------------------------------------------------- defaults
 CHECKPOINT = Path("checkpoints/lenet5_best.pt")  # written by lenet5.py
 OUT_DIR = Path("results")  # plots and JSON
 TIMESTEPS = 64  # simulation steps T
+MAX_TIMESTEPS = 100_000  # the most T (and steps anywhere) a run takes; its memory is checked
 BATCH_SIZE = 500  # test images simulated at once (a step costs the same per image from 100 to 500)
 GAMMA = 2  # burst limit, the most spikes a neuron fires per step (BrainCog's)
+MAX_GAMMA = 1024
 QCFS_DEFAULT_REASON = ("a QCFS network is converted with gamma = L, its levels, and V0 = "
                        "theta/2: one step gives its ANN's outputs, and on validation this came "
                        "closest to the ReLU ANN in the fewest steps (bench/recipes.py)")
@@ -337,8 +345,9 @@ def normalise(model, scales, spiking_readout=False):
                 raise UserError(f"{name} has {len(scale)} per-channel percentiles, not one per "
                                 f"channel ({len(weighted.weight)})")
             _scale_layer(weighted, scale_in, scale)
-            if isinstance(layer, QCFS):
-                layer.threshold.div_(scale)
+            if isinstance(layer, QCFS):  # per channel, if either lambda or the scale is
+                layer.threshold = nn.Parameter(
+                    layer.threshold / torch.as_tensor(scale).to(layer.threshold))
             scale_in, weighted = scale, None
     if spiking_readout and not scales[OUTPUT_LAYER] > 0:
         raise UserError(f"the output layer's scale is {scales[OUTPUT_LAYER]:g}: a spiking "
@@ -422,10 +431,7 @@ def activation_scales(checkpoint, percentile=None, gamma=1, per_channel=()):
     channel or neuron (see `per_channel_layers`); a channel silent on the calibration images
     keeps the layer's scale.
     """
-    recorded = checkpoint.get("percentiles")
-    if not recorded:
-        raise UserError("the checkpoint holds no activation percentiles; retrain it with "
-                        "`python lenet5.py`")
+    recorded = checkpoint["percentiles"]  # there, as checkpoint.check_checkpoint makes sure
     key = percentile or default_percentile(checkpoint)
     try:
         scales = {layer: float(values[key]) for layer, values in recorded.items()}
@@ -691,10 +697,15 @@ class Conversion(NamedTuple):
     settings: Settings
 
 
-def load_ann(path, device):
-    """(checkpoint, its ANN on `device`) from a file written by lenet5.py."""
+def load_ann(path, device, data_dir=None):
+    """(checkpoint, its ANN on `device`) from a file written by lenet5.py; given the data, its
+    recorded activation maxima are checked against its calibration images too
+    (`lenet5.check_recorded_maxima`)."""
     checkpoint = load_checkpoint(path)
-    return checkpoint, model_from_checkpoint(checkpoint, path).to(device)
+    ann = model_from_checkpoint(checkpoint, path).to(device)
+    if data_dir is not None:
+        check_recorded_maxima(checkpoint, ann, path, data_dir, device)
+    return checkpoint, ann
 
 
 def settings_from(args, checkpoint):
@@ -730,6 +741,23 @@ def load_test_set(data_dir, limit, batch_size):
     if limit and limit > len(labels):
         raise UserError(f"--limit {limit}: the test set has only {len(labels)} images")
     return Batches(images[:limit], labels[:limit], batch_size)
+
+
+def check_memory(snn, timesteps, batch_size, images, early_exit_images=0):
+    """Refuse a run that would need more memory than the machine has free, before it starts.
+
+    An estimate from above: the spike counts per step and unit (kept on the device, summed on
+    the CPU, and a buffer that doubles), a batch's state, and for early exit every image's
+    settledness and prediction at every step (the test and the validation images).
+    """
+    with torch.no_grad():  # how many units count their spikes, from a one-image step
+        probe = next(iter(snn.parameters())).new_zeros(1, *IMAGE_SHAPE)
+        list(simulate(snn, probe, 1, closed_form=False))
+        units = sum(m.counts[0].numel() for m in counting_modules(snn).values())
+        clean_mem_spike(snn)
+    needed = 4 * (4 * timesteps * units + 8 * batch_size * units) + (
+        36 * timesteps * early_exit_images)
+    cli.check_memory(needed, f"{timesteps} steps over {images} images")
 
 
 def run(conversion, snn, batches, timesteps, device):
@@ -853,15 +881,15 @@ def parse_args(argv=None):
                              "reference; on each CHECKPOINT listed (e.g. a QCFS one) the options "
                              "given (the rest at that checkpoint's own defaults), with γ = 1, 2 "
                              "and 4 and with early exit; writes compare.png, .json and .csv")
-    parser.add_argument("--timesteps", type=cli.positive_int, default=TIMESTEPS,
+    parser.add_argument("--timesteps", type=cli.positive_int(MAX_TIMESTEPS), default=TIMESTEPS,
                         help="simulation steps T")
-    parser.add_argument("--batch-size", type=cli.positive_int, default=BATCH_SIZE,
+    parser.add_argument("--batch-size", type=cli.positive_int(TEST_IMAGES), default=BATCH_SIZE,
                         help="test images simulated at once")
     parser.add_argument("--percentile", type=cli.percentile_arg, default=None,
                         help="activation percentile that sets each layer's scale (one the "
                              "checkpoint recorded: 99, 99.9, 99.99, 100); default: a QCFS "
                              "checkpoint's trained thresholds, else the checkpoint's percentile")
-    parser.add_argument("--gamma", type=cli.positive_int, default=None,
+    parser.add_argument("--gamma", type=cli.positive_int(MAX_GAMMA), default=None,
                         help=f"most spikes a neuron may fire per step (1: plain IF; 2: burst); "
                              f"default: {GAMMA}, but {QCFS_DEFAULT_REASON}")
     parser.add_argument("--v0", type=cli.fraction, default=V0,
@@ -879,7 +907,8 @@ def parse_args(argv=None):
     parser.add_argument("--reset", choices=RESETS, default=RESET,
                         help="after firing s spikes a neuron's potential loses s thresholds, or "
                              "goes to 0")
-    parser.add_argument("--spicalib", type=cli.non_negative_int, default=SPICALIB, metavar="STEPS",
+    parser.add_argument("--spicalib", type=cli.non_negative_int(MAX_TIMESTEPS), default=SPICALIB,
+                        metavar="STEPS",
                         help="spike calibration's allowance: a neuron silent for longer than its "
                              "mean interval between spikes plus STEPS emits -1 (0: off)")
     parser.add_argument("--exit-rule", choices=EXIT_RULES, default=EXIT_RULE,
@@ -891,14 +920,15 @@ def parse_args(argv=None):
                              "confidence: 0 < X < 1); default: chosen on the checkpoint's "
                              "validation split, the fewest mean steps within --exit-margin of "
                              "the ANN there")
-    parser.add_argument("--exit-deadline", type=cli.positive_int, default=None, metavar="D",
+    parser.add_argument("--exit-deadline", type=cli.positive_int(MAX_TIMESTEPS), default=None,
+                        metavar="D",
                         help="the step by which every image stops (at most --timesteps); "
                              "default: chosen on validation with the threshold, or --timesteps "
                              "when --exit-threshold is given")
     parser.add_argument("--exit-margin", type=cli.positive_float, default=100 * ANN_MARGIN,
                         metavar="PP", help="percentage points below the ANN's validation "
                         "accuracy the chosen threshold may lose")
-    parser.add_argument("--limit", type=cli.positive_int, default=None, metavar="N",
+    parser.add_argument("--limit", type=cli.positive_int(TEST_IMAGES), default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")
     cli.add_device_and_data(parser)
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR,
@@ -931,15 +961,18 @@ def main(argv=None):
         if args.compare is not None:  # many conversions side by side, instead
             import compare
             return compare.main(args, device)
-        checkpoint, ann = load_ann(args.checkpoint, device)
+        checkpoint, ann = load_ann(args.checkpoint, device, args.data_dir)
         conversion = Conversion(args.checkpoint, checkpoint, ann, settings_from(args, checkpoint))
-        exit_rule = conversion.settings.exit_rule != "none"
+        exit_rule, validation = conversion.settings.exit_rule != "none", None
         if exit_rule:  # per-image early exit, besides: its validation split is checked now
             import early_exit
             validation = early_exit.validation_batches(
                 conversion, load_mnist(args.data_dir, train=True), args.batch_size)
         snn = convert(conversion, args.data_dir, device)
         batches = load_test_set(args.data_dir, args.limit, args.batch_size)
+        recorded = len(batches.labels) + (len(validation.labels) if validation else 0)
+        check_memory(snn, args.timesteps, args.batch_size, len(batches.labels),
+                     recorded if exit_rule else 0)
         fixed = conversion._replace(settings=conversion.settings._replace(exit_rule="none"))
         result = run(fixed, snn, batches, args.timesteps, device)
         if exit_rule:

@@ -26,6 +26,7 @@ MNIST_MD5 = {
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 TRAIN_IMAGES = 60_000
+TEST_IMAGES = 10_000
 IMAGE_SHAPE = (1, 32, 32)  # MNIST's 28 x 28 padded by 2 pixels, as in the original LeNet5
 
 

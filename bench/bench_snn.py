@@ -52,6 +52,7 @@ from lenet5 import evaluate  # noqa: E402
 from lenet_convert import (  # noqa: E402
     BATCH_SIZE,
     CHECKPOINT,
+    MAX_TIMESTEPS,
     build_snn,
     default_settings,
     evaluate_snn,
@@ -62,7 +63,7 @@ from lenet_convert import (  # noqa: E402
     max_pool,
     simulate,
 )
-from mnist import Batches, load_mnist  # noqa: E402
+from mnist import TEST_IMAGES, Batches, load_mnist  # noqa: E402
 
 SIMULATORS = {  # the script's (the first layer in closed form), the same stepping every layer
     "step": simulate, "step_general": functools.partial(simulate, closed_form=False),
@@ -113,7 +114,7 @@ def load(args, path=None):
     """(device, the checkpoint, its ANN, the SNN lenet_convert.py simulates by default, the test
     batches)."""
     device = cli.resolve_device(args.device)
-    checkpoint, ann = load_ann(path or args.checkpoint, device)
+    checkpoint, ann = load_ann(path or args.checkpoint, device, args.data_dir)
     snn = build_snn(checkpoint, ann, default_settings(checkpoint)).to(device)
     batches = load_test_set(args.data_dir, args.limit, args.batch_size)
     return device, checkpoint, ann, snn, batches
@@ -331,18 +332,20 @@ def parse_args(argv=None):
                         help="the network to convert (with lenet_convert.py's default settings)")
     parser.add_argument("--qcfs-checkpoint", type=Path, default=QCFS_CHECKPOINT,
                         help="a QCFS network, timed to its ANN's accuracy too (skipped if absent)")
-    parser.add_argument("--timesteps", type=positive_int, nargs="+",
+    parser.add_argument("--timesteps", type=positive_int(MAX_TIMESTEPS), nargs="+",
                         default=[1, 2, 4, 8, 32, 64], help="the numbers of steps T to time")
-    parser.add_argument("--search-timesteps", type=positive_int, default=64,
+    parser.add_argument("--search-timesteps", type=positive_int(MAX_TIMESTEPS), default=64,
                         help="the most steps the time to the ANN's accuracy may take")
-    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+    parser.add_argument("--batch-size", type=positive_int(TEST_IMAGES), default=BATCH_SIZE,
                         help="images at once, for the simulators and the ANN alike")
-    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per figure")
-    parser.add_argument("--memory-timesteps", type=positive_int, default=256,
+    parser.add_argument("--repeats", type=positive_int(1000), default=3,
+                        help="timed runs per figure")
+    parser.add_argument("--memory-timesteps", type=positive_int(MAX_TIMESTEPS), default=256,
                         help="T at which peak memory is measured")
-    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+    parser.add_argument("--threads", type=positive_int(1024), default=torch.get_num_threads(),
                         help="torch threads, for every figure alike")
-    parser.add_argument("--limit", type=positive_int, default=None, help="first N test images")
+    parser.add_argument("--limit", type=positive_int(TEST_IMAGES), default=None,
+                        help="first N test images")
     cli.add_device_and_data(parser)
     parser.add_argument("--out", type=Path, default=Path("bench/results/bench_snn.json"),
                         help="where the JSON goes")

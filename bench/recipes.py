@@ -115,7 +115,7 @@ def conversions_on_validation(seed, args, device):
     relu_path = seeds.checkpoint_path(args.checkpoint_dir, "relu", seed)
     argv = seeds.training_argv(seed, args, "qcfs", relu_path)
     seeds.ensure_trained(argv, args.retrain)
-    checkpoint, ann = load_ann(argv[argv.index("--checkpoint") + 1], device)
+    checkpoint, ann = load_ann(argv[argv.index("--checkpoint") + 1], device, args.data_dir)
     validation = validation_split(checkpoint, *load_mnist(args.data_dir, train=True), BATCH_SIZE)
     relu_ann = lenet5.evaluate(load_ann(relu_path, device)[1], validation, device)
     results = {"relu_ann_accuracy": relu_ann}
@@ -218,17 +218,18 @@ def main(argv=None):
             converted[seed] = conversions_on_validation(seed, args, device)
         summary = summarise(per_seed, args.seeds)
         conversions = summarise_conversions(converted, args.seeds)
-        write_json(args.out_dir / "recipes.json", {
-            "seeds": args.seeds, "baseline": BASELINE,
-            "recipes": {n: [" ".join(a) for _, a in s] for n, s in RECIPES.items()},
-            "per_seed": per_seed, "summary": summary, "conversions_per_seed": converted,
-            "conversions": conversions})
-        write_csv(args.out_dir / "recipes.csv", [
-            {"recipe": name, "val_accuracy_mean": round(100 * e["mean"], 3),
-             "val_accuracy_std": round(100 * e["std"], 3),
-             "minus_baseline_mean_pp": round(100 * e["minus_baseline_mean"], 3),
-             "minus_baseline_std_pp": round(100 * e["minus_baseline_std"], 3),
-             "minutes": round(e["minutes_mean"], 1)} for name, e in summary.items()])
+        rows = [{"recipe": name, "val_accuracy_mean": round(100 * e["mean"], 3),
+                 "val_accuracy_std": round(100 * e["std"], 3),
+                 "minus_baseline_mean_pp": round(100 * e["minus_baseline_mean"], 3),
+                 "minus_baseline_std_pp": round(100 * e["minus_baseline_std"], 3),
+                 "minutes": round(e["minutes_mean"], 1)} for name, e in summary.items()]
+        with cli.file_set(args.out_dir) as files:
+            write_json(files.path("recipes.json"), {
+                "seeds": args.seeds, "baseline": BASELINE,
+                "recipes": {n: [" ".join(a) for _, a in s] for n, s in RECIPES.items()},
+                "per_seed": per_seed, "summary": summary, "conversions_per_seed": converted,
+                "conversions": conversions})
+            write_csv(files.path("recipes.csv"), rows)
         print_summary(summary, args.seeds)
         print_conversions(conversions)
         print(f"wrote recipes.json and recipes.csv in {args.out_dir}")

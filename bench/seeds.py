@@ -46,7 +46,7 @@ from tqdm import tqdm  # noqa: E402
 import early_exit  # noqa: E402
 import lenet5  # noqa: E402
 import lenet_convert  # noqa: E402
-from checkpoint import OUTPUT_LAYER, load_checkpoint  # noqa: E402
+from checkpoint import MAX_LEVELS, OUTPUT_LAYER, load_checkpoint  # noqa: E402
 from cli import positive_int, write_csv, write_json  # noqa: E402
 from compare import BRAINCOG, GIVEN, compare_settings, run_all  # noqa: E402
 from lenet_convert import (  # noqa: E402
@@ -58,6 +58,7 @@ from lenet_convert import (  # noqa: E402
     first_step_within,
     load_ann,
 )
+from mnist import TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
 from plots import plt, report_steps, save_figure, step_axis  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
@@ -69,6 +70,7 @@ MARGINS = (0.001, 0.0005)  # "within 0.1 and 0.05 pp of the ReLU ANN"
 
 RELU, RELU_BRAINCOG, QCFS = "relu", "relu_braincog_reference", "qcfs"  # the networks summarised
 NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that may differ on reuse
+HISTORY_KEYS = ("epoch", "train_accuracy", "val_accuracy", "seconds")  # read from a history
 
 
 # ----------------------------------------------------------------------------- training
@@ -93,13 +95,52 @@ def checkpoint_path(directory, activation, seed):
 
 
 def reusable(path, argv):
-    """Whether `path` holds a checkpoint made by lenet5.py with the arguments `argv`."""
+    """Whether `path` holds a checkpoint made by lenet5.py with the arguments `argv`, and its
+    history beside it. One that does not read as expected is not used (a line says so)."""
     if not path.is_file():
         return False
+    try:
+        made = load_checkpoint(path).get("args", {})
+    except cli.UserError as e:
+        print(f"{e}; training it again")
+        return False
+    history = read_cache(lenet5.history_path(path), _history_entries)
+    if history is None:
+        return False
     wanted = vars(lenet5.parse_args(argv))
-    made = load_checkpoint(path).get("args", {})
     return all(str(made[k]) == str(v) if k in made else not v  # a newer option, left off
                for k, v in wanted.items() if k not in NOT_COMPARED)
+
+
+def read_cache(path, readable):
+    """The JSON in `path` if it is there and `readable(value)`; else None. A file that is there
+    but does not read as expected (truncated, edited) is never trusted and never fatal: a line
+    says it is made again."""
+    if not Path(path).exists():
+        return None
+    try:
+        value = json.loads(Path(path).read_text())
+        if readable(value):
+            return value
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    print(f"{path} does not read as this study writes it: making it again")
+    return None
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _history_entries(history):
+    """A history lenet5.py writes: a record per epoch."""
+    return isinstance(history, list) and history and all(
+        isinstance(h, dict) and all(_number(h.get(k)) for k in HISTORY_KEYS) for h in history)
+
+
+def _conversions(table):
+    """A seed<S>.json: {name: a conversion's result}."""
+    return isinstance(table, dict)
 
 
 def ensure_trained(argv, retrain):
@@ -126,7 +167,7 @@ def seed_plan(seed, args, device):
     for levels in (None, *args.levels):
         path = checkpoint_path(args.checkpoint_dir, "relu" if levels is None else
                                f"qcfs_L{levels}", seed)
-        checkpoint, ann = load_ann(path, device)
+        checkpoint, ann = load_ann(path, device, args.data_dir)
         settings = default_settings(checkpoint)
         recorded = list(checkpoint["percentiles"][OUTPUT_LAYER])
         if levels in (None, lenet5.LEVELS):  # every knob, or the QCFS ones
@@ -154,13 +195,19 @@ def run_seed(seed, args, device):
         ensure_trained(training_argv(seed, args, "qcfs", relu_path, levels),
                        args.retrain or retrained)
     plan = seed_plan(seed, args, device)
-    earlier = _read_json(args.out_dir / f"seed{seed}.json")
+    earlier = read_cache(args.out_dir / f"seed{seed}.json", _conversions) or {}
     fingerprints = {path: _sha256(path) for path in {c.path for _, c in plan.values()}}
     inputs = {name: {"checkpoint_sha256": fingerprints[conversion.path],
                      "settings": conversion.settings._asdict(), "timesteps": args.timesteps,
                      "limit": args.limit, "batch_size": args.batch_size}
               for name, (_, conversion) in plan.items()}  # what a conversion's result depends on
-    done = {name: earlier[name] for name in plan if _same_run(earlier.get(name), inputs[name])}
+    done = {}
+    for name in [n for n in plan if n in earlier]:
+        if not _result(earlier[name]):
+            print(f"{args.out_dir}/seed{seed}.json: {name!r} does not read as this study writes "
+                  "it: simulating it again")
+        elif _same_run(earlier[name], inputs[name]):
+            done[name] = earlier[name]
     todo = [name for name in plan if name not in done]
     if done:
         print(f"seed {seed}: reusing {len(done)} conversions from {args.out_dir}/seed{seed}.json")
@@ -181,18 +228,25 @@ def run_seed(seed, args, device):
 
 def _same_run(earlier, inputs):
     """Whether an earlier result was run with `inputs`; a setting added since was at its default."""
-    if not isinstance(earlier, dict) or not isinstance(earlier.get("run"), dict) or (
-            "snn_energy_pj" not in earlier):  # an older result without the energy per step
-        return False
     run = earlier["run"]
     return run | {"settings": Settings._field_defaults | run.get("settings", {})} == inputs
 
 
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
+def _result(entry):
+    """Whether a cached conversion has what `run_seed` makes, of the right kinds."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("run"), dict)
+            and isinstance(entry.get("settings"), dict)):
+        return False
+    steps = entry["run"].get("timesteps")
+    lists = all(isinstance(entry.get(key), list) and len(entry[key]) == steps
+                and all(map(_number, entry[key])) for key in ("snn_accuracy", "snn_energy_pj"))
+    numbers = all(_number(entry.get(key)) for key in ("ann_accuracy", "ann_energy_pj"))
+    maybe = all(entry.get(key) is None or _number(entry[key])
+                for key in (AT_ANN_LEVEL_KEY, "energy_pj_at_ann_level"))
+    early = entry.get("early_exit")
+    exits = entry["settings"].get("exit_rule") in (None, "none") or isinstance(early, dict) and (
+        all(_number(early.get(key)) for key in early_exit.SUMMARY_KEYS))
+    return lists and numbers and maybe and exits and isinstance(entry.get("test_images"), int)
 
 
 def _sha256(path):
@@ -471,10 +525,11 @@ def study_parser(description, seeds, out_dir):
     parser.add_argument("--out-dir", type=Path, default=out_dir, help="where the results go")
     parser.add_argument("--retrain", action="store_true",
                         help="train again even where a checkpoint with the same arguments exists")
-    parser.add_argument("--epochs", type=positive_int, default=None,
+    parser.add_argument("--epochs", type=positive_int(lenet5.MAX_EPOCHS), default=None,
                         help="training epochs of every network (quick runs; default: "
                              "lenet5.py's)")
-    parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
+    parser.add_argument("--limit-train", type=positive_int(TRAIN_IMAGES), default=None,
+                        metavar="N",
                         help="train on the first N training images only (quick runs)")
     cli.add_device_and_data(parser)
     return parser
@@ -489,14 +544,17 @@ def parse_study_args(parser, argv):
 
 def parse_args(argv=None):
     parser = study_parser(__doc__, SEEDS, OUT_DIR)
-    parser.add_argument("--levels", type=positive_int, nargs="+", default=list(LEVELS),
+    parser.add_argument("--levels", type=positive_int(MAX_LEVELS), nargs="+",
+                        default=list(LEVELS),
                         help="QCFS levels L to train and convert (lenet5.py's default among "
                              f"them: {lenet5.LEVELS})")
-    parser.add_argument("--timesteps", type=positive_int, default=lenet_convert.TIMESTEPS,
+    parser.add_argument("--timesteps", type=positive_int(lenet_convert.MAX_TIMESTEPS),
+                        default=lenet_convert.TIMESTEPS,
                         help="simulation steps T")
-    parser.add_argument("--batch-size", type=positive_int, default=lenet_convert.BATCH_SIZE,
+    parser.add_argument("--batch-size", type=positive_int(TEST_IMAGES),
+                        default=lenet_convert.BATCH_SIZE,
                         help="test images simulated at once")
-    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
+    parser.add_argument("--limit", type=positive_int(TEST_IMAGES), default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")
     args = parse_study_args(parser, argv)
     if lenet5.LEVELS not in args.levels:
@@ -520,10 +578,11 @@ def main(argv=None):
         study["pareto_front"] = [{"name": name, "t": t, "energy_uj": energy, "accuracy": accuracy}
                                  for energy, accuracy, name, t in pareto_front(
                                      energy_points(study)[0])]
-        write_json(args.out_dir / "seeds.json", study)
-        write_csv(args.out_dir / "seeds.csv", table_rows(study))
-        plot_study(study, args.out_dir / "seeds.png")
-        plot_energy(study, args.out_dir / "seeds_energy.png")
+        with cli.file_set(args.out_dir) as files:
+            write_json(files.path("seeds.json"), study)
+            write_csv(files.path("seeds.csv"), table_rows(study))
+            plot_study(study, files.path("seeds.png"))
+            plot_energy(study, files.path("seeds_energy.png"))
         print_summary(study)
         print(f"wrote seeds.json, seeds.csv, seeds.png and seeds_energy.png in {args.out_dir}")
         return study

@@ -18,7 +18,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"model_state": {"w": torch.zeros(2)}}, path)
-    assert torch.equal(load_checkpoint(path)["model_state"]["w"], torch.ones(2))
+    assert torch.equal(torch.load(path, weights_only=True)["model_state"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
 
@@ -88,10 +88,16 @@ SPOILED = [
     ("relu", _set(["percentile"], 99), "percentile is 99, not a key of the percentiles table"),
     ("relu", _set(["percentile"], "95"), "percentile is '95', not a key of the percentiles"),
     ("relu", _set(["activation"], "tanh"), "activation is 'tanh', not relu or qcfs"),
-    ("relu", _set(["levels"], 0), "levels is 0, not a positive integer"),
+    ("relu", _set(["levels"], 0), r"levels is 0, not an integer in \[1, 1024\]"),
+    ("relu", _set(["levels"], 10**20), r"levels is 100000000000000000000, not an integer in"),
     ("relu", _set(["arch"], "ResNet"), "arch is 'ResNet', not 'LeNet5-BN'"),
     ("relu", _set(["seed"], -1), r"seed is -1, not an integer in \[0, 4294967295\]"),
     ("relu", _set(["seed"], "three"), "seed is 'three', not an integer"),
+    ("relu", _set(["seed"], 10**400), r"seed is 1000.*, not an integer in \[0, 4294967295\]"),
+    ("relu", _set(["val_accuracy"], 2.0), r"val_accuracy is 2.0, not a fraction in \[0, 1\]"),
+    ("relu", _set(["epoch"], 0), "epoch is 0, not a positive integer"),
+    ("relu", _weight("bn3.running_var", -0.5), r"layer bn3 has a negative variance"),
+    ("relu", _drop("percentiles"), "holds no activation percentiles"),
     ("relu", _set(["calibration_images"], -5), "calibration_images is -5, not a positive"),
     ("relu", _set(["calibration_images"], 0), "calibration_images is 0, not a positive"),
     ("relu", _set(["calibration_images"], "many"), "calibration_images is 'many'"),
@@ -105,6 +111,9 @@ SPOILED = [
     ("qcfs", _weight("act3.threshold", 0.0), "act3.threshold in the weights is 0.0, not pos"),
     ("qcfs", _weight("act5.threshold", 2.5), r"not positive and equal to thresholds\['act5'\]"),
     ("qcfs", _set(["activation"], "relu"), "but the weights hold lambda"),
+    ("qcfs", _drop("levels"), "a QCFS checkpoint without its levels L"),
+    ("qcfs", lambda ck: ck["model_state"].update({"act1.threshold": torch.ones(6)}) or ck[
+        "thresholds"].update(act1=[1.0, 1.0, 1.0]), r"act1.threshold in the weights is \[1.0, "),
 ]
 
 

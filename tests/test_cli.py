@@ -52,7 +52,8 @@ def test_file_set_moves_all_files_in_at_the_end_or_none(tmp_path):
 
 def test_file_set_checks_every_target_before_moving_any(tmp_path):
     (tmp_path / "a.json").write_text("earlier a")
-    with pytest.raises(UserError, match="b.json is a folder"), cli.file_set(tmp_path) as files:
+    with pytest.raises(UserError, match="b.json is a folder where this run writes a file"), (
+            cli.file_set(tmp_path)) as files:
         files.path("a.json").write_text("new a")
         files.path("b.json").write_text("new b")
         (tmp_path / "b.json").mkdir()  # a folder where the set wants a file, made meanwhile
@@ -66,8 +67,8 @@ def test_file_set_checks_every_target_before_moving_any(tmp_path):
 
 
 @pytest.mark.parametrize("text, parse, value", [
-    ("3", cli.positive_int, 3), ("0", cli.non_negative_int, 0), ("4294967295", cli.seed_int,
-                                                                 2**32 - 1),
+    ("3", cli.positive_int(3), 3), ("0", cli.non_negative_int(5), 0),
+    ("4294967295", cli.seed_int, 2**32 - 1),
     ("0.5", cli.fraction, 0.5), ("99.9", cli.percentile_arg, 99.9), ("0", cli.non_negative_float,
                                                                     0.0),
 ])
@@ -76,8 +77,10 @@ def test_argument_types_take_good_values(text, parse, value):
 
 
 @pytest.mark.parametrize("text, parse, message", [
-    ("0", cli.positive_int, "must be at least 1, got 0"),
-    ("x", cli.positive_int, "expected a positive integer, got 'x'"),
+    ("0", cli.positive_int(9), r"must be in \[1, 9\], got 0"),
+    ("10", cli.positive_int(9), r"must be in \[1, 9\], got 10"),
+    (str(10**20), cli.int_in(1, 100), r"must be in \[1, 100\], got 100000000000000000000"),
+    ("x", cli.positive_int(9), "expected a positive integer, got 'x'"),
     ("-1", cli.seed_int, r"must be in \[0, 4294967295\], got -1"),
     ("4294967296", cli.seed_int, r"must be in \[0, 4294967295\], got 4294967296"),
     ("1", cli.fraction, r"must be in \[0, 1\)"),

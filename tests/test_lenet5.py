@@ -231,7 +231,7 @@ def test_completed_rerun_keeps_the_checkpoint_it_replaces(tmp_path, capsys):
      r"layer f6 holds NaN or infinite values \(f6.bias\)"),
     ("trained", lambda ck: ck["percentiles"]["act1"].update({"99": None}),
      r"percentiles\['act1'\]\['99'\] is None, not a finite number >= 0"),
-    ("trained", lambda ck: ck.update(levels=0), "levels is 0, not a positive integer"),
+    ("trained", lambda ck: ck.update(levels=0), r"levels is 0, not an integer in \[1, 1024\]"),
     ("qcfs", lambda ck: ck["model_state"]["act3.threshold"].fill_(-1.0),
      "act3.threshold in the weights is -1.0, not positive"),
 ])
@@ -276,6 +276,33 @@ def test_a_checkpoint_without_a_suffix_keeps_its_history(tmp_path, monkeypatch, 
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert {p.name for p in tmp_path.iterdir()} == {"net", "net_history.json", "net.partial",
                                                      "net_history.partial.json"}
+
+
+def test_a_run_that_cannot_keep_its_backups_replaces_nothing(tmp_path, monkeypatch, capsys):
+    """The checkpoint, its history and their backups are one set: all replaced, or none."""
+    _quick_run(tmp_path, "ck.pt")
+    _quick_run(tmp_path, "ck.pt", "--seed", "2")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"ck.pt", "ck_history.json", "ck.prev.pt", "ck_history.prev.json"}
+    copy = lenet5.shutil.copy2
+
+    def history_backup_fails(source, target):
+        if "history" in str(source):
+            raise OSError(28, "No space left on device", str(target))
+        return copy(source, target)
+    monkeypatch.setattr(lenet5.shutil, "copy2", history_backup_fails)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        _quick_run(tmp_path, "ck.pt", "--seed", "3")
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if ".partial" not in p.name}
+    assert after == before  # the new checkpoint is not beside the old history
+    assert load_checkpoint(tmp_path / "ck.partial.pt")["seed"] == 3  # this run's, kept aside
+    monkeypatch.undo()
+    (tmp_path / "ck_history.prev.json").unlink()
+    (tmp_path / "ck_history.prev.json").mkdir()  # a backup's place taken: said before training
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="ck_history.prev.json is a folder"):
+        _quick_run(tmp_path, "ck.pt", "--seed", "4")
+    assert "epoch" not in capsys.readouterr().out
 
 
 def test_an_invalid_file_in_the_checkpoints_place_is_not_kept_over_a_good_backup(tmp_path):
@@ -335,16 +362,20 @@ def test_same_seed_gives_the_same_weights(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--epochs", "0"], "--epochs: must be at least 1"),
-    (["--batch-size", "-4"], "--batch-size: must be at least 1"),
+    (["--epochs", "0"], r"--epochs: must be in \[1, 10000\], got 0"),
+    (["--epochs", str(10**20)], r"--epochs: must be in \[1, 10000\]"),
+    (["--batch-size", "-4"], r"--batch-size: must be in \[1, 60000\]"),
+    (["--batch-size", str(10**9)], r"--batch-size: must be in \[1, 60000\]"),
     (["--lr", "nan"], "--lr: must be a positive number"),
     (["--percentile", "0"], r"--percentile: must be in \(0, 100\]"),
     (["--percentile", "100.5"], r"--percentile: must be in \(0, 100\]"),
-    (["--val-size", "60000"], "--val-size: must be below 60000"),
+    (["--val-size", "60000"], r"--val-size: must be in \[1, 59999\], got 60000"),
     (["--limit-train", "many"], "--limit-train: expected a positive integer"),
     (["--activation", "tanh"], "--activation: invalid choice"),
-    (["--levels", "0"], "--levels: must be at least 1"),
-    (["--calibration-images", "0"], "--calibration-images: must be at least 1"),
+    (["--levels", "0"], r"--levels: must be in \[1, 1024\]"),
+    (["--levels", str(10**20)], r"--levels: must be in \[1, 1024\], got 1000"),
+    (["--calibration-images", "0"], r"--calibration-images: must be in \[1, 60000\]"),
+    (["--limit-train", "70000"], r"--limit-train: must be in \[1, 60000\]"),
     (["--init-from", "checkpoints/lenet5_best.pt"], "are the same file"),
     (["--seed", "-1"], r"--seed: must be in \[0, 4294967295\], got -1"),
     (["--seed", "4294967296"], r"--seed: must be in \[0, 4294967295\]"),

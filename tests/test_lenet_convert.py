@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import DATA, HIDDEN, check_refused, random_lenet, run_command
 
+import cli
+import early_exit
 import efficiency
 import lenet5
 import lenet_convert
@@ -144,8 +146,6 @@ def test_activation_scales_come_from_the_chosen_percentile():
     assert activation_scales(checkpoint, "99.9") == {"act1": 2.5}
     with pytest.raises(UserError, match=r"no 95th percentile \(it has: 99, 99.9\)"):
         activation_scales(checkpoint, "95")
-    with pytest.raises(UserError, match="no activation percentiles"):
-        activation_scales({"model_state": {}})
 
 
 def test_qcfs_checkpoint_scales_by_its_trained_thresholds():
@@ -452,10 +452,22 @@ def _changed(change):
 
 
 def _set(layer, values):
-    """A change that sets every recorded percentile of `layer` to `values` (in increasing p)."""
+    """A change that sets the lowest recorded percentiles of `layer` to `values`."""
     def change(checkpoint):
         table = checkpoint["percentiles"][layer]
-        table.update(zip(table, values, strict=True))
+        table.update(zip(table, values, strict=False))
+    return change
+
+
+def _scaled(factor):
+    """A change that multiplies every recorded percentile of the hidden layers by `factor`."""
+    def change(checkpoint):
+        for name in ("percentiles", "channel_percentiles"):
+            for layer in HIDDEN:
+                table = checkpoint[name][layer]
+                table.update({key: (value * factor if isinstance(value, float)
+                                    else [v * factor for v in value])
+                              for key, value in table.items()})
     return change
 
 
@@ -485,18 +497,30 @@ BAD_INPUT = [
     ("trained", _changed(lambda ck: ck.update(seed="1") or ck.pop("channel_percentiles")),
      ["--norm", "neuron"], "seed is '1', not an integer"),
     ("trained", _changed(lambda ck: ck.update(seed=-1)), [], "seed is -1, not an integer"),
-    ("trained", _changed(_set("act1", [1e-30, 1.0, 2.0, 3.0])), [], "implausibly small"),
-    ("trained", _changed(_set("out", [0.0, 1.0, 2.0, 3.0])), ["--readout", "spikes"],
+    ("trained", _changed(_set("act1", [1e-30, 1.0, 2.0])), [], "implausibly small"),
+    ("trained", _changed(_set("out", [0.0, 1.0, 2.0])), ["--readout", "spikes"],
      "the output layer's scale is 0: a spiking read-out needs a positive one"),
-    ("trained", _changed(_set("out", [-4.0, -3.0, -2.0, -1.0])), ["--readout", "spikes"],
+    ("trained", _changed(_set("out", [-4.0, -3.0, -2.0])), ["--readout", "spikes"],
      "the output layer's scale is -4: a spiking read-out needs a positive one"),
     ("trained", None, ["--percentile", "95"], "no 95th percentile"),
-    ("trained", None, ["--limit", "20000"], "the test set has only 10000 images"),
     ("trained", _changed(lambda ck: ck["channel_percentiles"]["act5"].update({"99": [1.0, None]})),
      ["--norm", "channel"], r"channel_percentiles\['act5'\]\['99'\] is \[1.0, None\], not a"),
     ("trained", _changed(lambda ck: ck["channel_percentiles"]["act5"].update(
         {key: [1.0, 2.0] for key in ck["channel_percentiles"]["act5"]})),
-     ["--norm", "neuron"], "act5 has 2 per-channel percentiles, not one per channel"),
+     ["--norm", "neuron"], r"channel_percentiles\['act5'\] has 2 values per percentile, not one"),
+    ("trained", _changed(lambda ck: ck["model_state"]["bn1.running_var"].fill_(-1.0)), [],
+     r"layer bn1 has a negative variance \(bn1.running_var\)"),
+    ("trained", _changed(lambda ck: ck.update(seed=10**400)), [], "seed is 1000.*, not an int"),
+    ("qcfs", _changed(lambda ck: ck.pop("levels")), [], "a QCFS checkpoint without its levels L"),
+    ("trained", _changed(lambda ck: [t.pop("out") for t in (ck["percentiles"],
+                                                           ck["channel_percentiles"])]),
+     ["--readout", "spikes"], r"percentiles names the layers \['act1', 'act3', 'act5', 'act6'\]"),
+    ("trained", _changed(lambda ck: ck.pop("percentiles") and ck.pop("channel_percentiles")),
+     ["--norm", "channel"], "holds no activation percentiles"),
+    ("trained", _changed(_scaled(1e6)), [], r"percentiles\['act1'\]\['100'\] is .*, but the "
+     "largest activation on its 2048 calibration images is .*: the table does not belong"),
+    ("trained", _changed(_scaled(1e-6)), ["--percentile", "99.9"], "does not belong to these"),
+    ("qcfs", _changed(_scaled(3.0)), [], "does not belong to these weights"),
 ]
 
 
@@ -523,14 +547,19 @@ def test_bad_input_gives_one_line_and_keeps_old_results(network, spoil, argv, me
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--timesteps", "0"], "--timesteps: must be at least 1"),
+    (["--timesteps", "0"], r"--timesteps: must be in \[1, 100000\], got 0"),
+    (["--timesteps", str(10**20)], r"--timesteps: must be in \[1, 100000\], got 1000"),
     (["--v0", "1"], r"--v0: must be in \[0, 1\)"),
     (["--v0", "-0.1"], r"--v0: must be in \[0, 1\)"),
-    (["--gamma", "0"], "--gamma: must be at least 1"),
-    (["--limit", "0"], "--limit: must be at least 1"),
+    (["--gamma", "0"], r"--gamma: must be in \[1, 1024\]"),
+    (["--gamma", str(10**20)], r"--gamma: must be in \[1, 1024\]"),
+    (["--batch-size", str(10**9)], r"--batch-size: must be in \[1, 10000\]"),
+    (["--limit", "0"], r"--limit: must be in \[1, 10000\]"),
+    (["--limit", "20000"], r"--limit: must be in \[1, 10000\], got 20000"),
     (["--readout", "votes"], "--readout: invalid choice"),
     (["--percentile", "-1"], r"--percentile: must be in \(0, 100\]"),
-    (["--spicalib", "-1"], "--spicalib: must be at least 0"),
+    (["--spicalib", "-1"], r"--spicalib: must be in \[0, 100000\]"),
+    (["--spicalib", str(10**20)], r"--spicalib: must be in \[0, 100000\]"),
     (["--spicalib", "two"], "--spicalib: expected an integer >= 0, got 'two'"),
     (["--norm", "foo"], "--norm: invalid choice: 'foo'"),
     (["--reset", "half"], "--reset: invalid choice: 'half'"),
@@ -656,3 +685,79 @@ def test_settings_outside_the_closed_form_step_every_layer(settings):
     assert not lenet_convert.in_closed_form(snn)
     first, steps = lenet_convert.stages(snn)
     assert list(first) == [snn.c1] and list(steps) == list(snn)[1:]
+
+
+# ----------------------------------------------------------------------------- results as a set
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device", "a file")
+
+
+@pytest.mark.parametrize("argv, module, breaks", [
+    ([], efficiency, "plot_efficiency"),  # after the first figure
+    ([], cli, "write_json"),  # after both figures
+    (["--exit-rule", "margin"], early_exit, "plot_early_exit"),  # after the three usual files
+    (["--exit-rule", "margin"], cli.FileSet, "check"),  # when they are moved into place
+])
+def test_a_run_that_fails_while_writing_leaves_every_earlier_file(trained, tmp_path, monkeypatch,
+                                                                   argv, module, breaks):
+    out = tmp_path / "results"
+    argv = ["--checkpoint", str(trained), "--limit", "60", "--timesteps", "4", "--data-dir",
+            str(DATA), "--out-dir", str(out), *argv]
+    lenet_convert.main(argv)  # an earlier, complete run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) == (5 if "--exit-rule" in argv else 3)
+    monkeypatch.setattr(module, breaks, _disk_full)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        lenet_convert.main([*argv, "--timesteps", "5"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # not one file replaced
+
+
+def test_an_out_dir_file_that_is_a_folder_is_named_and_nothing_replaced(trained, tmp_path):
+    out = tmp_path / "results"
+    argv = ["--checkpoint", str(trained), "--limit", "60", "--timesteps", "4", "--data-dir",
+            str(DATA), "--out-dir", str(out)]
+    lenet_convert.main(argv)
+    (out / "snn_accuracy.json").unlink()
+    (out / "snn_accuracy.json").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit, match="snn_accuracy.json is a folder where this run writes"):
+        lenet_convert.main([*argv, "--timesteps", "5"])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_too_little_memory_is_refused_before_simulating(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "available_memory", lambda: 2**30)
+    with pytest.raises(SystemExit) as exit_info:
+        lenet_convert.main(["--checkpoint", str(trained), "--timesteps", "100000", "--data-dir",
+                            str(DATA), "--out-dir", str(tmp_path)])
+    assert re.fullmatch(r"lenet_convert.py: error: 100000 steps over 10000 images needs about "
+                        r"[\d.]+ GB of memory, but this machine has 1.0 GB free",
+                        exit_info.value.code)
+    assert "simulating" not in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def test_integer_options_state_their_range_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        lenet_convert.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "simulation steps T; 1 to 100000 (default: 64)" in help_text
+    assert "; 1 to 1024" in help_text  # --gamma
+
+
+def test_qcfs_network_converts_with_percentiles_per_channel(qcfs, tmp_path):
+    """The pair --norm channel --percentile that the error for --norm channel alone proposes."""
+    checkpoint = load_checkpoint(qcfs)
+    ann = lenet5.model_from_checkpoint(checkpoint)
+    scales = activation_scales(checkpoint, "99", per_channel=lenet_convert.per_channel_layers(
+        ann, "channel"))
+    assert scales["act1"].shape == (6,)
+    normalised = normalise(fold_batchnorm(ann), scales)
+    images = torch.rand(16, 1, 32, 32)
+    with torch.no_grad():  # lambda over the channel's scale: the same function
+        assert torch.allclose(normalised(images), ann(images), atol=1e-4)
+    result = lenet_convert.main(["--checkpoint", str(qcfs), "--norm", "channel", "--percentile",
+                                 "99", "--limit", "60", "--timesteps", "4", "--data-dir",
+                                 str(DATA), "--out-dir", str(tmp_path)])
+    assert result["settings"]["norm"] == "channel" and result["settings"]["percentile"] == "99"

@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -104,11 +105,18 @@ def test_pareto_front_table_and_figures(study):
         assert (tmp / "out" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_second_run_reuses_networks_and_conversions(study, tmp_path, capsys):
-    argv, tmp, saved, per_seed = study
-    for folder in ("ck", "out"):  # a copy, so that the other tests see the first run
+def _copy(study, tmp_path):
+    """The study's folders copied into `tmp_path` (the other tests see the first run), and its
+    command line for the copy."""
+    argv, tmp, _, _ = study
+    for folder in ("ck", "out"):
         shutil.copytree(tmp / folder, tmp_path / folder)
-    argv = [str(tmp_path / Path(a).name) if a.startswith(str(tmp)) else a for a in argv]
+    return [str(tmp_path / Path(a).name) if a.startswith(str(tmp)) else a for a in argv]
+
+
+def test_a_second_run_reuses_networks_and_conversions(study, tmp_path, capsys):
+    _, _, saved, per_seed = study
+    argv = _copy(study, tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").glob("*.pt")}
     capsys.readouterr()
     assert seeds.main(argv)["runs"] == saved["runs"]
@@ -129,7 +137,46 @@ def test_a_second_run_reuses_networks_and_conversions(study, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "-1"], r"--seeds: must be in \[0, 4294967295\], got -1"),
     (["--seeds", "1", "1"], "each seed once"),
-    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--epochs", "0"], r"--epochs: must be in \[1, 10000\], got 0"),
+    (["--levels", "4", str(10**20)], r"--levels: must be in \[1, 1024\]"),
+    (["--timesteps", str(10**20)], r"--timesteps: must be in \[1, 100000\]"),
+    (["--limit", "20000"], r"--limit: must be in \[1, 10000\]"),
+    (["--levels", "8"], "--levels: must include lenet5.py's default, 4"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     check_refused(seeds.main, argv, message, capsys)
+
+
+def _drop_a_field(path):
+    runs = json.loads(path.read_text())
+    del runs["γ = 4"]["snn_energy_pj"]
+    path.write_text(json.dumps(runs))
+
+
+# One row per cache a user might spoil or edit: the file, how, and what the run says it redoes.
+SPOILED_CACHES = [
+    ("out/seed1.json", lambda p: p.write_text(p.read_text()[:500]),
+     "seed1.json does not read as this study writes it: making it again", 21),
+    ("out/seed1.json", lambda p: p.write_text("[1, 2, 3]"),
+     "seed1.json does not read as this study writes it: making it again", 21),
+    ("out/seed1.json", _drop_a_field, "'γ = 4' does not read as this study writes it", 1),
+    ("ck/relu_seed2_history.json", lambda p: p.write_text('[{"epoch": 1'),
+     "relu_seed2_history.json does not read as this study writes it", 0),
+    ("ck/qcfs_L2_seed1.pt", lambda p: p.write_bytes(p.read_bytes()[:999]),
+     "qcfs_L2_seed1.pt is not a readable checkpoint .*; training it again", 0),
+]
+
+
+@pytest.mark.parametrize("file, spoil, line, simulated", SPOILED_CACHES)
+def test_a_spoiled_cache_is_made_again_not_trusted(study, tmp_path, capsys, file, spoil, line,
+                                                    simulated):
+    _, _, saved, _ = study
+    argv = _copy(study, tmp_path)
+    spoil(tmp_path / file)
+    capsys.readouterr()
+    again = seeds.main(argv)
+    out = capsys.readouterr().out
+    assert re.search(line, out) and "Traceback" not in out
+    if simulated:  # the conversions it held are simulated again, and the same
+        assert sum(line.startswith("simulating ") for line in out.splitlines()) == simulated
+    assert again["runs"]["relu"]["snn"] == saved["runs"]["relu"]["snn"] or file.startswith("ck")

@@ -187,6 +187,9 @@ def _check_thresholds(checkpoint, path):
                         "per layer")
     weights = {k.removesuffix(".threshold"): v for k, v in checkpoint["model_state"].items()
                if k.endswith(".threshold")}
+    if checkpoint.get("activation") == "qcfs" and not weights:
+        raise UserError(f"{path}: activation is 'qcfs', but its weights hold no trained "
+                        "thresholds lambda (a ReLU network?)")
     if (checkpoint.get("activation", "relu") == "qcfs") != bool(weights) or set(weights) != set(
             table):
         raise UserError(f"{path}: thresholds names {sorted(table)}, but the weights hold lambda "

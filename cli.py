@@ -182,6 +182,9 @@ def atomic_path(path):
     The folder is made here, when there is something to write into it.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder where this run writes a file: move it away or "
+                        "write elsewhere")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
@@ -370,7 +373,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_device_and_data(parser):
     """The two options every command has: --device and --data-dir."""
     parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+    parser.add_argument("--data-dir", type=path_arg, default=Path("data"),
                         help="folder holding MNIST/raw (the shipped .gz files)")
 
 
@@ -405,6 +408,13 @@ def non_negative_int(highest):
 
 
 seed_int = int_in(*SEED_RANGE, kind="a seed")
+
+
+def path_arg(text):
+    """An argparse type: a path, not an empty string (which would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return Path(text)
 
 
 def positive_float(text):

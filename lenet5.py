@@ -507,7 +507,7 @@ def parse_args(argv=None):
                         help="augmentation: random shift of each training image, in pixels")
     parser.add_argument("--seed", type=cli.seed_int, default=SEED, help="seed for everything")
     cli.add_device_and_data(parser)
-    parser.add_argument("--checkpoint", type=Path, default=None,
+    parser.add_argument("--checkpoint", type=cli.path_arg, default=None,
                         help="where the best checkpoint goes, history JSON beside it (default: "
                              "checkpoints/lenet5_best.pt, or lenet5_qcfs_best.pt for QCFS)")
     parser.add_argument("--activation", choices=ACTIVATIONS, default="relu",
@@ -524,7 +524,7 @@ def parse_args(argv=None):
     parser.add_argument("--threshold-decay", type=cli.non_negative_float, default=None,
                         metavar="WD", help="QCFS: weight decay of the thresholds lambda "
                         "(default: --weight-decay)")
-    parser.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+    parser.add_argument("--init-from", type=cli.path_arg, default=None, metavar="CHECKPOINT",
                         help="start from this checkpoint's weights (fine-tuning); for QCFS each "
                              "layer's lambda starts at its --percentile activation there")
     parser.add_argument("--percentile", type=cli.percentile_arg, default=PERCENTILE,

@@ -873,9 +873,10 @@ def print_table(result):
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
+    parser.add_argument("--checkpoint", type=cli.path_arg, default=CHECKPOINT,
                         help="checkpoint written by lenet5.py (ReLU or QCFS)")
-    parser.add_argument("--compare", nargs="*", type=Path, default=None, metavar="CHECKPOINT",
+    parser.add_argument("--compare", nargs="*", type=cli.path_arg, default=None,
+                        metavar="CHECKPOINT",
                         help="compare settings instead of one run: on --checkpoint the given "
                              "settings, each knob changed alone, early exit and BrainCog's "
                              "reference; on each CHECKPOINT listed (e.g. a QCFS one) the options "
@@ -931,9 +932,13 @@ def parse_args(argv=None):
     parser.add_argument("--limit", type=cli.positive_int(TEST_IMAGES), default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")
     cli.add_device_and_data(parser)
-    parser.add_argument("--out-dir", type=Path, default=OUT_DIR,
+    parser.add_argument("--out-dir", type=cli.path_arg, default=OUT_DIR,
                         help="where the plots and the JSON go")
     args = parser.parse_args(argv)
+    compared = [args.checkpoint.resolve(), *(p.resolve() for p in args.compare or ())]
+    if len(set(compared)) < len(compared):
+        parser.error("argument --compare: each checkpoint once (--checkpoint is compared "
+                     "already)")
     for option in ("deadline", "threshold"):
         if getattr(args, f"exit_{option}") is not None and args.exit_rule == "none":
             parser.error(f"argument --exit-{option}: needs --exit-rule margin or confidence")

@@ -47,6 +47,7 @@ import torch.nn as nn  # noqa: E402
 from layerwise import simulate_layerwise  # noqa: E402
 
 import early_exit  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
 from cli import median_seconds, positive_int, write_json  # noqa: E402
 from lenet5 import evaluate  # noqa: E402
 from lenet_convert import (  # noqa: E402
@@ -255,6 +256,9 @@ def time_to_ann_level(args, path, dense_run):
 
 def run_benchmark(args):
     torch.set_num_threads(args.threads)
+    if args.qcfs_checkpoint.is_file() and (
+            load_checkpoint(args.qcfs_checkpoint).get("activation") != "qcfs"):
+        raise cli.UserError(f"--qcfs-checkpoint {args.qcfs_checkpoint} is not a QCFS network")
     device, _, ann, snn, batches = load(args)
     runs, accuracy = dense_runs(ann, batches, device)
     seconds, _ = median_seconds(runs | {"as trained": functools.partial(
@@ -328,9 +332,9 @@ def print_summary(result):
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT,
+    parser.add_argument("--checkpoint", type=cli.path_arg, default=CHECKPOINT,
                         help="the network to convert (with lenet_convert.py's default settings)")
-    parser.add_argument("--qcfs-checkpoint", type=Path, default=QCFS_CHECKPOINT,
+    parser.add_argument("--qcfs-checkpoint", type=cli.path_arg, default=QCFS_CHECKPOINT,
                         help="a QCFS network, timed to its ANN's accuracy too (skipped if absent)")
     parser.add_argument("--timesteps", type=positive_int(MAX_TIMESTEPS), nargs="+",
                         default=[1, 2, 4, 8, 32, 64], help="the numbers of steps T to time")
@@ -347,9 +351,12 @@ def parse_args(argv=None):
     parser.add_argument("--limit", type=positive_int(TEST_IMAGES), default=None,
                         help="first N test images")
     cli.add_device_and_data(parser)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/bench_snn.json"),
+    parser.add_argument("--out", type=cli.path_arg, default=Path("bench/results/bench_snn.json"),
                         help="where the JSON goes")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(set(args.timesteps)) < len(args.timesteps):
+        parser.error(f"argument --timesteps: each T once, got {args.timesteps}")
+    return args
 
 
 def main(argv=None):

@@ -67,6 +67,7 @@ LEVELS = (2, 4, 8, 16)  # QCFS networks trained and converted for the levels tra
 CHECKPOINT_DIR = Path("checkpoints/seeds")
 OUT_DIR = Path("results/seeds")
 MARGINS = (0.001, 0.0005)  # "within 0.1 and 0.05 pp of the ReLU ANN"
+OUTPUTS = ("seeds.json", "seeds.csv", "seeds.png", "seeds_energy.png")  # written as one set
 
 RELU, RELU_BRAINCOG, QCFS = "relu", "relu_braincog_reference", "qcfs"  # the networks summarised
 NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that may differ on reuse
@@ -520,9 +521,10 @@ def study_parser(description, seeds, out_dir):
     parser = cli.ArgumentParser(description=description)
     parser.add_argument("--seeds", type=cli.seed_int, nargs="+", default=list(seeds),
                         help="the seeds")
-    parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR,
+    parser.add_argument("--checkpoint-dir", type=cli.path_arg, default=CHECKPOINT_DIR,
                         help="where each seed's checkpoints are kept and looked for")
-    parser.add_argument("--out-dir", type=Path, default=out_dir, help="where the results go")
+    parser.add_argument("--out-dir", type=cli.path_arg, default=out_dir,
+                        help="where the results go")
     parser.add_argument("--retrain", action="store_true",
                         help="train again even where a checkpoint with the same arguments exists")
     parser.add_argument("--epochs", type=positive_int(lenet5.MAX_EPOCHS), default=None,
@@ -570,6 +572,8 @@ def main(argv=None):
         device = cli.resolve_device(args.device)
         for directory in (args.out_dir, args.checkpoint_dir):
             cli.check_writable(directory, folder=True)
+        for name in [f"seed{seed}.json" for seed in args.seeds] + list(OUTPUTS):
+            cli.FileSet.check(args.out_dir / name)  # a folder in a file's place: said now
         for seed in tqdm(args.seeds, desc="seeds", unit="seed", disable=None):
             per_seed[seed] = run_seed(seed, args, device)
             write_json(args.out_dir / f"seed{seed}.json", per_seed[seed])
@@ -579,12 +583,13 @@ def main(argv=None):
                                  for energy, accuracy, name, t in pareto_front(
                                      energy_points(study)[0])]
         with cli.file_set(args.out_dir) as files:
-            write_json(files.path("seeds.json"), study)
-            write_csv(files.path("seeds.csv"), table_rows(study))
-            plot_study(study, files.path("seeds.png"))
-            plot_energy(study, files.path("seeds_energy.png"))
+            json_file, csv_file, figure, energy_figure = (files.path(name) for name in OUTPUTS)
+            write_json(json_file, study)
+            write_csv(csv_file, table_rows(study))
+            plot_study(study, figure)
+            plot_energy(study, energy_figure)
         print_summary(study)
-        print(f"wrote seeds.json, seeds.csv, seeds.png and seeds_energy.png in {args.out_dir}")
+        print(f"wrote {cli.and_list(OUTPUTS)} in {args.out_dir}")
         return study
 
     def kept():

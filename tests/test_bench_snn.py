@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from helpers import DATA, ROOT, dyadic_snn
+from helpers import DATA, ROOT, check_refused, dyadic_snn
 
 import lenet5
 import lenet_convert
@@ -133,3 +133,11 @@ def test_benchmark_refuses_an_unwritable_out_before_it_starts(tmp_path, out, mes
     with pytest.raises(SystemExit) as exit_info:
         bench_snn.main(["--out", out])
     assert re.search(message, str(exit_info.value.code))
+
+
+def test_benchmark_refuses_what_it_cannot_time_before_it_starts(trained, capsys):
+    check_refused(bench_snn.main, ["--timesteps", "1", "4", "1"], "--timesteps: each T once",
+                  capsys)
+    with pytest.raises(SystemExit, match="is not a QCFS network"):
+        bench_snn.main(["--checkpoint", str(trained), "--qcfs-checkpoint", str(trained),
+                        "--data-dir", str(DATA), "--out", "/nowhere/x.json"])

@@ -19,6 +19,7 @@ from checkpoint import PERCENTILE, load_checkpoint, percentile_key
 from cli import UserError
 from lenet5 import QCFS, LeNet5, percentile_activations
 from lenet_convert import (
+    CHECKPOINT,
     Settings,
     SMaxPool,
     SpikeNode,
@@ -572,6 +573,9 @@ def test_bad_input_gives_one_line_and_keeps_old_results(network, spoil, argv, me
     (["--exit-rule", "margin", "--exit-deadline", "65"],
      "--exit-deadline: 65 is beyond --timesteps 64"),
     (["--exit-deadline", "3"], "--exit-deadline: needs --exit-rule margin or confidence"),
+    (["--out-dir", ""], "argument --out-dir: expected a path, got ''"),
+    (["--compare", "x.pt", "./x.pt"], "--compare: each checkpoint once"),
+    (["--compare", str(CHECKPOINT)], r"--compare: each checkpoint once \(--checkpoint is"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     check_refused(lenet_convert.main, argv, message, capsys)

@@ -180,3 +180,11 @@ def test_a_spoiled_cache_is_made_again_not_trusted(study, tmp_path, capsys, file
     if simulated:  # the conversions it held are simulated again, and the same
         assert sum(line.startswith("simulating ") for line in out.splitlines()) == simulated
     assert again["runs"]["relu"]["snn"] == saved["runs"]["relu"]["snn"] or file.startswith("ck")
+
+
+def test_a_folder_in_a_result_files_place_is_said_before_training(tmp_path, capsys):
+    (tmp_path / "out" / "seed2.json").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="seed2.json is a folder where this run writes a file"):
+        seeds.main(["--seeds", "1", "2", "--data-dir", str(DATA), "--checkpoint-dir",
+                    str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out")])
+    assert "training" not in capsys.readouterr().out and not (tmp_path / "ck").exists()

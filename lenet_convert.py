@@ -8,8 +8,8 @@ output layer's currents are summed over time (or its spikes counted) and read ou
 This file holds that core, top to bottom: settings, spiking modules, conversion, simulation, one
 run and its report, and the command line, whose `main` tells the plain run step by step. It
 measures with efficiency.py (spike counts into SynOps and energy); the features build on it and
-are handed over to from `main` when asked for: early_exit.py (per-image early exit) and
-compare.py (many conversions side by side).
+are handed over to from `main` when asked for: early_exit.py (per-image early exit),
+compare.py (many conversions side by side) and look_inside.py (one digit, layer by layer).
 
 The first neuron layer sees the same current every step, so it and its pool are simulated in
 closed form, as one neuron layer on the pooled current: the same spikes, from a tensor a quarter
@@ -22,6 +22,7 @@ Examples:
     python lenet_convert.py --compare checkpoints/lenet5_qcfs_best.pt   # every setting
     python lenet_convert.py --norm neuron --reset zero --spicalib 4   # BrainCog's other options
     python lenet_convert.py --checkpoint checkpoints/lenet5_qcfs_best.pt --exit-rule margin
+    python lenet_convert.py --look-inside 0 late     # one digit's spikes, layer by layer
 
 Writes (into --out-dir, default results/):
     snn_accuracy.png    accuracy against time step, the ANN's as a line
@@ -29,6 +30,7 @@ Writes (into --out-dir, default results/):
     snn_accuracy.json   the numbers of both, the settings and the checkpoint used
     snn_early_exit.png, snn_early_exit.json   with --exit-rule, besides: per-image early exit
     compare.png, compare.json, compare.csv   with --compare, instead of the three above
+    inside_N.png, .gif, .json   with --look-inside, instead: test image N, layer by layer
 """
 
 import cli  # first: see its docstring
@@ -83,6 +85,7 @@ READOUTS = ("analog", "spikes")
 NORMS = ("layer", "channel", "neuron")  # per layer; per convolution channel; and per neuron
 RESETS = ("subtract", "zero")
 EXIT_RULES = ("none", "margin", "confidence")
+LOOK_INSIDE_KINDS = ("late", "wrong")  # test images --look-inside finds (look_inside.py)
 READOUT_NODE = "readout"  # the SpikeNode appended after the output layer for a spiking read-out
 AT_ANN_LEVEL_KEY = f"first_step_within_{100 * ANN_MARGIN:g}pp"  # result key: the first step there
 
@@ -472,14 +475,18 @@ def per_channel_layers(ann, norm):
     return names
 
 
+def conversion_scales(checkpoint, ann, settings):
+    """The activation scales `build_snn` normalises `ann` by under `settings`."""
+    return activation_scales(checkpoint, settings.percentile, settings.gamma,
+                             per_channel_layers(ann, settings.norm))
+
+
 def build_snn(checkpoint, ann, settings):
     """The spiking network of `ann` (loaded from `checkpoint`) converted with `settings`.
 
     The one builder: every spiking network a command simulates is built here.
     """
-    scales = activation_scales(checkpoint, settings.percentile, settings.gamma,
-                               per_channel_layers(ann, settings.norm))
-    return fuse_norm_replace(ann, scales, settings)
+    return fuse_norm_replace(ann, conversion_scales(checkpoint, ann, settings), settings)
 
 
 # ----------------------------------------------------------------------------- simulation
@@ -697,6 +704,14 @@ class Conversion(NamedTuple):
     settings: Settings
 
 
+def look_inside_arg(text):
+    """An argparse type: a test image's index, or one of LOOK_INSIDE_KINDS."""
+    if text in LOOK_INSIDE_KINDS:
+        return text
+    kinds = " or ".join(LOOK_INSIDE_KINDS)
+    return cli.int_in(0, TEST_IMAGES - 1, f"an image index or {kinds}")(text)
+
+
 def load_ann(path, device, data_dir=None):
     """(checkpoint, its ANN on `device`) from a file written by lenet5.py; given the data, its
     recorded activation maxima are checked against its calibration images too
@@ -882,6 +897,12 @@ def parse_args(argv=None):
                              "reference; on each CHECKPOINT listed (e.g. a QCFS one) the options "
                              "given (the rest at that checkpoint's own defaults), with γ = 1, 2 "
                              "and 4 and with early exit; writes compare.png, .json and .csv")
+    parser.add_argument("--look-inside", nargs="*", type=look_inside_arg, default=None,
+                        metavar="WHICH", help="instead of the whole test set, draw what every "
+                        "layer does, step by step, for each test image WHICH: an index, or "
+                        "late (the first the SNN gets wrong after one step and right after T), "
+                        "or wrong (the first it gets wrong after T); none given: late; writes "
+                        "inside_N.png, .gif and .json")
     parser.add_argument("--timesteps", type=cli.positive_int(MAX_TIMESTEPS), default=TIMESTEPS,
                         help="simulation steps T")
     parser.add_argument("--batch-size", type=cli.positive_int(TEST_IMAGES), default=BATCH_SIZE,
@@ -935,6 +956,8 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", type=cli.path_arg, default=OUT_DIR,
                         help="where the plots and the JSON go")
     args = parser.parse_args(argv)
+    if args.look_inside is not None and (args.compare is not None or args.exit_rule != "none"):
+        parser.error("argument --look-inside: not with --compare or --exit-rule")
     compared = [args.checkpoint.resolve(), *(p.resolve() for p in args.compare or ())]
     if len(set(compared)) < len(compared):
         parser.error("argument --compare: each checkpoint once (--checkpoint is compared "
@@ -955,8 +978,9 @@ def parse_args(argv=None):
 def main(argv=None):
     """The plain run, step by step: load, convert, simulate and measure, plot, write.
 
-    `--compare` and `--exit-rule` hand over to their modules (compare.py, early_exit.py),
-    imported only when asked for: they build on this module, which never needs them.
+    `--compare`, `--look-inside` and `--exit-rule` hand over to their modules (compare.py,
+    look_inside.py, early_exit.py), imported only when asked for: they build on this module,
+    which never needs them.
     """
     args = parse_args(argv)
 
@@ -966,6 +990,9 @@ def main(argv=None):
         if args.compare is not None:  # many conversions side by side, instead
             import compare
             return compare.main(args, device)
+        if args.look_inside is not None:  # a few images, every layer drawn, instead
+            import look_inside
+            return look_inside.main(args, device)
         checkpoint, ann = load_ann(args.checkpoint, device, args.data_dir)
         conversion = Conversion(args.checkpoint, checkpoint, ann, settings_from(args, checkpoint))
         exit_rule, validation = conversion.settings.exit_rule != "none", None

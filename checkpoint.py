@@ -21,6 +21,7 @@ is loaded (`load_checkpoint`) and before lenet5.py promotes a new one.
 
 import math
 import reprlib
+import sys
 from pathlib import Path
 
 import torch
@@ -49,7 +50,26 @@ def default_percentile(checkpoint):
 def save_checkpoint(checkpoint, path):
     """Write atomically: Ctrl-C at any moment leaves the previous file intact."""
     with cli.atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        serialise(checkpoint, tmp)
+
+
+def serialise(checkpoint, file):
+    """torch.save `checkpoint` into `file` (a path or a binary file): the same content gives the
+    same bytes. (Pickle writes a string once per object and refers back to it where the same
+    object comes again, so equal strings that happen to be one object or two, e.g. an argument
+    given in code or on the command line, would give different bytes: every string is interned
+    first.)"""
+    torch.save(_interned(checkpoint), file)
+
+
+def _interned(value):
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {_interned(k): _interned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(_interned, value))
+    return value
 
 
 def load_checkpoint(path):

@@ -571,9 +571,7 @@ def run(args):
     """Train with `args`; once the run completes, move its best checkpoint onto args.checkpoint.
 
     Only a network that passes `check_checkpoint` and is better than chance on validation is
-    promoted, with its history, as one set: the checkpoint and history it replaces are kept as
-    <name>.prev.pt and .prev.json if the checkpoint was a valid one (else earlier .prev files
-    stay), and if any of that cannot be done, nothing is replaced. Returns the best checkpoint.
+    promoted, with its history (`promote`). Returns the best checkpoint.
     """
     start = time.perf_counter()
     best = train(args)
@@ -585,21 +583,34 @@ def run(args):
     if not better_than_chance(best["val_accuracy"], args.val_size):
         raise UserError(f"this run's best network is no better than chance (validation "
                         f"{best['val_accuracy']:.2%}); {kept(args)}")
-    keep = _valid_checkpoint(args.checkpoint)
-    history_file = history_path(args.checkpoint)
-    replaced = cli.previous_path(args.checkpoint) if keep and args.checkpoint.exists() else None
-    with cli.file_set(args.checkpoint.parent) as files:  # all of it, or none
-        for target in (args.checkpoint, history_file) if keep else ():
-            if target.exists():
-                shutil.copy2(target, files.path(cli.previous_path(target).name))
-        files.adopt(args.checkpoint.name, partial)
-        files.adopt(history_file.name, cli.partial_path(history_file))
+    keep, replaced = promote(args.checkpoint)
     print(f"best epoch {best['epoch']}: val {best['val_accuracy']:.2%}, "
           f"test {best['test_accuracy']:.2%}; saved {args.checkpoint} "
           f"({time.perf_counter() - start:.0f}s in all)"
           + (f"; the checkpoint it replaced is kept as {replaced}" if replaced else "")
           + ("" if keep else "; the file it replaced was no valid checkpoint and is not kept"))
     return best
+
+
+def promote(path):
+    """Move a completed run's checkpoint and history from their partial paths onto `path` and
+    its history, as one set: the checkpoint and history they replace are kept as <name>.prev.pt
+    and .prev.json if the checkpoint was a valid one (else earlier .prev files stay); if any of
+    that cannot be done, nothing is replaced.
+
+    Returns (whether the file at `path` was a valid checkpoint or none, the .prev path it is
+    kept as or None).
+    """
+    keep = _valid_checkpoint(path)
+    history_file = history_path(path)
+    replaced = cli.previous_path(path) if keep and path.exists() else None
+    with cli.file_set(path.parent) as files:  # all of it, or none
+        for target in (path, history_file) if keep else ():
+            if target.exists():
+                shutil.copy2(target, files.path(cli.previous_path(target).name))
+        files.adopt(path.name, cli.partial_path(path))
+        files.adopt(history_file.name, cli.partial_path(history_file))
+    return keep, replaced
 
 
 def _valid_checkpoint(path):

@@ -33,8 +33,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 
-import seeds  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import studies  # noqa: E402
 
 import lenet5  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
@@ -87,14 +86,22 @@ def stage_argv(seed, code, extra, init_from, args):
     return argv + (["--epochs", str(args.epochs)] if args.epochs else [])
 
 
-def train_recipe(seed, stages, args):
-    """Train (or reuse) every stage of a recipe for `seed`; the stages' checkpoint paths."""
-    paths = [seeds.checkpoint_path(args.checkpoint_dir, "relu", seed)]
-    for code, extra in stages:
+def train_recipe(seed, stages, args, tasks, then, trained=False):
+    """Train (or reuse) every stage of a recipe for `seed`, each once the one before is there
+    (the first once the seed's ReLU network is, `trained` if it was just trained); then
+    `then(the stages' checkpoint paths)`."""
+    paths = [studies.checkpoint_path(args.checkpoint_dir, "relu", seed)]
+
+    def next_stage(retrained):
+        if len(paths) > len(stages):
+            then(paths[1:])
+            return
+        code, extra = stages[len(paths) - 1]
         argv = stage_argv(seed, code, extra, paths[-1], args)
-        seeds.ensure_trained(argv, args.retrain)
-        paths.append(Path(argv[argv.index("--checkpoint") + 1]))
-    return paths[1:]
+        paths.append(studies.argv_path(argv, "--checkpoint"))
+        studies.network(tasks, f"seed {seed}, stage {code}", argv, args.retrain or retrained,
+                        next_stage)
+    next_stage(trained)
 
 
 def record(paths):
@@ -108,27 +115,58 @@ def record(paths):
             "seconds": sum(h["seconds"] for history in histories for h in history)}
 
 
-def conversions_on_validation(seed, args, device):
-    """Each of CONVERSIONS of the seed's default QCFS network, on its validation images:
-    {"gamma=G, V0=V": its accuracy per step, the first step within CONVERSION_MARGIN of the
-    ReLU ANN's validation accuracy and the energy per image there}."""
-    relu_path = seeds.checkpoint_path(args.checkpoint_dir, "relu", seed)
-    argv = seeds.training_argv(seed, args, "qcfs", relu_path)
-    seeds.ensure_trained(argv, args.retrain)
-    checkpoint, ann = load_ann(argv[argv.index("--checkpoint") + 1], device, args.data_dir)
-    validation = validation_split(checkpoint, *load_mnist(args.data_dir, train=True), BATCH_SIZE)
-    relu_ann = lenet5.evaluate(load_ann(relu_path, device)[1], validation, device)
-    results = {"relu_ann_accuracy": relu_ann}
+def conversions_on_validation(relu, qcfs, data_dir, device):
+    """A task: each of CONVERSIONS of a seed's default QCFS network (checkpoint bytes `qcfs`) on
+    its validation images: {"gamma=G, V0=V": its accuracy per step, the first step within
+    CONVERSION_MARGIN of the ReLU network's (bytes `relu`) validation accuracy and the energy per
+    image there}."""
+    data_dir, device = studies.on_this_node(data_dir), cli.resolve_device(device)
+    with studies.checkpoint_files({"relu.pt": relu, "qcfs.pt": qcfs}) as (_, files):
+        checkpoint, ann = load_ann(files["qcfs.pt"], device, data_dir)
+        relu_ann = load_ann(files["relu.pt"], device)[1]
+    validation = validation_split(checkpoint, *load_mnist(data_dir, train=True), BATCH_SIZE)
+    results = {"relu_ann_accuracy": lenet5.evaluate(relu_ann, validation, device)}
     for gamma, v0 in CONVERSIONS:
         g = {"L": checkpoint["levels"], "2L": 2 * checkpoint["levels"]}.get(gamma, gamma)
         snn = build_snn(checkpoint, ann, Settings(None, gamma=g, v0=v0)).to(device)
         accuracy, counts = evaluate_snn(snn, validation, CONVERSION_STEPS, device)
         energy = efficiency(snn, counts, len(validation.labels), CONVERSION_STEPS,
                             neuron_names(snn), input_shapes(ann))["snn_energy_pj"]
-        t = first_step_within(accuracy, relu_ann, CONVERSION_MARGIN)
+        t = first_step_within(accuracy, results["relu_ann_accuracy"], CONVERSION_MARGIN)
         results[f"gamma={gamma}, V0={v0:g}"] = {"accuracy": accuracy, "first_step_within": t,
                                                 "energy_pj_there": energy[t - 1] if t else None}
     return results
+
+
+def schedule_seed(seed, args, tasks, per_seed, converted):
+    """Add the tasks of `seed`: its ReLU network, then every recipe's stages and its default
+    QCFS network, then that network's conversions on validation; each recipe's record goes to
+    per_seed[seed][recipe], the conversions to converted[seed]."""
+    relu_argv = studies.training_argv(seed, args, "relu")
+    relu = studies.argv_path(relu_argv, "--checkpoint")
+    per_seed[seed] = {}
+
+    def recipe_made(name, paths):
+        per_seed[seed][name] = record(paths)
+        tasks.say(f"seed {seed}, {name}: validation {per_seed[seed][name]['val_accuracy']:.2%}")
+
+    def relu_made(trained):
+        for name, stages in RECIPES.items():
+            train_recipe(seed, stages, args, tasks, trained=trained,
+                         then=lambda paths, name=name: recipe_made(name, paths))
+        argv = studies.training_argv(seed, args, "qcfs", relu)
+        qcfs = studies.argv_path(argv, "--checkpoint")
+
+        def validated(results):
+            converted[seed] = results
+            tasks.say(f"seed {seed}: {len(CONVERSIONS)} conversions of {qcfs} on validation")
+        studies.network(tasks, f"seed {seed}, qcfs L={lenet5.LEVELS}", argv,
+                        args.retrain or trained, lambda _: tasks.add(
+                            f"seed {seed}, conversions on validation", "recipes",
+                            "conversions_on_validation", (relu.read_bytes(), qcfs.read_bytes(),
+                                                          str(studies.task_path(args.data_dir)),
+                                                          args.device), validated))
+    studies.network(tasks, f"seed {seed}, relu", relu_argv, args.retrain, relu_made)
 
 
 def summarise(per_seed, seed_list):
@@ -198,8 +236,8 @@ def print_conversions(conversions):
 
 
 def parse_args(argv=None):
-    parser = seeds.study_parser(__doc__, SEEDS, OUT_DIR)
-    return seeds.parse_study_args(parser, argv)
+    parser = studies.study_parser(__doc__, SEEDS, OUT_DIR)
+    return studies.parse_study_args(parser, argv)
 
 
 def main(argv=None):
@@ -207,16 +245,17 @@ def main(argv=None):
     per_seed = {}
 
     def body():
-        device = cli.resolve_device(args.device)
-        for directory in (args.out_dir, args.checkpoint_dir / "recipes"):
-            cli.check_writable(directory, folder=True)
-        converted = {}
-        for seed in tqdm(args.seeds, desc="seeds", unit="seed", disable=None):
-            seeds.ensure_trained(seeds.training_argv(seed, args, "relu"), args.retrain)
-            per_seed[seed] = {name: record(train_recipe(seed, stages, args))
-                              for name, stages in RECIPES.items()}
-            converted[seed] = conversions_on_validation(seed, args, device)
+        if not args.address:
+            cli.resolve_device(args.device)  # a cluster's workers may have what this one lacks
+        studies.check_folders(args.out_dir, args.checkpoint_dir / "recipes")
+        tasks, converted = studies.Tasks(args), {}
+        for seed in args.seeds:
+            schedule_seed(seed, args, tasks, per_seed, converted)
+        tasks.run()
+        per_seed.update({seed: {name: per_seed[seed][name] for name in RECIPES}  # in the
+                         for seed in args.seeds})  # order of the recipes, however they finished
         summary = summarise(per_seed, args.seeds)
+        converted = {seed: converted[seed] for seed in args.seeds}
         conversions = summarise_conversions(converted, args.seeds)
         rows = [{"recipe": name, "val_accuracy_mean": round(100 * e["mean"], 3),
                  "val_accuracy_std": round(100 * e["std"], 3),

@@ -36,12 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/
 import cli  # noqa: E402  (first: see its docstring)
 
 # isort: split
-import hashlib  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import studies  # noqa: E402
+from studies import argv_path, is_number, training_argv  # noqa: E402
 
 import early_exit  # noqa: E402
 import lenet5  # noqa: E402
@@ -58,100 +56,17 @@ from lenet_convert import (  # noqa: E402
     first_step_within,
     load_ann,
 )
-from mnist import TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
+from mnist import TEST_IMAGES  # noqa: E402
 from plots import plt, report_steps, save_figure, step_axis  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
 SEEDS = (1, 2, 3, 4, 5)
 LEVELS = (2, 4, 8, 16)  # QCFS networks trained and converted for the levels trade-off
-CHECKPOINT_DIR = Path("checkpoints/seeds")
 OUT_DIR = Path("results/seeds")
 MARGINS = (0.001, 0.0005)  # "within 0.1 and 0.05 pp of the ReLU ANN"
 OUTPUTS = ("seeds.json", "seeds.csv", "seeds.png", "seeds_energy.png")  # written as one set
 
 RELU, RELU_BRAINCOG, QCFS = "relu", "relu_braincog_reference", "qcfs"  # the networks summarised
-NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that may differ on reuse
-HISTORY_KEYS = ("epoch", "train_accuracy", "val_accuracy", "seconds")  # read from a history
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def training_argv(seed, args, activation, init_from=None, levels=lenet5.LEVELS):
-    """lenet5.py's command line for one network of one seed (a QCFS one with `levels`)."""
-    name = activation if activation == "relu" else f"{activation}_L{levels}"
-    argv = ["--seed", str(seed), "--device", args.device, "--data-dir", str(args.data_dir),
-            "--checkpoint", str(checkpoint_path(args.checkpoint_dir, name, seed))]
-    if activation == "qcfs":
-        argv += ["--activation", "qcfs", "--levels", str(levels), "--init-from", str(init_from)]
-    if args.epochs:
-        argv += ["--epochs", str(args.epochs)]
-    if args.limit_train:
-        argv += ["--limit-train", str(args.limit_train)]
-    return argv
-
-
-def checkpoint_path(directory, activation, seed):
-    return Path(directory) / f"{activation}_seed{seed}.pt"
-
-
-def reusable(path, argv):
-    """Whether `path` holds a checkpoint made by lenet5.py with the arguments `argv`, and its
-    history beside it. One that does not read as expected is not used (a line says so)."""
-    if not path.is_file():
-        return False
-    try:
-        made = load_checkpoint(path).get("args", {})
-    except cli.UserError as e:
-        print(f"{e}; training it again")
-        return False
-    history = read_cache(lenet5.history_path(path), _history_entries)
-    if history is None:
-        return False
-    wanted = vars(lenet5.parse_args(argv))
-    return all(str(made[k]) == str(v) if k in made else not v  # a newer option, left off
-               for k, v in wanted.items() if k not in NOT_COMPARED)
-
-
-def read_cache(path, readable):
-    """The JSON in `path` if it is there and `readable(value)`; else None. A file that is there
-    but does not read as expected (truncated, edited) is never trusted and never fatal: a line
-    says it is made again."""
-    if not Path(path).exists():
-        return None
-    try:
-        value = json.loads(Path(path).read_text())
-        if readable(value):
-            return value
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        pass
-    print(f"{path} does not read as this study writes it: making it again")
-    return None
-
-
-def _number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _history_entries(history):
-    """A history lenet5.py writes: a record per epoch."""
-    return isinstance(history, list) and history and all(
-        isinstance(h, dict) and all(_number(h.get(k)) for k in HISTORY_KEYS) for h in history)
-
-
-def _conversions(table):
-    """A seed<S>.json: {name: a conversion's result}."""
-    return isinstance(table, dict)
-
-
-def ensure_trained(argv, retrain):
-    """Train with `argv` unless its checkpoint is there already; True if it trained."""
-    path = Path(argv[argv.index("--checkpoint") + 1])
-    if not retrain and reusable(path, argv):
-        print(f"reusing {path} (made with the same arguments)")
-        return False
-    lenet5.run(lenet5.parse_args(argv))
-    return True
 
 
 # ----------------------------------------------------------------------------- one seed
@@ -162,69 +77,104 @@ def qcfs_prefix(levels):
     return f"qcfs L={levels}: "
 
 
-def seed_plan(seed, args, device):
-    """The conversions of one seed: {name or knob: (label, Conversion)}, the defaults first."""
-    plan = {}
-    for levels in (None, *args.levels):
-        path = checkpoint_path(args.checkpoint_dir, "relu" if levels is None else
-                               f"qcfs_L{levels}", seed)
-        checkpoint, ann = load_ann(path, device, args.data_dir)
-        settings = default_settings(checkpoint)
-        recorded = list(checkpoint["percentiles"][OUTPUT_LAYER])
-        if levels in (None, lenet5.LEVELS):  # every knob, or the QCFS ones
-            variants = compare_settings(settings, recorded, every_knob=levels is None)
-        else:  # the levels trade-off: the default conversion, gamma = 2 and gamma = L
-            variants = [(GIVEN, settings)] + [(f"γ = {gamma}", settings._replace(gamma=gamma))
-                                              for gamma in dict.fromkeys((2, levels))
-                                              if gamma != settings.gamma]
-        prefix = "" if levels is None else qcfs_prefix(levels)
-        plan |= {prefix + label: (label, Conversion(path, checkpoint, ann, variant))
-                 for label, variant in variants}
-    return plan
+def network_plan(levels, checkpoint):
+    """The conversions of one network of a seed (`levels` None: the ReLU one), the default first:
+    {name in the seed's results: (label, Settings)}."""
+    settings = default_settings(checkpoint)
+    recorded = list(checkpoint["percentiles"][OUTPUT_LAYER])
+    if levels in (None, lenet5.LEVELS):  # every knob, or the QCFS ones
+        variants = compare_settings(settings, recorded, every_knob=levels is None)
+    else:  # the levels trade-off: the default conversion, gamma = 2 and gamma = L
+        variants = [(GIVEN, settings)] + [(f"γ = {gamma}", settings._replace(gamma=gamma))
+                                          for gamma in dict.fromkeys((2, levels))
+                                          if gamma != settings.gamma]
+    prefix = "" if levels is None else qcfs_prefix(levels)
+    return {prefix + label: (label, variant) for label, variant in variants}
 
 
-def run_seed(seed, args, device):
-    """Train (or reuse) both networks of `seed`, run its conversions; {name or knob: result}.
+def convert(start, path, label, settings, run):
+    """A task: convert the checkpoint bytes `start` (the file `path`, as the result names it)
+    with `settings` and simulate it as `run` says (data_dir, limit, batch_size, timesteps,
+    device); what the study keeps of the result."""
+    path = Path(path)
+    data_dir, device = studies.on_this_node(run["data_dir"]), cli.resolve_device(run["device"])
+    with studies.checkpoint_files({path.name: start}) as (_, files):
+        checkpoint, ann = load_ann(files[path.name], device, data_dir)
+        (result,) = run_all([(label, Conversion(path, checkpoint, ann, settings))], data_dir,
+                            run["limit"], run["batch_size"], run["timesteps"], device)
+    kept = {key: result[key] for key in ("ann_accuracy", "snn_accuracy", AT_ANN_LEVEL_KEY,
+                                         "settings", "checkpoint", "test_images")}
+    kept |= {"energy_pj_at_ann_level": (at_ann_level(result) or (None,) * 3)[2],
+             "snn_energy_pj": result["efficiency"]["snn_energy_pj"],
+             "ann_energy_pj": result["efficiency"]["ann_energy_pj"]}
+    if "early_exit" in result:
+        kept["early_exit"] = {key: result["early_exit"][key] for key in early_exit.SUMMARY_KEYS}
+    return kept
+
+
+def schedule_seed(seed, args, tasks, made):
+    """Add the tasks of `seed`: its ReLU network, a QCFS network of each of args.levels from it,
+    and each network's conversions (`network_plan`) once the network is there. `made(seed,
+    {name: result})` after each conversion, with the seed's results so far in the plan's order;
+    returns the function that gives those.
 
     A conversion already in the seed's earlier seed<S>.json is reused when its checkpoint file,
     settings, steps, test images and batch size are the same.
     """
+    earlier = studies.read_cache(args.out_dir / f"seed{seed}.json", _conversions) or {}
+    networks, plans, results = [None, *args.levels], {}, {}
+    run = {"data_dir": str(studies.task_path(args.data_dir)), "limit": args.limit,
+           "batch_size": args.batch_size, "timesteps": args.timesteps, "device": args.device}
+
+    def so_far():
+        return {name: results[name] for levels in networks for name in plans.get(levels, ())
+                if name in results}
+
+    def converted(name, inputs, result):
+        results[name] = result | {"run": inputs}
+        tasks.say(f"seed {seed}, {name}: simulated, {result['snn_accuracy'][-1]:.2%} after "
+                  f"{args.timesteps} steps (ANN {result['ann_accuracy']:.2%})")
+        made(seed, so_far())
+
+    def network_made(levels, path):
+        plans[levels] = network_plan(levels, load_checkpoint(path))
+        fingerprint, start, reused = studies.sha256(path), None, 0
+        for name, (label, settings) in plans[levels].items():
+            inputs = {"checkpoint_sha256": fingerprint, "settings": settings._asdict(),
+                      "timesteps": args.timesteps, "limit": args.limit,
+                      "batch_size": args.batch_size}  # what a conversion's result depends on
+            if name in earlier and not _result(earlier[name]):
+                tasks.say(f"{args.out_dir}/seed{seed}.json: {name!r} does not read as this "
+                          "study writes it: simulating it again")
+            elif name in earlier and _same_run(earlier[name], inputs):
+                results[name] = earlier[name]
+                reused += 1
+                continue
+            start = start or tasks.share(path.read_bytes())
+            tasks.add(f"seed {seed}, {name}", "seeds", "convert",
+                      (start, str(path), label, settings, run),
+                      lambda result, name=name, inputs=inputs: converted(name, inputs, result))
+        if reused:
+            tasks.say(f"seed {seed}: reusing {reused} conversions of {path} from "
+                      f"{args.out_dir}/seed{seed}.json")
+
     relu_argv = training_argv(seed, args, "relu")
-    retrained = ensure_trained(relu_argv, args.retrain)
-    relu_path = checkpoint_path(args.checkpoint_dir, "relu", seed)
-    for levels in args.levels:
-        ensure_trained(training_argv(seed, args, "qcfs", relu_path, levels),
-                       args.retrain or retrained)
-    plan = seed_plan(seed, args, device)
-    earlier = read_cache(args.out_dir / f"seed{seed}.json", _conversions) or {}
-    fingerprints = {path: _sha256(path) for path in {c.path for _, c in plan.values()}}
-    inputs = {name: {"checkpoint_sha256": fingerprints[conversion.path],
-                     "settings": conversion.settings._asdict(), "timesteps": args.timesteps,
-                     "limit": args.limit, "batch_size": args.batch_size}
-              for name, (_, conversion) in plan.items()}  # what a conversion's result depends on
-    done = {}
-    for name in [n for n in plan if n in earlier]:
-        if not _result(earlier[name]):
-            print(f"{args.out_dir}/seed{seed}.json: {name!r} does not read as this study writes "
-                  "it: simulating it again")
-        elif _same_run(earlier[name], inputs[name]):
-            done[name] = earlier[name]
-    todo = [name for name in plan if name not in done]
-    if done:
-        print(f"seed {seed}: reusing {len(done)} conversions from {args.out_dir}/seed{seed}.json")
-    results = run_all([plan[name] for name in todo], args.data_dir, args.limit, args.batch_size,
-                      args.timesteps, device) if todo else []
-    for name, result in zip(todo, results, strict=True):
-        done[name] = {key: result[key] for key in ("ann_accuracy", "snn_accuracy", AT_ANN_LEVEL_KEY,
-                                                   "settings", "checkpoint", "test_images")}
-        done[name] |= {"energy_pj_at_ann_level": (at_ann_level(result) or (None,) * 3)[2],
-                       "snn_energy_pj": result["efficiency"]["snn_energy_pj"],
-                       "ann_energy_pj": result["efficiency"]["ann_energy_pj"],
-                       "run": inputs[name]}
-        if "early_exit" in result:
-            done[name]["early_exit"] = {key: result["early_exit"][key]
-                                        for key in early_exit.SUMMARY_KEYS}
-    return {name: done[name] for name in plan}
+    relu_path = argv_path(relu_argv, "--checkpoint")
+
+    def relu_made(trained):
+        network_made(None, relu_path)
+        for levels in args.levels:
+            argv = training_argv(seed, args, "qcfs", relu_path, levels)
+            path = argv_path(argv, "--checkpoint")
+            studies.network(tasks, f"seed {seed}, qcfs L={levels}", argv, args.retrain or trained,
+                            lambda _, levels=levels, path=path: network_made(levels, path))
+    studies.network(tasks, f"seed {seed}, relu", relu_argv, args.retrain, relu_made)
+    return so_far
+
+
+def _conversions(table):
+    """A seed<S>.json: {name: a conversion's result}."""
+    return isinstance(table, dict)
 
 
 def _same_run(earlier, inputs):
@@ -234,24 +184,20 @@ def _same_run(earlier, inputs):
 
 
 def _result(entry):
-    """Whether a cached conversion has what `run_seed` makes, of the right kinds."""
+    """Whether a cached conversion has what `convert` makes, of the right kinds."""
     if not (isinstance(entry, dict) and isinstance(entry.get("run"), dict)
             and isinstance(entry.get("settings"), dict)):
         return False
     steps = entry["run"].get("timesteps")
     lists = all(isinstance(entry.get(key), list) and len(entry[key]) == steps
-                and all(map(_number, entry[key])) for key in ("snn_accuracy", "snn_energy_pj"))
-    numbers = all(_number(entry.get(key)) for key in ("ann_accuracy", "ann_energy_pj"))
-    maybe = all(entry.get(key) is None or _number(entry[key])
+                and all(map(is_number, entry[key])) for key in ("snn_accuracy", "snn_energy_pj"))
+    numbers = all(is_number(entry.get(key)) for key in ("ann_accuracy", "ann_energy_pj"))
+    maybe = all(entry.get(key) is None or is_number(entry[key])
                 for key in (AT_ANN_LEVEL_KEY, "energy_pj_at_ann_level"))
     early = entry.get("early_exit")
     exits = entry["settings"].get("exit_rule") in (None, "none") or isinstance(early, dict) and (
-        all(_number(early.get(key)) for key in early_exit.SUMMARY_KEYS))
+        all(is_number(early.get(key)) for key in early_exit.SUMMARY_KEYS))
     return lists and numbers and maybe and exits and isinstance(entry.get("test_images"), int)
-
-
-def _sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- summary
@@ -515,37 +461,8 @@ def plot_energy(study, path):
 # ----------------------------------------------------------------------------- command line
 
 
-def study_parser(description, seeds, out_dir):
-    """The options a study over seeds has: the seeds, where its networks and results go,
-    retraining, and quick runs (fewer epochs or training images)."""
-    parser = cli.ArgumentParser(description=description)
-    parser.add_argument("--seeds", type=cli.seed_int, nargs="+", default=list(seeds),
-                        help="the seeds")
-    parser.add_argument("--checkpoint-dir", type=cli.path_arg, default=CHECKPOINT_DIR,
-                        help="where each seed's checkpoints are kept and looked for")
-    parser.add_argument("--out-dir", type=cli.path_arg, default=out_dir,
-                        help="where the results go")
-    parser.add_argument("--retrain", action="store_true",
-                        help="train again even where a checkpoint with the same arguments exists")
-    parser.add_argument("--epochs", type=positive_int(lenet5.MAX_EPOCHS), default=None,
-                        help="training epochs of every network (quick runs; default: "
-                             "lenet5.py's)")
-    parser.add_argument("--limit-train", type=positive_int(TRAIN_IMAGES), default=None,
-                        metavar="N",
-                        help="train on the first N training images only (quick runs)")
-    cli.add_device_and_data(parser)
-    return parser
-
-
-def parse_study_args(parser, argv):
-    args = parser.parse_args(argv)
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"argument --seeds: each seed once, got {args.seeds}")
-    return args
-
-
 def parse_args(argv=None):
-    parser = study_parser(__doc__, SEEDS, OUT_DIR)
+    parser = studies.study_parser(__doc__, SEEDS, OUT_DIR)
     parser.add_argument("--levels", type=positive_int(MAX_LEVELS), nargs="+",
                         default=list(LEVELS),
                         help="QCFS levels L to train and convert (lenet5.py's default among "
@@ -558,7 +475,7 @@ def parse_args(argv=None):
                         help="test images simulated at once")
     parser.add_argument("--limit", type=positive_int(TEST_IMAGES), default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")
-    args = parse_study_args(parser, argv)
+    args = studies.parse_study_args(parser, argv)
     if lenet5.LEVELS not in args.levels:
         parser.error(f"argument --levels: must include lenet5.py's default, {lenet5.LEVELS}")
     return args
@@ -566,19 +483,20 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    per_seed = {}
 
     def body():
-        device = cli.resolve_device(args.device)
-        for directory in (args.out_dir, args.checkpoint_dir):
-            cli.check_writable(directory, folder=True)
-        for name in [f"seed{seed}.json" for seed in args.seeds] + list(OUTPUTS):
-            cli.FileSet.check(args.out_dir / name)  # a folder in a file's place: said now
-        for seed in tqdm(args.seeds, desc="seeds", unit="seed", disable=None):
-            per_seed[seed] = run_seed(seed, args, device)
-            write_json(args.out_dir / f"seed{seed}.json", per_seed[seed])
-        study = summarise(args.seeds, per_seed, args.timesteps) | {
-            "threads": torch.get_num_threads()}
+        if not args.address:
+            cli.resolve_device(args.device)  # a cluster's workers may have what this one lacks
+        studies.check_folders(args.out_dir, args.checkpoint_dir, files=[
+            args.out_dir / name for name in [f"seed{s}.json" for s in args.seeds] + list(OUTPUTS)])
+        tasks = studies.Tasks(args)
+
+        def made(seed, results):
+            write_json(args.out_dir / f"seed{seed}.json", results)
+        results = {seed: schedule_seed(seed, args, tasks, made) for seed in args.seeds}
+        tasks.run()
+        study = summarise(args.seeds, {seed: results[seed]() for seed in args.seeds},
+                          args.timesteps) | {"threads": args.threads}
         study["pareto_front"] = [{"name": name, "t": t, "energy_uj": energy, "accuracy": accuracy}
                                  for energy, accuracy, name, t in pareto_front(
                                      energy_points(study)[0])]
@@ -593,8 +511,8 @@ def main(argv=None):
         return study
 
     def kept():
-        return (f"finished seeds {sorted(per_seed) or 'none'} are in {args.out_dir} "
-                f"(seed<S>.json) and {args.checkpoint_dir}; a re-run reuses them")
+        return (f"the networks and conversions made so far are in {args.checkpoint_dir} and "
+                f"{args.out_dir} (seed<S>.json); a re-run reuses them")
     return cli.run("seeds.py", body, kept)
 
 

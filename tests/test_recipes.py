@@ -17,6 +17,7 @@ def test_recipes_are_judged_on_validation_paired_with_the_baseline(tmp_path, mon
     monkeypatch.setattr(recipes, "CONVERSIONS", [(2, 0.5), ("L", 0.5)])
     monkeypatch.setattr(recipes, "CONVERSION_STEPS", 3)
     argv = ["--seeds", "1", "2", "--epochs", "2", "--limit-train", "1000", "--device", "cpu",
+            "--workers", "0",
             "--data-dir", str(DATA), "--checkpoint-dir", str(tmp_path / "ck"),
             "--out-dir", str(tmp_path / "out")]
     summary = recipes.main(argv)

@@ -3,7 +3,6 @@ import json
 import re
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 from helpers import DATA, ROOT, check_refused
@@ -13,21 +12,9 @@ import lenet_convert
 sys.path.insert(0, str(ROOT / "bench"))
 
 import seeds  # noqa: E402
+import studies  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """A tiny study of two seeds and two levels, as the command runs it: (argv, its folder,
-    seeds.json, the per-seed JSON)."""
-    tmp = tmp_path_factory.mktemp("study")
-    argv = ["--seeds", "1", "2", "--levels", "2", "4", "--limit-train", "1000", "--epochs", "2",
-            "--limit", "200", "--timesteps", "4", "--device", "cpu", "--data-dir", str(DATA),
-            "--checkpoint-dir", str(tmp / "ck"), "--out-dir", str(tmp / "out")]
-    returned = seeds.main(argv)
-    saved = json.loads((tmp / "out" / "seeds.json").read_text())
-    assert saved == json.loads(json.dumps(returned))
-    per_seed = [json.loads((tmp / "out" / f"seed{s}.json").read_text()) for s in (1, 2)]
-    return argv, tmp, saved, per_seed
+SIMULATED = ": simulated, "  # the line of each conversion the study runs
 
 
 def test_each_seed_runs_what_lenet_convert_gives(study):
@@ -105,18 +92,19 @@ def test_pareto_front_table_and_figures(study):
         assert (tmp / "out" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def _copy(study, tmp_path):
-    """The study's folders copied into `tmp_path` (the other tests see the first run), and its
-    command line for the copy."""
+def _copy(study, tmp_path, monkeypatch):
+    """The study's folders copied into `tmp_path`, where the test then runs (the other tests see
+    the first run), and its command line."""
     argv, tmp, _, _ = study
     for folder in ("ck", "out"):
         shutil.copytree(tmp / folder, tmp_path / folder)
-    return [str(tmp_path / Path(a).name) if a.startswith(str(tmp)) else a for a in argv]
+    monkeypatch.chdir(tmp_path)
+    return argv
 
 
-def test_a_second_run_reuses_networks_and_conversions(study, tmp_path, capsys):
+def test_a_second_run_reuses_networks_and_conversions(study, tmp_path, monkeypatch, capsys):
     _, _, saved, per_seed = study
-    argv = _copy(study, tmp_path)
+    argv = _copy(study, tmp_path, monkeypatch)
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").glob("*.pt")}
     capsys.readouterr()
     assert seeds.main(argv)["runs"] == saved["runs"]
@@ -124,14 +112,15 @@ def test_a_second_run_reuses_networks_and_conversions(study, tmp_path, capsys):
     assert out.count("(made with the same arguments)") == 6  # the three networks of both seeds
     conversions = len(per_seed[0])  # 16 of the ReLU network, 4 of L = 4 and 1 of L = 2
     assert conversions == 21
-    assert f"reusing {conversions} conversions" in out and "simulating" not in out
+    reused = [int(n) for n in re.findall(r"seed \d: reusing (\d+) conversions", out)]
+    assert sum(reused) == 2 * conversions and SIMULATED not in out
     seeds.main([*argv, "--timesteps", "3"])  # a change the conversions depend on: run again
-    assert capsys.readouterr().out.count("simulating") == 2 * conversions
+    assert capsys.readouterr().out.count(SIMULATED) == 2 * conversions
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ck").glob("*.pt")}
-    relu_argv = seeds.training_argv(1, seeds.parse_args(argv), "relu")
-    assert seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv)
-    assert not seeds.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv + ["--lr", "0.02"])
-    assert not seeds.reusable(tmp_path / "ck" / "relu_seed3.pt", relu_argv)
+    relu_argv = studies.training_argv(1, seeds.parse_args(argv), "relu")
+    assert studies.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv)
+    assert not studies.reusable(tmp_path / "ck" / "relu_seed1.pt", relu_argv + ["--lr", "0.02"])
+    assert not studies.reusable(tmp_path / "ck" / "relu_seed3.pt", relu_argv)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -168,17 +157,17 @@ SPOILED_CACHES = [
 
 
 @pytest.mark.parametrize("file, spoil, line, simulated", SPOILED_CACHES)
-def test_a_spoiled_cache_is_made_again_not_trusted(study, tmp_path, capsys, file, spoil, line,
-                                                    simulated):
+def test_a_spoiled_cache_is_made_again_not_trusted(study, tmp_path, monkeypatch, capsys, file,
+                                                    spoil, line, simulated):
     _, _, saved, _ = study
-    argv = _copy(study, tmp_path)
+    argv = _copy(study, tmp_path, monkeypatch)
     spoil(tmp_path / file)
     capsys.readouterr()
     again = seeds.main(argv)
     out = capsys.readouterr().out
     assert re.search(line, out) and "Traceback" not in out
     if simulated:  # the conversions it held are simulated again, and the same
-        assert sum(line.startswith("simulating ") for line in out.splitlines()) == simulated
+        assert out.count(SIMULATED) == simulated
     assert again["runs"]["relu"]["snn"] == saved["runs"]["relu"]["snn"] or file.startswith("ck")
 
 

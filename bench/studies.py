@@ -1,0 +1,420 @@
+"""What the studies (seeds.py, recipes.py) share: their options, the reuse of what an earlier
+run made, and running their trainings and conversions as tasks.
+
+A task is a function of its inputs (a command line, the bytes of the checkpoints it starts from
+or converts) that returns what it made (a checkpoint's and its history's bytes, a conversion's
+result) to this process, which writes every file, atomically, into its own folders. So no task
+needs a shared file system or writes anything, and the tasks can run anywhere:
+
+- on Ray (https://docs.ray.io), by default a local Ray that this process starts, one task per
+  core (--threads torch threads each), or the Ray cluster at --address (each node gets a copy
+  of the project, MNIST included, from Ray; Ray's own setup is up to its user);
+- with --workers 0, one after another in this process, without Ray.
+
+A task starts as soon as what it needs is made: a QCFS network after the ReLU network it is
+fine-tuned from, a conversion after its network, longer tasks (trainings) first. Every task
+runs with --threads torch threads whoever runs it: training results depend on the thread count
+(and the machine type), not on where or in which order a task ran, so the same seed gives the
+same checkpoints and numbers bit for bit with Ray or without, on any number of workers.
+
+A task that fails (a training that diverges) is said in one line; the tasks that need what it
+would have made do not run, all the others do and what they made is kept, and the study ends
+with an error naming what failed.
+"""
+
+import sys
+from pathlib import Path
+
+import cli  # (first: see its docstring; the caller put the project on the path)
+
+# isort: split
+import contextlib
+import hashlib
+import heapq
+import importlib
+import io
+import itertools
+import json
+import os
+import tempfile
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+import lenet5
+from checkpoint import load_checkpoint, serialise
+from cli import UserError, positive_int
+from mnist import TRAIN_IMAGES
+
+ROOT = Path(__file__).resolve().parent.parent  # the project: what a Ray worker gets a copy of
+CHECKPOINT_DIR = Path("checkpoints/seeds")
+THREADS = 1  # torch threads per task: small LeNet trainings use more than one or two poorly
+NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that may differ on reuse
+HISTORY_KEYS = ("epoch", "train_accuracy", "val_accuracy", "seconds")  # read from a history
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def study_parser(description, seeds, out_dir):
+    """The options a study over seeds has: the seeds, where its networks and results go,
+    retraining, quick runs (fewer epochs or training images), and where its tasks run."""
+    parser = cli.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=cli.seed_int, nargs="+", default=list(seeds),
+                        help="the seeds")
+    parser.add_argument("--checkpoint-dir", type=cli.path_arg, default=CHECKPOINT_DIR,
+                        help="where each seed's checkpoints are kept and looked for")
+    parser.add_argument("--out-dir", type=cli.path_arg, default=out_dir,
+                        help="where the results go")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train again even where a checkpoint with the same arguments exists")
+    parser.add_argument("--epochs", type=positive_int(lenet5.MAX_EPOCHS), default=None,
+                        help="training epochs of every network (quick runs; default: "
+                             "lenet5.py's)")
+    parser.add_argument("--limit-train", type=positive_int(TRAIN_IMAGES), default=None,
+                        metavar="N",
+                        help="train on the first N training images only (quick runs)")
+    cli.add_device_and_data(parser)
+    parser.add_argument("--workers", type=cli.non_negative_int(4096), default=None,
+                        help="tasks (trainings, conversions) run at once on Ray (default: as "
+                             "many as the Ray cluster has CPUs for, --threads each); 0: one "
+                             "after another in this process, without Ray (the same results)")
+    parser.add_argument("--threads", type=positive_int(256), default=THREADS,
+                        help="torch threads of each task (results depend on it: keep it to "
+                             "compare runs bit for bit)")
+    parser.add_argument("--address", default=None, metavar="HOST:PORT",
+                        help="join the Ray cluster there (e.g. one started by 'ray start "
+                             "--head'); default: start a local Ray on this machine")
+    return parser
+
+
+def parse_study_args(parser, argv):
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"argument --seeds: each seed once, got {args.seeds}")
+    if args.workers == 0 and args.address:
+        parser.error("argument --address: a cluster needs --workers of at least 1")
+    return args
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def checkpoint_path(directory, activation, seed):
+    return Path(directory) / f"{activation}_seed{seed}.pt"
+
+
+def training_argv(seed, args, activation, init_from=None, levels=lenet5.LEVELS):
+    """lenet5.py's command line for one network of one seed (a QCFS one with `levels`)."""
+    name = activation if activation == "relu" else f"{activation}_L{levels}"
+    argv = ["--seed", str(seed), "--device", args.device, "--data-dir", str(args.data_dir),
+            "--checkpoint", str(checkpoint_path(args.checkpoint_dir, name, seed))]
+    if activation == "qcfs":
+        argv += ["--activation", "qcfs", "--levels", str(levels), "--init-from", str(init_from)]
+    if args.epochs:
+        argv += ["--epochs", str(args.epochs)]
+    if args.limit_train:
+        argv += ["--limit-train", str(args.limit_train)]
+    return argv
+
+
+def argv_path(argv, option):
+    """The path an option of lenet5.py's command line `argv` names (None if it is not there)."""
+    return Path(argv[argv.index(option) + 1]) if option in argv else None
+
+
+def reusable(path, argv):
+    """Whether `path` holds a checkpoint made by lenet5.py with the arguments `argv`, and its
+    history beside it. One that does not read as expected is not used (a line says so)."""
+    if not path.is_file():
+        return False
+    try:
+        made = load_checkpoint(path).get("args", {})
+    except UserError as e:
+        say(f"{e}; training it again")
+        return False
+    history = read_cache(lenet5.history_path(path), _history_entries)
+    if history is None:
+        return False
+    wanted = vars(lenet5.parse_args(argv))
+    return all(str(made[k]) == str(v) if k in made else not v  # a newer option, left off
+               for k, v in wanted.items() if k not in NOT_COMPARED)
+
+
+def read_cache(path, readable):
+    """The JSON in `path` if it is there and `readable(value)`; else None. A file that is there
+    but does not read as expected (truncated, edited) is never trusted and never fatal: a line
+    says it is made again."""
+    if not Path(path).exists():
+        return None
+    try:
+        value = json.loads(Path(path).read_text())
+        if readable(value):
+            return value
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    say(f"{path} does not read as this study writes it: making it again")
+    return None
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _history_entries(history):
+    """A history lenet5.py writes: a record per epoch."""
+    return isinstance(history, list) and history and all(
+        isinstance(h, dict) and all(is_number(h.get(k)) for k in HISTORY_KEYS) for h in history)
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def network(tasks, what, argv, retrain, then):
+    """Make the network lenet5.py's command line `argv` trains, unless its checkpoint is there
+    already (made with the same arguments) and `retrain` is false; then `then(trained)`.
+
+    The training is a task (`train_network`) that gets the bytes of the checkpoint it starts
+    from; the checkpoint and history it returns are promoted here as lenet5.py does it.
+    """
+    path = argv_path(argv, "--checkpoint")
+    if not retrain and reusable(path, argv):
+        say(f"reusing {path} (made with the same arguments)")
+        then(False)
+        return
+    start = argv_path(argv, "--init-from")
+
+    def made(files):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():  # where lenet5.py keeps a run until it completes
+            cli.partial_path(path.with_name(name)).write_bytes(data)
+        replaced = lenet5.promote(path)[1]
+        record = load_checkpoint(path)
+        tasks.say(f"{what}: trained {path} (best epoch {record['epoch']}, val "
+                  f"{record['val_accuracy']:.2%})" + (f"; kept the one it replaced as {replaced}"
+                                                      if replaced else ""))
+        then(True)
+    tasks.add(f"{what}: training", "studies", "train_network",
+              (argv, start and tasks.share(start.read_bytes())), made, first=True)
+
+
+# ----------------------------------------------------------------------------- what tasks run
+
+
+def train_network(argv, start):
+    """Train with lenet5.py's command line `argv`, starting from the checkpoint bytes `start` (or
+    from scratch); {file name: bytes} of the checkpoint and history it made, for the paths in
+    `argv`. The checkpoint records `argv`'s paths, not this task's temporary ones."""
+    args = lenet5.parse_args(argv)
+    asked = {"checkpoint": str(args.checkpoint), "data_dir": str(args.data_dir),
+             "init_from": args.init_from and str(args.init_from)}
+    args.data_dir = on_this_node(args.data_dir)
+    with checkpoint_files({"start.pt": start} if start else {}) as (folder, paths):
+        args.checkpoint = folder / args.checkpoint.name
+        args.init_from = paths.get("start.pt")
+        best = lenet5.run(args)
+        best["args"] |= asked
+        made = io.BytesIO()
+        serialise(best, made)
+        history = lenet5.history_path(args.checkpoint)
+        return {args.checkpoint.name: made.getvalue(), history.name: history.read_bytes()}
+
+
+@contextlib.contextmanager
+def checkpoint_files(files):
+    """A temporary folder holding `files` ({name: bytes}); yields (folder, {name: path})."""
+    with tempfile.TemporaryDirectory(prefix="study-task-") as folder:
+        paths = {}
+        for name, data in files.items():
+            paths[name] = Path(folder) / name
+            paths[name].write_bytes(data)
+        yield Path(folder), paths
+
+
+def on_this_node(path):
+    """A path the driver gave relative to the project (`task_path`), on the node running the
+    task."""
+    return ROOT / path
+
+
+def task_path(path):
+    """How a task is told of a file the driver has: relative to the project if it is in it (a
+    Ray worker has its own copy of the project), else as it is (it must be there on every node)."""
+    path = Path(path).resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+class Failed(NamedTuple):
+    """What a task that ended in a UserError returns: the error's first clause."""
+
+    message: str
+
+
+def run_task(module, function, arguments, threads):
+    """Run `module.function(*arguments)` with `threads` torch threads, its output kept to itself;
+    what it returns, or Failed."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return getattr(importlib.import_module(module), function)(*arguments)
+    except UserError as e:  # "what went wrong; what was kept" in a task's own folders: the first
+        return Failed(str(e).partition("; ")[0])
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _ray_task():
+    """The function a Ray worker runs: `run_task` from its copy of the project. Defined here,
+    inside a function, so that Ray sends it by value (its own module is not importable on a
+    worker until the project's folders are on the path)."""
+    def call(module, function, threads, *arguments):  # Ray passes what an ObjectRef among
+        # `arguments` holds, not the ref
+        folder = os.getcwd()  # a Ray worker starts in its copy of the project (working_dir)
+        for where in (folder, os.path.join(folder, "bench")):
+            if where not in sys.path:
+                sys.path.insert(0, where)
+        return importlib.import_module("studies").run_task(module, function, arguments, threads)
+    return call
+
+
+# ----------------------------------------------------------------------------- running tasks
+
+
+def say(line):
+    """A line that does not break the progress bar."""
+    tqdm.write(line)
+
+
+class Task(NamedTuple):
+    what: str  # "seed 1, relu: training"
+    module: str
+    function: str
+    arguments: tuple
+    then: object  # called here with what the task returned
+
+
+class Tasks:
+    """The tasks of a study: `add` them, `run` them; each task's `then` runs here, in order of
+    completion, and may add more. On Ray with args.workers at once (see the module's
+    docstring), or with args.workers == 0 in this process."""
+
+    def __init__(self, args):
+        self.threads, self.ray, self.workers = args.threads, None, 1
+        self.ready, self.order, self.running, self.failed = [], itertools.count(), {}, []
+        each = f"{self.threads} torch thread{'s' * (self.threads > 1)} each"
+        if args.workers == 0:
+            say(f"tasks run one after another in this process, {each}")
+        else:
+            self.ray = start_ray(args.address)
+            cpus = int(self.ray.cluster_resources().get("CPU", 1))
+            nodes = sum(node["Alive"] for node in self.ray.nodes())
+            self.workers = args.workers or max(1, cpus // self.threads)
+            self.remote = self.ray.remote(_ray_task()).options(num_cpus=self.threads,
+                                                               max_retries=0)
+            say(f"tasks run on Ray: {nodes} node{'s' * (nodes > 1)}, {cpus} CPUs, "
+                f"{self.workers} at once, {each}")
+        self.bar = tqdm(total=0, desc="tasks", unit="task", disable=None, dynamic_ncols=True)
+
+    def share(self, value):
+        """`value` as a task's argument: put into Ray's object store once, however many tasks
+        get it."""
+        return self.ray.put(value) if self.ray else value
+
+    def add(self, what, module, function, arguments, then, first=False):
+        """A task to run once a worker is free: `first` ones (trainings) before the others."""
+        heapq.heappush(self.ready, (not first, next(self.order),
+                                    Task(what, module, function, tuple(arguments), then)))
+        self.bar.total += 1
+        self._show()
+
+    def say(self, line):
+        say(line)
+
+    def run(self):
+        """Run every task added, and every task their `then` adds; stop at Ctrl-C."""
+        try:
+            while self.ready or self.running:
+                task, result = self._next()
+                self.bar.update()
+                if isinstance(result, Failed):
+                    self.failed.append(task.what)
+                    say(f"{task.what} failed: {result.message}; what needs it is not made, "
+                        "everything else is")
+                else:
+                    task.then(result)
+                self._show()
+        finally:
+            self.close()
+        if self.failed:
+            raise UserError(f"{len(self.failed)} task(s) failed ({'; '.join(self.failed)}): "
+                            "see the lines above")
+
+    def _next(self):
+        """Start tasks while a worker is free; wait for one to finish: (task, what it returned)."""
+        if not self.ray:
+            task = heapq.heappop(self.ready)[2]
+            self.running[None] = task
+            self._show()
+            result = run_task(task.module, task.function, task.arguments, self.threads)
+            return self.running.pop(None), result
+        while self.ready and len(self.running) < self.workers:
+            task = heapq.heappop(self.ready)[2]
+            ref = self.remote.remote(task.module, task.function, self.threads, *task.arguments)
+            self.running[ref] = task
+        self._show()
+        (ref,), _ = self.ray.wait(list(self.running), num_returns=1)
+        task = self.running.pop(ref)
+        try:
+            return task, self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as e:  # a bug, not a user's error: its trace
+            raise e.as_instanceof_cause() from None
+
+    def _show(self):
+        self.bar.set_postfix_str(f"running {len(self.running)}, waiting {len(self.ready)}",
+                                 refresh=False)
+
+    def close(self):
+        """Stop what still runs (after Ctrl-C or an error) and let go of Ray."""
+        self.bar.close()
+        if self.ray:
+            for ref in self.running:
+                self.ray.cancel(ref, force=True)
+            self.ray.shutdown()
+            self.ray = None
+
+
+def start_ray(address):
+    """Ray, started on this machine or joined at `address`, with the project sent to every
+    worker (only what git would keep: .gitignore leaves out checkpoints and results)."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("the studies run their tasks on Ray: pip install -r "
+                        "requirements-study.txt (or --workers 0: one after another, without "
+                        "Ray)") from None
+    import logging
+
+    runtime = {"working_dir": str(ROOT), "excludes": ["checkpoints/", "results/", ".git/"]}
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR, runtime_env=runtime, configure_logging=True)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"Ray did not start{f' at {address}' if address else ''}: "
+                        f"{cli.first_line(e)}") from None
+    return ray
+
+
+# ----------------------------------------------------------------------------- running a study
+
+
+def check_folders(*folders, files=()):
+    """Before anything runs: the study's folders can be written, and no folder stands where it
+    writes a file."""
+    for directory in folders:
+        cli.check_writable(directory, folder=True)
+    for path in files:
+        cli.FileSet.check(path)

@@ -16,9 +16,12 @@ validation images: the first step at which it comes within 0.05 pp of the same s
 ANN's validation accuracy, and its energy there. lenet_convert.py converts a QCFS network by
 default with the setting that gets there in the fewest steps (then the least energy).
 
+Every training and the conversions of each seed are tasks, run on Ray or, with --workers 0,
+one after another in this process, as in bench/seeds.py (see studies.py).
+
 Example:
-    python bench/recipes.py --seeds 1 2 3     # 80 to 160 minutes on 2 CPU cores, given the
-                                              # ReLU networks of bench/seeds.py
+    python bench/recipes.py --seeds 1 2 3     # 80 to 160 minutes on 2 CPU cores (one after
+                                              # another), given the ReLU networks of seeds.py
 Writes (into --out-dir, default results/recipes/): recipes.json, recipes.csv
 """
 
@@ -75,7 +78,8 @@ CONVERSION_MARGIN = 0.0005  # "within 0.05 pp of the ReLU ANN"
 
 def stage_argv(seed, code, extra, init_from, args):
     """lenet5.py's command line for one stage of a recipe, for one seed."""
-    argv = ["--seed", str(seed), "--device", args.device, "--data-dir", str(args.data_dir),
+    argv = ["--seed", str(seed), "--device", args.device,
+            "--data-dir", str(studies.task_path(args.data_dir)),
             "--checkpoint", str(args.checkpoint_dir / "recipes" / f"{code}_seed{seed}.pt"),
             "--activation", "qcfs"]
     if "scratch" not in extra:

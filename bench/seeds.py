@@ -16,12 +16,19 @@ have; for each level, how soon it comes within 0.1 and 0.05 pp of the same seed'
 at what energy, paired against the default level; and for early exit its accuracy, mean steps
 and time against fixed T.
 
+Every training and every conversion is a task (`studies.py`): on a local Ray by default, one
+per core, or on the Ray cluster at --address; --workers 0 runs them one after another in this
+process, without Ray. A QCFS network starts once its ReLU network is there, a conversion once
+its network is; the results do not depend on where or in which order the tasks ran.
+
 Example:
-    python bench/seeds.py --seeds 1 2 3 4 5        # 3 to 6 hours on 2 CPU cores
+    pip install -r requirements-study.txt             # Ray, besides the project's requirements
+    python bench/seeds.py --seeds 1 2 3 4 5           # hours on 2 CPU cores (docs/results.md)
     python bench/seeds.py --seeds 1 2 --limit-train 1000 --epochs 2 --limit 500   # a quick look
+    python bench/seeds.py --address 10.0.0.1:6379     # on a Ray cluster started by 'ray start'
 
 Writes (into --out-dir, default results/seeds/):
-    seed<S>.json       every run of one seed, written as soon as that seed is done
+    seed<S>.json       every conversion of one seed, rewritten as each one is done
     seeds.json         the runs, their summary, the paired differences and the levels
     seeds.csv          one row per network (or knob) and step
     seeds.png          accuracy per step (mean, +-1 std, min-max) and the paired differences
@@ -496,7 +503,8 @@ def main(argv=None):
         results = {seed: schedule_seed(seed, args, tasks, made) for seed in args.seeds}
         tasks.run()
         study = summarise(args.seeds, {seed: results[seed]() for seed in args.seeds},
-                          args.timesteps) | {"threads": args.threads}
+                          args.timesteps) | {"threads": args.threads,
+                                             "task_seconds": tasks.seconds}
         study["pareto_front"] = [{"name": name, "t": t, "energy_uj": energy, "accuracy": accuracy}
                                  for energy, accuracy, name, t in pareto_front(
                                      energy_points(study)[0])]

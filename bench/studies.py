@@ -37,6 +37,7 @@ import itertools
 import json
 import os
 import tempfile
+import time
 from typing import NamedTuple
 
 from tqdm import tqdm
@@ -107,7 +108,8 @@ def checkpoint_path(directory, activation, seed):
 def training_argv(seed, args, activation, init_from=None, levels=lenet5.LEVELS):
     """lenet5.py's command line for one network of one seed (a QCFS one with `levels`)."""
     name = activation if activation == "relu" else f"{activation}_L{levels}"
-    argv = ["--seed", str(seed), "--device", args.device, "--data-dir", str(args.data_dir),
+    argv = ["--seed", str(seed), "--device", args.device,
+            "--data-dir", str(task_path(args.data_dir)),
             "--checkpoint", str(checkpoint_path(args.checkpoint_dir, name, seed))]
     if activation == "qcfs":
         argv += ["--activation", "qcfs", "--levels", str(levels), "--init-from", str(init_from)]
@@ -305,18 +307,22 @@ class Tasks:
     def __init__(self, args):
         self.threads, self.ray, self.workers = args.threads, None, 1
         self.ready, self.order, self.running, self.failed = [], itertools.count(), {}, []
+        self.seconds = {}  # what: how long the task took, from its start to its result here
         each = f"{self.threads} torch thread{'s' * (self.threads > 1)} each"
         if args.workers == 0:
             say(f"tasks run one after another in this process, {each}")
         else:
             self.ray = start_ray(args.address)
-            cpus = int(self.ray.cluster_resources().get("CPU", 1))
+            resources = self.ray.cluster_resources()
+            cpus, gpus = int(resources.get("CPU", 1)), resources.get("GPU", 0)
             nodes = sum(node["Alive"] for node in self.ray.nodes())
             self.workers = args.workers or max(1, cpus // self.threads)
-            self.remote = self.ray.remote(_ray_task()).options(num_cpus=self.threads,
-                                                               max_retries=0)
-            say(f"tasks run on Ray: {nodes} node{'s' * (nodes > 1)}, {cpus} CPUs, "
-                f"{self.workers} at once, {each}")
+            gpu = min(1.0, gpus / self.workers) if args.device != "cpu" else 0  # Ray shows a
+            self.remote = self.ray.remote(_ray_task()).options(  # task only the GPUs it asks for
+                num_cpus=self.threads, num_gpus=gpu, max_retries=0)
+            say(f"tasks run on Ray: {nodes} node{'s' * (nodes > 1)}, {cpus} CPUs"
+                + (f", {gpus:g} GPUs ({gpu:.2g} per task)" if gpu else "")
+                + f", {self.workers} at once, {each}")
         self.bar = tqdm(total=0, desc="tasks", unit="task", disable=None, dynamic_ncols=True)
 
     def share(self, value):
@@ -336,6 +342,7 @@ class Tasks:
 
     def run(self):
         """Run every task added, and every task their `then` adds; stop at Ctrl-C."""
+        start = time.perf_counter()
         try:
             while self.ready or self.running:
                 task, result = self._next()
@@ -349,6 +356,10 @@ class Tasks:
                 self._show()
         finally:
             self.close()
+        if self.seconds:
+            wall, work = time.perf_counter() - start, sum(self.seconds.values())
+            say(f"{len(self.seconds)} tasks in {wall:.0f} s: {work:.0f} s of work, "
+                f"{work / wall:.2f} tasks at once on average")
         if self.failed:
             raise UserError(f"{len(self.failed)} task(s) failed ({'; '.join(self.failed)}): "
                             "see the lines above")
@@ -357,21 +368,26 @@ class Tasks:
         """Start tasks while a worker is free; wait for one to finish: (task, what it returned)."""
         if not self.ray:
             task = heapq.heappop(self.ready)[2]
-            self.running[None] = task
+            self.running[None] = (task, time.perf_counter())
             self._show()
             result = run_task(task.module, task.function, task.arguments, self.threads)
-            return self.running.pop(None), result
+            return self._finished(None), result
         while self.ready and len(self.running) < self.workers:
             task = heapq.heappop(self.ready)[2]
             ref = self.remote.remote(task.module, task.function, self.threads, *task.arguments)
-            self.running[ref] = task
+            self.running[ref] = (task, time.perf_counter())
         self._show()
         (ref,), _ = self.ray.wait(list(self.running), num_returns=1)
-        task = self.running.pop(ref)
+        task = self._finished(ref)
         try:
             return task, self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as e:  # a bug, not a user's error: its trace
             raise e.as_instanceof_cause() from None
+
+    def _finished(self, key):
+        task, start = self.running.pop(key)
+        self.seconds[task.what] = round(time.perf_counter() - start, 2)
+        return task
 
     def _show(self):
         self.bar.set_postfix_str(f"running {len(self.running)}, waiting {len(self.ready)}",

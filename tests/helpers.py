@@ -69,8 +69,8 @@ def two_class_snn():
                                      spy=BatchSizes()))
 
 
-TIMINGS = ("simulation_seconds", "seconds", "fixed_seconds", "time_ratio")  # all that may
-# differ between runs
+TIMINGS = ("simulation_seconds", "seconds", "fixed_seconds", "time_ratio",  # all that may
+           "task_seconds")  # differ between runs
 
 
 def without_timings(value):

@@ -36,6 +36,7 @@ import io
 import itertools
 import json
 import os
+import socket
 import tempfile
 import time
 from typing import NamedTuple
@@ -414,6 +415,8 @@ def start_ray(address):
                         "Ray)") from None
     import logging
 
+    if address and address != "auto":  # Ray itself would wait for it for minutes
+        _check_answers(address)
     runtime = {"working_dir": str(ROOT), "excludes": ["checkpoints/", "results/", ".git/"]}
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -434,3 +437,14 @@ def check_folders(*folders, files=()):
         cli.check_writable(directory, folder=True)
     for path in files:
         cli.FileSet.check(path)
+
+
+def _check_answers(address):
+    """That something listens at `address` (HOST:PORT, or ray://HOST:PORT)."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10):
+            pass
+    except (OSError, ValueError) as e:
+        raise UserError(f"no Ray cluster answers at {address} ({cli.first_line(e)}): start one "
+                        "with 'ray start --head', or leave out --address for a local Ray") from None

@@ -129,3 +129,11 @@ def test_an_interrupted_study_resumes_with_what_it_made(study, tmp_path, monkeyp
     again = seeds.main(argv)
     assert "reusing ck/relu_seed2.pt (made with the same arguments)" in capsys.readouterr().out
     assert again["runs"] == saved["runs"]  # the same networks, trained in two runs
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "nowhere:6379", "127.0.0.1"])
+def test_a_cluster_that_is_not_there_is_one_line(address, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=f"no Ray cluster answers at {address}"):
+        seeds.main([*TINY, "--address", address, "--checkpoint-dir", str(tmp_path / "ck"),
+                    "--out-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "ck").exists()

@@ -222,7 +222,7 @@ def _stats(rows):
 
 
 def summarise(seeds, per_seed, timesteps):
-    """seeds.json's content from {seed: run_seed's result}."""
+    """seeds.json's content from {seed: the seed's results by name (schedule_seed)}."""
     runs = {name: _runs([per_seed[s][label] for s in seeds]) for name, label in NAMES.items()}
     summary = {name: _summary(run) for name, run in runs.items()}
     paired = {}

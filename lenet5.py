@@ -284,16 +284,12 @@ def _percentiles_of(checkpoint, name, key, per_channel, path):
 
 
 @torch.no_grad()
-def record_activations(model, batches, device, names):
-    """The outputs of each layer in `names` over `batches`: {name: tensor [samples, channels, ...]}.
-
-    Forward hooks collect the outputs in eval mode; they are removed before returning.
-    """
-    values = {name: [] for name in names}
+def run_with_hooks(model, batches, device, names, hook):
+    """Run `model` in eval mode over `batches` with `hook(name, output)` called on the output of
+    each layer in `names` (forward hooks, removed before returning)."""
     modules = dict(model.named_children())
     handles = [modules[name].register_forward_hook(
-        lambda _module, _input, output, name=name: values[name].append(output.cpu()))
-        for name in names]
+        lambda _module, _input, output, name=name: hook(name, output)) for name in names]
     try:
         model.eval()
         for images, _ in batches:
@@ -301,6 +297,14 @@ def record_activations(model, batches, device, names):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def record_activations(model, batches, device, names):
+    """The outputs of each layer in `names` over `batches`: {name: tensor [samples, channels,
+    ...]}."""
+    values = {name: [] for name in names}
+    run_with_hooks(model, batches, device, names,
+                   lambda name, output: values[name].append(output.cpu()))
     return {name: torch.cat(chunks) for name, chunks in values.items()}
 
 
@@ -384,21 +388,12 @@ def check_recorded_maxima(checkpoint, model, path, data_dir, device):
         return  # nothing to check, or no record of which images to check it on
     calibration = recorded_calibration(checkpoint, data_dir)
     maxima, values = dict.fromkeys(hooked_layers(model)), dict.fromkeys(hooked_layers(model), 0)
-    modules = dict(model.named_children())
 
-    def hook(module, inputs, output, name):
+    def hook(name, output):
         value = output.transpose(0, 1).flatten(1).amax(1)  # per channel
         maxima[name] = value if maxima[name] is None else torch.maximum(maxima[name], value)
         values[name] += output.numel()
-    handles = [modules[name].register_forward_hook(
-        lambda m, i, o, name=name: hook(m, i, o, name)) for name in maxima]
-    try:
-        model.eval()
-        for images, _ in calibration:
-            model(images.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, calibration, device, list(maxima), hook)
     for name, table in tables.items():
         for layer, per_channel in maxima.items():
             measured = per_channel.cpu().double()

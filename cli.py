@@ -182,9 +182,7 @@ def atomic_path(path):
     The folder is made here, when there is something to write into it.
     """
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder where this run writes a file: move it away or "
-                        "write elsewhere")
+    _not_a_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
@@ -205,6 +203,13 @@ def write_csv(path, rows):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _not_a_folder(path):
+    """A UserError if a folder stands where a run is to write the file `path`."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder where this run writes a file: move it away or "
+                        "write elsewhere")
 
 
 class FileSet:
@@ -230,9 +235,7 @@ class FileSet:
     @staticmethod
     def check(target):
         """That `target` can be written: a folder in its place is named as such."""
-        if target.is_dir():
-            raise UserError(f"{target} is a folder where this run writes a file: move it away "
-                            "or write elsewhere")
+        _not_a_folder(target)
         check_writable(target)
 
     @property

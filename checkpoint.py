@@ -12,6 +12,8 @@ A checkpoint is a dict saved with torch.save and loaded with weights_only=True:
     channel_percentiles   the same per channel: {layer: {key: [value per channel]}}
     percentile            the key a conversion uses by default
     calibration_images    how many training images the percentiles come from
+    val_energy_uj         QCFS: the energy per image of its SNN's first step with gamma = L on
+                          the validation images (µJ; lenet5.first_step_energy)
     epoch, val_accuracy, test_accuracy, seed, args (lenet5.py's arguments, e.g. val_size),
     torch_version, torchvision_version
 
@@ -113,7 +115,9 @@ CHECKS = {  # key (args.* inside "args"): (test, what it must be); checked where
     "epoch": (lambda v: _is_number(v, 1, integer=True), "a positive integer"),
     "val_accuracy": (lambda v: _is_number(v, 0, highest=1), "a fraction in [0, 1]"),
     "test_accuracy": (lambda v: _is_number(v, 0, highest=1), "a fraction in [0, 1]"),
+    "val_energy_uj": (lambda v: _is_number(v, 0), "a non-negative number of µJ"),
     "args": (lambda v: isinstance(v, dict), "a table of the arguments"),
+    "args.energy_weight": (lambda v: _is_number(v, 0), "a non-negative number"),
     "args.val_size": (lambda v: _is_number(v, 1, integer=True, highest=TRAIN_IMAGES - 1),
                       f"an integer in [1, {TRAIN_IMAGES - 1}]"),
     "args.limit_train": (lambda v: v is None or _is_number(v, 1, integer=True),

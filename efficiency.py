@@ -45,6 +45,24 @@ def fan_out(layer, input_shape):
     return x.grad[0]
 
 
+def fan_outs(ann, image_shape=IMAGE_SHAPE):
+    """{weighted layer: the fan-out of each unit of one sample's input to it} (`fan_out`)."""
+    return {name: fan_out(getattr(ann, name), shape)
+            for name, shape in input_shapes(ann, image_shape).items()}
+
+
+def energy_pj(first_layer_macs, synops):
+    """The energy model: the first layer's MACs on the analog image, an accumulate per SynOp."""
+    return first_layer_macs * PJ_PER_MAC + synops * PJ_PER_AC
+
+
+def synops_of(spikes_in, fanouts):
+    """SynOps per image: {weighted layer: the spikes entering it, [N, *its input]} each times the
+    fan-out of the unit it leaves (`fan_outs`), summed. A tensor [N], differentiable."""
+    return sum((spikes.flatten(1) * fanouts[name].flatten()).sum(1)
+               for name, spikes in spikes_in.items())
+
+
 def efficiency(snn, counts, images, timesteps, neurons, shapes):
     """Firing rates, synaptic operations and energy per image from spike counts (docs/method.md §7).
 
@@ -75,7 +93,7 @@ def efficiency(snn, counts, images, timesteps, neurons, shapes):
         "synops_per_image": total,
         "synops_by_layer": synops,
         "ann_energy_pj": sum(macs.values()) * PJ_PER_MAC,
-        "snn_energy_pj": [macs[first] * PJ_PER_MAC + ops * PJ_PER_AC for ops in total],
+        "snn_energy_pj": [energy_pj(macs[first], ops) for ops in total],
         "energy_model": ENERGY_MODEL,
     }
 

@@ -49,6 +49,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from cli import UserError, first_line, positive_int
+from efficiency import energy_pj, fan_outs, synops_of
 from mnist import TRAIN_IMAGES, Batches, load_mnist, split_train_val
 
 # ----------------------------------------------------------------------------- defaults
@@ -129,6 +130,33 @@ def hooked_layers(model):
     return names + [OUTPUT_LAYER]
 
 
+def first_step_spikes(model, images):
+    """A QCFS network's logits for `images`, and {weighted layer after the first: the spikes that
+    enter it per image} in the first step of its SNN converted with gamma = L.
+
+    There each neuron fires its QCFS level k = h * L / lambda at once, and a max-pool passes its
+    window's largest k. Differentiable through QCFS's straight-through floor.
+    """
+    spikes, x, per_spike = {}, images, None  # per_spike: what one spike of x stands for
+    for name, layer in model.named_children():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and per_spike is not None:
+            spikes[name] = x / per_spike
+        if isinstance(layer, nn.Flatten) and per_spike is not None:
+            per_spike = per_spike.expand(x.shape[1:]).flatten()
+        x = layer(x)
+        if isinstance(layer, QCFS):
+            per_spike = (layer.threshold / layer.levels).view(-1, *[1] * (x.dim() - 2)) \
+                if layer.threshold.dim() else layer.threshold / layer.levels
+    return x, spikes
+
+
+def first_step_energy(model, images, fanouts):
+    """The logits, and the energy (pJ) per image of the SNN's first step with gamma = L
+    (`first_step_spikes`), as efficiency.py counts it; `fanouts` from `efficiency.fan_outs`."""
+    logits, spikes = first_step_spikes(model, images)
+    return logits, energy_pj(fanouts[next(iter(fanouts))].sum(), synops_of(spikes, fanouts))
+
+
 def thresholds(model):
     """{activation layer: trained lambda (a list if per channel)} of a QCFS network (empty for
     ReLU)."""
@@ -144,15 +172,25 @@ def set_seed(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def train_epoch(model, batches, optimizer, scheduler, device, desc="train"):
-    """One epoch; returns (mean loss, accuracy) over the epoch's samples."""
+def train_epoch(model, batches, optimizer, scheduler, device, desc="train", energy=None):
+    """One epoch; returns (mean loss, accuracy, mean energy in µJ or None) over its samples.
+
+    energy: None, or (weight, fanouts) for a QCFS network: its SNN's first-step energy per image
+    (`first_step_energy`) is measured, and weight times it in µJ is added to the loss.
+    """
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, total_uj = 0.0, 0, 0, 0.0
     bar = tqdm(batches, desc=desc, leave=False, disable=None)
     for images, labels in bar:
         images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+        if energy is None:
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        else:
+            logits, pj = first_step_energy(model, images, energy[1])
+            uj = pj.mean() / 1e6
+            loss = F.cross_entropy(logits, labels) + energy[0] * uj
+            total_uj += uj.item() * len(labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -161,7 +199,18 @@ def train_epoch(model, batches, optimizer, scheduler, device, desc="train"):
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
-    return total_loss / seen, correct / seen
+    return total_loss / seen, correct / seen, None if energy is None else total_uj / seen
+
+
+@torch.no_grad()
+def first_step_energy_uj(model, batches, device, fanouts):
+    """The mean first-step energy per image (µJ) of a QCFS network's SNN over `batches`."""
+    model.eval()
+    total, seen = 0.0, 0
+    for images, _ in batches:
+        total += first_step_energy(model, images.to(device), fanouts)[1].sum().item()
+        seen += len(images)
+    return total / seen / 1e6
 
 
 @torch.no_grad()
@@ -204,26 +253,36 @@ def train(args):
     val = Batches(images[val_index], labels[val_index], batch_size=1000)
     calibration = calibration_set(images, labels, train_index, args.calibration_images)
     optimizer, scheduler = optimiser(model, args, len(train_batches))
-    print(f"training on {len(train_index)} images, validating on {len(val_index)}, device {device}")
+    fanouts = fan_outs(model) if args.activation == "qcfs" else None
+    energy = None if fanouts is None else (args.energy_weight, fanouts)
+    print(f"training on {len(train_index)} images, validating on {len(val_index)}, device {device}"
+          + ("" if energy is None else f"; loss + {args.energy_weight:g} × the SNN's first-step "
+             "energy per image (µJ, gamma = L)"))
     best, history = None, []
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
-        loss, train_acc = train_epoch(model, train_batches, optimizer, scheduler, device,
-                                      desc=f"epoch {epoch}/{args.epochs}")
+        loss, train_acc, train_uj = train_epoch(model, train_batches, optimizer, scheduler,
+                                                device, f"epoch {epoch}/{args.epochs}", energy)
         if not math.isfinite(loss):
             raise UserError(f"training diverged in epoch {epoch} (loss {loss}); {kept(args)}")
         val_acc, test_acc = evaluate(model, val, device), evaluate(model, test, device)
+        measured = {} if energy is None else {
+            "train_energy_uj": train_uj, "val_energy_uj": first_step_energy_uj(model, val,
+                                                                             device, fanouts)}
         improved = best is None or val_acc > best["val_accuracy"]
         if improved:
             best = make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc)
+            best |= {key: v for key, v in measured.items() if key == "val_energy_uj"}
             save_checkpoint(best, partial)
         seconds = time.perf_counter() - start
         history.append({"epoch": epoch, "train_loss": loss, "train_accuracy": train_acc,
-                        "val_accuracy": val_acc, "test_accuracy": test_acc,
+                        "val_accuracy": val_acc, "test_accuracy": test_acc, **measured,
                         "seconds": round(seconds, 2), "saved": improved})
         cli.write_json(cli.partial_path(history_file), history)
         print(f"epoch {epoch:2d}  loss {loss:.4f}  train {train_acc:.2%}  val {val_acc:.2%}  "
-              f"test {test_acc:.2%}  {seconds:5.1f}s{'  saved' if improved else ''}")
+              f"test {test_acc:.2%}"
+              + (f"  energy {measured['val_energy_uj']:.3f} µJ" if measured else "")
+              + f"  {seconds:5.1f}s{'  saved' if improved else ''}")
     return best
 
 
@@ -519,6 +578,11 @@ def parse_args(argv=None):
     parser.add_argument("--threshold-decay", type=cli.non_negative_float, default=None,
                         metavar="WD", help="QCFS: weight decay of the thresholds lambda "
                         "(default: --weight-decay)")
+    parser.add_argument("--energy-weight", type=cli.non_negative_float, default=0.0,
+                        metavar="W",
+                        help="QCFS: add W times the converted SNN's energy per image in its "
+                             "first step (µJ, gamma = L, as lenet_convert.py estimates it) to "
+                             "the loss: fewer spikes (default: 0, measured and not trained on)")
     parser.add_argument("--init-from", type=cli.path_arg, default=None, metavar="CHECKPOINT",
                         help="start from this checkpoint's weights (fine-tuning); for QCFS each "
                              "layer's lambda starts at its --percentile activation there")
@@ -542,6 +606,9 @@ def parse_args(argv=None):
     if args.checkpoint is None:
         name = "lenet5_best.pt" if args.activation == "relu" else "lenet5_qcfs_best.pt"
         args.checkpoint = Path("checkpoints") / name
+    if args.energy_weight and args.activation != "qcfs":
+        parser.error("--energy-weight needs --activation qcfs (a ReLU network's spikes are not "
+                     "its activations)")
     if args.init_from and args.init_from.resolve() == args.checkpoint.resolve():
         parser.error(f"--init-from and --checkpoint are the same file ({args.checkpoint}): "
                      "training would overwrite its own starting point; choose another "

@@ -1,12 +1,24 @@
+import json
 from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import DATA
 
 import efficiency
+import lenet5
+from checkpoint import load_checkpoint
 from lenet5 import LeNet5
-from lenet_convert import SpikeNode, evaluate_snn
+from lenet_convert import (
+    SpikeNode,
+    build_snn,
+    default_settings,
+    evaluate_snn,
+    load_ann,
+    neuron_names,
+)
+from mnist import Batches, load_mnist
 
 
 def test_fan_out_counts_every_synapse():
@@ -43,3 +55,52 @@ def test_spike_counts_synops_and_energy_by_hand():
     assert eff["synops_per_image"] == [2.0, 6.0]
     assert eff["snn_energy_pj"] == pytest.approx([6 * 4.6 + 2 * 0.9, 6 * 4.6 + 6 * 0.9])
     assert eff["ann_energy_pj"] == pytest.approx(12 * 4.6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_first_step_energy_is_what_the_simulator_counts_at_t1(trained, tmp_path, per_channel):
+    """With gamma = L the estimate lenet5.py trains on is the SNN's own count at t = 1: per layer
+    and in all, on the same images, for one lambda per layer and one per channel."""
+    path = tmp_path / "qcfs.pt"
+    lenet5.main(["--activation", "qcfs", "--levels", "5", "--init-from", str(trained),
+                 "--epochs", "1", "--limit-train", "500", "--val-size", "500", "--device", "cpu",
+                 "--data-dir", str(DATA), "--checkpoint", str(path), "--energy-weight", "0.05"]
+                + ["--channel-thresholds"] * per_channel)
+    checkpoint, ann = load_ann(path, "cpu")
+    images, labels = load_mnist(DATA, train=False)
+    batches = Batches(images[:300], labels[:300], batch_size=100)
+    snn = build_snn(checkpoint, ann, default_settings(checkpoint))
+    _, counts = evaluate_snn(snn, batches, 1, "cpu")
+    counted = efficiency.efficiency(snn, counts, 300, 1, neuron_names(snn),
+                                    efficiency.input_shapes(ann))
+    fanouts, x = efficiency.fan_outs(ann), torch.cat([batch for batch, _ in batches])
+    with torch.no_grad():
+        _, spikes = lenet5.first_step_spikes(ann.eval(), x)
+        energy = lenet5.first_step_energy(ann, x, fanouts)[1]
+    for name, ops in counted["synops_by_layer"].items():
+        estimated = efficiency.synops_of({name: spikes[name]}, fanouts).mean().item()
+        assert estimated == pytest.approx(ops[0], rel=1e-6), name
+        assert torch.allclose(spikes[name], spikes[name].round(), atol=1e-4)  # whole spikes
+    assert set(spikes) == set(counted["synops_by_layer"]) == {"c3", "c5", "f6", "out"}
+    assert energy.mean().item() == pytest.approx(counted["snn_energy_pj"][0], rel=1e-6)
+    assert lenet5.first_step_energy_uj(ann, batches, "cpu", fanouts) == pytest.approx(
+        counted["snn_energy_pj"][0] / 1e6, rel=1e-6)
+
+
+def test_the_energy_weight_buys_fewer_spikes_and_is_recorded(trained, tmp_path, capsys):
+    """Same seed, same start: the penalised run's SNN spends less; history, checkpoint and the
+    progress line say how much."""
+    def run(name, weight):
+        path = tmp_path / name
+        lenet5.main(["--activation", "qcfs", "--levels", "8", "--init-from", str(trained),
+                     "--epochs", "2", "--limit-train", "1000", "--val-size", "500",
+                     "--device", "cpu", "--data-dir", str(DATA), "--checkpoint", str(path),
+                     "--energy-weight", weight])
+        return load_checkpoint(path), json.loads(lenet5.history_path(path).read_text())
+    (plain, _), (penalised, history) = run("plain.pt", "0"), run("less.pt", "10")
+    assert penalised["args"]["energy_weight"] == 10 and plain["args"]["energy_weight"] == 0
+    assert penalised["val_energy_uj"] < 0.8 * plain["val_energy_uj"]
+    assert all(h["train_energy_uj"] > 0 and h["val_energy_uj"] > 0 for h in history)
+    best = next(h for h in history if h["epoch"] == penalised["epoch"])
+    assert best["val_energy_uj"] == penalised["val_energy_uj"]
+    assert f"energy {history[-1]['val_energy_uj']:.3f} µJ" in capsys.readouterr().out

@@ -384,6 +384,8 @@ def test_same_seed_gives_the_same_weights(tmp_path):
     (["--weight-decay", "inf"], "--weight-decay: must be a finite number >= 0, got inf"),
     (["--threshold-decay", "-1"], "--threshold-decay: must be a finite number >= 0"),
     (["--threshold-lr", "0"], "--threshold-lr: must be a positive number"),
+    (["--energy-weight", "0.1"], "--energy-weight needs --activation qcfs"),
+    (["--activation", "qcfs", "--energy-weight", "-1"], "--energy-weight: must be a finite"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     check_refused(main, argv, message, capsys)

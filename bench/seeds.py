@@ -113,6 +113,7 @@ def convert(start, path, label, settings, run):
                                          "settings", "checkpoint", "test_images")}
     kept |= {"energy_pj_at_ann_level": (at_ann_level(result) or (None,) * 3)[2],
              "snn_energy_pj": result["efficiency"]["snn_energy_pj"],
+             "synops_by_layer": result["efficiency"]["synops_by_layer"],
              "ann_energy_pj": result["efficiency"]["ann_energy_pj"]}
     if "early_exit" in result:
         kept["early_exit"] = {key: result["early_exit"][key] for key in early_exit.SUMMARY_KEYS}

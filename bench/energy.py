@@ -1,0 +1,462 @@
+"""Training against the SNN's own energy: QCFS networks trained with lenet5.py --energy-weight.
+
+For each seed: the ReLU network (bench/seeds.py's, reused when it was made with the same
+arguments) and, fine-tuned from it for --fine-tune-epochs, a QCFS network for each of --levels
+and each of --weights (`lenet5.py --activation qcfs --levels L --energy-weight W`). Weight 0 is
+always among them: the same schedule without the penalty, so that every penalised network has
+its pair (same seed, same L, same start) and every difference claimed is a paired one.
+
+Validation chooses. With gamma = L a QCFS network's SNN gives its ANN's answers after one step,
+and what that step costs is what lenet5.py trains on and records (its checkpoint's
+val_energy_uj): for each network its best epoch's validation accuracy and energy per image,
+mean and std over the seeds, paired against the same seed's network without the penalty and
+against the same seed's ReLU network. The chosen network is the one of least mean energy among
+those within MARGIN of the ReLU network's validation accuracy (paired mean over the seeds).
+
+The test set reports. Each network is converted with its default settings (gamma = L) and
+simulated for --timesteps steps on the test images (with --early-exit, also with early exit):
+accuracy and energy per image after each step, mean and std over the seeds, paired against
+the network without the penalty and compared with the same seed's ReLU ANN; the front of
+accuracy against energy (the points no other beats on both), of this study's networks without
+the penalty and with it, beside the levels study's front (--front, a seeds.json of
+bench/seeds.py); and whether the target is met: an SNN within MARGIN of the ReLU ANN's mean
+test accuracy by t = 2 at no more than TARGET_ENERGY times the ANN's energy per image.
+
+Tasks run on Ray or, with --workers 0, one after another in this process (see studies.py).
+
+Example:
+    python bench/energy.py --seeds 1 2 3              # the sweep: 3 x 12 networks, about 45 min
+                                                      # on 2 CPU cores (Ray), given the ReLU ones
+    python bench/energy.py --seeds 1 2 3 4 5 --levels 16 --weights 0 0.1 --early-exit
+    python bench/energy.py --seeds 1 --levels 2 --weights 0 1 --limit-train 1000 --epochs 1 \\
+        --fine-tune-epochs 1 --limit 500 --timesteps 2    # a quick look
+
+Writes (into --out-dir, default results/energy/):
+    seed<S>.json   one seed's networks on validation and their conversions, as each is done
+    energy.json    the runs, the validation summary and choice, the test summary, the fronts
+    energy.csv     one row per conversion and step
+    energy.png     mean test accuracy against mean energy per image, with the fronts
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/energy.py
+import cli  # noqa: E402  (first: see its docstring)
+
+# isort: split
+import json  # noqa: E402
+import statistics  # noqa: E402
+
+import seeds  # noqa: E402
+import studies  # noqa: E402
+from studies import argv_path  # noqa: E402
+
+import lenet5  # noqa: E402
+import lenet_convert  # noqa: E402
+from checkpoint import MAX_LEVELS, load_checkpoint  # noqa: E402
+from cli import UserError, positive_int, write_csv, write_json  # noqa: E402
+from compare import COMPARE_EXIT_RULE  # noqa: E402
+from lenet_convert import default_settings  # noqa: E402
+from mnist import TEST_IMAGES, Batches, load_mnist  # noqa: E402
+from plots import plt, save_figure  # noqa: E402
+
+# ----------------------------------------------------------------------------- defaults
+SEEDS = (1, 2, 3)  # the validation sweep's; the test's are bench/seeds.py's five
+LEVELS = (4, 8, 16)
+WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3)  # on µJ per image; 0: the pair without the penalty
+FINE_TUNE_EPOCHS = 8  # a fifth of lenet5.py's 40: the sweep's networks in an hour on 2 cores
+TIMESTEPS = 8
+MARGIN = 0.0005  # "within 0.05 pp of the ReLU network"
+TARGET_ENERGY = 0.40  # times the ANN's energy per image
+TARGET_STEPS = 2  # ... by this step
+DOMINANCE = (0.65, 1.30)  # µJ: the range where the new front is compared with the old
+OUT_DIR = Path("results/energy")
+LEVELS_FRONT = studies.ROOT / "docs/seeds/seeds.json"
+OUTPUTS = ("energy.json", "energy.csv", "energy.png")
+GAMMA_L, EARLY_EXIT = "gamma = L", "early exit"
+
+
+def network_name(levels, weight):
+    return f"L={levels}, w={weight:g}"
+
+
+def unpenalised(name):
+    """The name of the network without the penalty that `name` (a network or conversion) pairs
+    with."""
+    return name.split(", w=")[0] + ", w=0" + (": " + name.split(": ")[1] if ": " in name else "")
+
+
+# ----------------------------------------------------------------------------- one seed
+
+
+def qcfs_argv(seed, levels, weight, relu, args):
+    """lenet5.py's command line for the QCFS network of `levels` and energy `weight` of a seed."""
+    name = f"qcfs_L{levels}_w{weight:g}_e{args.fine_tune_epochs}_seed{seed}.pt"
+    argv = ["--seed", str(seed), "--device", args.device,
+            "--data-dir", str(studies.task_path(args.data_dir)),
+            "--checkpoint", str(args.checkpoint_dir / "energy" / name),
+            "--activation", "qcfs", "--levels", str(levels), "--init-from", str(relu),
+            "--energy-weight", f"{weight:g}", "--epochs", str(args.fine_tune_epochs)]
+    return argv + (["--limit-train", str(args.limit_train)] if args.limit_train else [])
+
+
+def validation_record(path):
+    """What a network is judged by on validation, from its checkpoint and history."""
+    checkpoint = load_checkpoint(path)
+    history = json.loads(lenet5.history_path(path).read_text())
+    record = {"accuracy": checkpoint["val_accuracy"], "epoch": checkpoint["epoch"],
+              "train_seconds": round(sum(h["seconds"] for h in history), 1)}
+    if checkpoint.get("activation") == "qcfs":
+        record["energy_uj"] = checkpoint["val_energy_uj"]
+    return record
+
+
+def schedule_seed(seed, args, tasks, made):
+    """Add the tasks of `seed`: its ReLU network, each QCFS network from it, and each one's
+    conversions on the test images once it is there; `made(seed, what so far)` after each.
+    A conversion already in seed<S>.json is reused when nothing it depends on changed."""
+    earlier = studies.read_cache(args.out_dir / f"seed{seed}.json", _seed_file) or {}
+    earlier = earlier.get("test", {})
+    record = {"validation": {}, "test": {}}
+    run = {"data_dir": str(studies.task_path(args.data_dir)), "limit": args.limit,
+           "batch_size": lenet_convert.BATCH_SIZE, "timesteps": args.timesteps,
+           "device": args.device}
+    relu_argv = studies.training_argv(seed, args, "relu")
+    relu = argv_path(relu_argv, "--checkpoint")
+
+    def converted(name, inputs, result):
+        record["test"][name] = result | {"run": inputs}
+        tasks.say(f"seed {seed}, {name}: {result['snn_accuracy'][0]:.2%} at t = 1, "
+                  f"{result['snn_energy_pj'][0] / 1e6:.3f} µJ")
+        made(seed, record)
+
+    def network_made(name, path):
+        record["validation"][name] = validation_record(path)
+        checkpoint, start = load_checkpoint(path), None
+        variants = [(GAMMA_L, default_settings(checkpoint))]
+        if args.early_exit:
+            variants.append((EARLY_EXIT, variants[0][1]._replace(exit_rule=COMPARE_EXIT_RULE)))
+        for label, settings in variants:
+            key = f"{name}: {label}"
+            inputs = {"checkpoint_sha256": studies.sha256(path), "settings": settings._asdict(),
+                      "timesteps": args.timesteps, "limit": args.limit,
+                      "batch_size": run["batch_size"]}
+            if key in earlier and seeds._result(earlier[key]) and seeds._same_run(earlier[key],
+                                                                                  inputs):
+                record["test"][key] = earlier[key]
+                continue
+            start = start or tasks.share(path.read_bytes())
+            tasks.add(f"seed {seed}, {key}", "seeds", "convert",
+                      (start, str(path), label, settings, run),
+                      lambda result, key=key, inputs=inputs: converted(key, inputs, result))
+        made(seed, record)
+
+    def relu_made(trained):
+        record["relu"] = validation_record(relu)
+        for levels in args.levels:
+            for weight in args.weights:
+                argv = qcfs_argv(seed, levels, weight, relu, args)
+                name, path = network_name(levels, weight), argv_path(argv, "--checkpoint")
+                studies.network(tasks, f"seed {seed}, {name}", argv, args.retrain or trained,
+                                lambda _, name=name, path=path: network_made(name, path))
+    studies.network(tasks, f"seed {seed}, relu", relu_argv, args.retrain, relu_made)
+    return relu, record
+
+
+def _seed_file(table):
+    return isinstance(table, dict) and isinstance(table.get("test", {}), dict)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def stats(values):
+    """{per_seed, mean, std} of one value per seed (std: n - 1 in the denominator)."""
+    return {"per_seed": values, "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarise_validation(seed_list, per_seed, names):
+    """Per network: validation accuracy and energy over the seeds, paired against the same
+    seed's ReLU network and its network without the penalty; the choice and its rule."""
+    table = {}
+    for name in names:
+        acc = [per_seed[s]["validation"][name]["accuracy"] for s in seed_list]
+        energy = [per_seed[s]["validation"][name]["energy_uj"] for s in seed_list]
+        relu = [per_seed[s]["relu"]["accuracy"] for s in seed_list]
+        base = unpenalised(name)
+        table[name] = {
+            "accuracy": stats(acc), "energy_uj": stats(energy),
+            "minus_relu": stats([a - r for a, r in zip(acc, relu, strict=True)]),
+            "minus_unpenalised": {key: stats([v - per_seed[s]["validation"][base][key]
+                                              for v, s in zip(values, seed_list, strict=True)])
+                                  for key, values in (("accuracy", acc), ("energy_uj", energy))}}
+    close = [n for n, e in table.items() if e["minus_relu"]["mean"] >= -MARGIN]
+    return {"networks": table,
+            "chosen": min(close, key=lambda n: table[n]["energy_uj"]["mean"], default=None),
+            "rule": f"the least mean validation energy among the networks within "
+                    f"{100 * MARGIN:g} pp of the same seed's ReLU network (paired mean)",
+            "front": [name for _, _, name, _ in seeds.pareto_front(
+                [(e["energy_uj"]["mean"], e["accuracy"]["mean"], n, 1)
+                 for n, e in table.items()])]}
+
+
+def summarise_test(seed_list, per_seed, relu_ann, ann_energy_pj):
+    """Per conversion: `seeds._summary` against the same seed's ReLU ANN, per layer SynOps at
+    t = 1, and the paired difference to the network without the penalty (accuracy and energy
+    per step); whether it meets the target."""
+    table = {}
+    for key in per_seed[seed_list[0]]["test"]:
+        results = [per_seed[s]["test"][key] for s in seed_list]
+        entry = seeds._summary(seeds._runs(results), relu_ann)
+        entry["synops_by_layer_t1_mean"] = {
+            layer: statistics.fmean(r["synops_by_layer"][layer][0] for r in results)
+            for layer in results[0]["synops_by_layer"]}
+        base = unpenalised(key)
+        if base != key and base in per_seed[seed_list[0]]["test"]:
+            entry["minus_unpenalised"] = {
+                what: dict(zip(("mean", "std"), seeds._stats(
+                    [[a - b for a, b in zip(r[what], per_seed[s]["test"][base][what],
+                                            strict=True)]
+                     for r, s in zip(results, seed_list, strict=True)])[:2], strict=True))
+                for what in ("snn_accuracy", "snn_energy_pj")}
+        if "early_exit" in results[0]:
+            entry["early_exit"] = {k: stats([r["early_exit"][k] for r in results])
+                                   for k in ("test_accuracy", "mean_steps", "energy_pj_per_image")}
+        entry["meets_target_at"] = next(
+            (t for t in range(1, min(TARGET_STEPS, len(entry["snn_mean"])) + 1)
+             if entry["snn_mean"][t - 1] >= statistics.fmean(relu_ann) - MARGIN
+             and entry["energy_pj_mean"][t - 1] <= TARGET_ENERGY * ann_energy_pj), None)
+        table[key] = entry
+    return table
+
+
+def front_points(test, levels_study):
+    """(energy µJ, accuracy %, name, t) of every conversion of this study at every step, early
+    exit as t None; and the points of the levels study's front (name prefixed 'levels study')."""
+    points = []
+    for key, entry in test.items():
+        if "early_exit" in entry:
+            exit_ = entry["early_exit"]
+            points.append((exit_["energy_pj_per_image"]["mean"] / 1e6,
+                           100 * exit_["test_accuracy"]["mean"], key, None))
+        else:
+            points += [(e / 1e6, 100 * a, key, t) for t, (e, a) in enumerate(
+                zip(entry["energy_pj_mean"], entry["snn_mean"], strict=True), 1)]
+    old = [(p["energy_uj"], 100 * p["accuracy"], f"levels study: {p['name']}", p["t"])
+           for p in levels_study]
+    return points, old
+
+
+def best_below(front, energy):
+    """The best accuracy of a front at no more than `energy` (None below its cheapest point)."""
+    return max((a for e, a, _, _ in front if e <= energy), default=None)
+
+
+def fronts(test, levels_study):
+    """The fronts: this study without the penalty, with it, the levels study's, and all of them;
+    and along DOMINANCE, each one's best accuracy at that energy."""
+    points, old = front_points(test, levels_study)
+    plain = [p for p in points if ", w=0:" in p[2]]
+    made = {"without the penalty": seeds.pareto_front(plain),
+            "with the penalty": seeds.pareto_front(points),
+            "levels study": seeds.pareto_front(old),
+            "levels study and this one": seeds.pareto_front(old + points)}
+    grid = [round(DOMINANCE[0] + 0.01 * i, 2)
+            for i in range(round((DOMINANCE[1] - DOMINANCE[0]) / 0.01) + 1)]
+    along = {name: [best_below(front, e) for e in grid] for name, front in made.items()}
+    return ({name: [{"name": n, "t": t, "energy_uj": e, "accuracy": a} for e, a, n, t in front]
+             for name, front in made.items()}, {"energy_uj": grid} | along)
+
+
+def table_rows(test):
+    rows = []
+    for key, entry in test.items():
+        for t, (acc, std) in enumerate(zip(entry["snn_mean"], entry["snn_std"], strict=True), 1):
+            diff = entry.get("minus_unpenalised")
+            rows.append({"conversion": key, "t": t, "accuracy_mean": round(100 * acc, 3),
+                         "accuracy_std": round(100 * std, 3),
+                         "energy_uj_mean": round(entry["energy_pj_mean"][t - 1] / 1e6, 4),
+                         "minus_unpenalised_pp_mean": round(
+                             100 * diff["snn_accuracy"]["mean"][t - 1], 3) if diff else None,
+                         "minus_unpenalised_pp_std": round(
+                             100 * diff["snn_accuracy"]["std"][t - 1], 3) if diff else None})
+    return rows
+
+
+def plot_fronts(study, path):
+    """Mean test accuracy against mean energy per image: each network's curve over the steps,
+    early exit as crosses, and the fronts."""
+    fig, ax = plt.subplots(figsize=(12, 7.5))
+    levels = sorted({int(k.split(",")[0][2:]) for k in study["test"]})
+    weights = sorted({float(k.split("w=")[1].split(":")[0]) for k in study["test"]})
+    for key, entry in study["test"].items():
+        level, weight = int(key.split(",")[0][2:]), float(key.split("w=")[1].split(":")[0])
+        colour = plt.get_cmap(("Blues", "Oranges", "Greens", "Purples", "Reds")[
+            levels.index(level) % 5])(0.35 + 0.65 * (weights.index(weight) + 1) / len(weights))
+        if "early_exit" in entry:
+            exit_ = entry["early_exit"]
+            ax.plot(exit_["energy_pj_per_image"]["mean"] / 1e6,
+                    100 * exit_["test_accuracy"]["mean"], marker="X", markersize=10,
+                    color=colour, markeredgecolor="k", linestyle="none", label=key)
+            continue
+        energy = [e / 1e6 for e in entry["energy_pj_mean"]]
+        ax.plot(energy, [100 * a for a in entry["snn_mean"]], marker=".", color=colour, label=key)
+        ax.annotate("t=1", (energy[0], 100 * entry["snn_mean"][0]), fontsize=6,
+                    xytext=(2, -8), textcoords="offset points")
+    styles = {"levels study": ("tab:gray", "--"), "without the penalty": ("k", ":"),
+              "levels study and this one": ("k", "-")}
+    for name, (colour, line) in styles.items():
+        front = study["fronts"][name]
+        ax.plot([p["energy_uj"] for p in front], [p["accuracy"] for p in front], color=colour,
+                linestyle=line, linewidth=2, alpha=0.6, drawstyle="steps-post", zorder=0,
+                label=f"front: {name}")
+    relu, ann_uj = study["relu_ann_accuracy"], study["ann_energy_pj"] / 1e6
+    ax.axhline(100 * (relu["mean"] - MARGIN), color="tab:red", linewidth=1,
+               label=f"ReLU ANN's mean - {100 * MARGIN:g} pp")
+    ax.axvline(TARGET_ENERGY * ann_uj, color="tab:red", linestyle="--", linewidth=1,
+               label=f"{TARGET_ENERGY:g} × the ANN's {ann_uj:.2f} µJ")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("estimated energy per image, mean over the seeds (µJ; memory traffic ignored)")
+    ax.set_ylabel("test accuracy, mean over the seeds (%)")
+    ax.set_ylim(100 * relu["mean"] - 1.5, 100 * relu["mean"] + 0.3)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.set_title(f"QCFS networks trained with an energy weight w (µJ⁻¹): {len(study['seeds'])} "
+                 f"seeds, {study['test_images']} test images, each curve t = 1 .. "
+                 f"{study['timesteps']}, gamma = L", fontsize=10)
+    save_figure(fig, path)
+
+
+def print_study(study):
+    val = study["validation"]
+    print(f"validation over seeds {study['seeds']}: accuracy (%) and µJ per image at "
+          "t = 1 (gamma = L), minus the ReLU network and minus w = 0 (same seed, pp and µJ)")
+    for name, e in val["networks"].items():
+        diff = e["minus_unpenalised"]
+        print(f"{name:14s} {100 * e['accuracy']['mean']:6.2f} ± {100 * e['accuracy']['std']:.2f}"
+              f"  {e['energy_uj']['mean']:.3f} ± {e['energy_uj']['std']:.3f} µJ"
+              f"  {100 * e['minus_relu']['mean']:+.2f} ± {100 * e['minus_relu']['std']:.2f}"
+              f"  {100 * diff['accuracy']['mean']:+.2f} ± {100 * diff['accuracy']['std']:.2f}"
+              f"  {diff['energy_uj']['mean']:+.3f} µJ")
+    print(f"chosen on validation: {val['chosen']} ({val['rule']}); front: {val['front']}")
+    relu = study["relu_ann_accuracy"]
+    print(f"test over seeds {study['seeds']}: ReLU ANN {100 * relu['mean']:.2f} ± "
+          f"{100 * relu['std']:.2f} %, ANN {study['ann_energy_pj'] / 1e6:.2f} µJ; accuracy at "
+          "t = 1, 2 and µJ at t = 1, minus w = 0 at t = 1 (pp)")
+    for key, e in study["test"].items():
+        if "early_exit" in e:
+            x = e["early_exit"]
+            print(f"{key:28s} {100 * x['test_accuracy']['mean']:.2f} ± "
+                  f"{100 * x['test_accuracy']['std']:.2f} % at {x['mean_steps']['mean']:.2f} ± "
+                  f"{x['mean_steps']['std']:.2f} steps, "
+                  f"{x['energy_pj_per_image']['mean'] / 1e6:.3f} µJ")
+            continue
+        diff = e.get("minus_unpenalised")
+        print(f"{key:28s}" + "".join(f" {100 * e['snn_mean'][t]:6.2f} ± {100 * e['snn_std'][t]:.2f}"
+                                     for t in range(min(2, len(e["snn_mean"]))))
+              + f"  {e['energy_pj_mean'][0] / 1e6:.3f} µJ"
+              + (f"  {100 * diff['snn_accuracy']['mean'][0]:+.2f} ± "
+                 f"{100 * diff['snn_accuracy']['std'][0]:.2f}" if diff else "")
+              + (f"  meets the target at t = {e['meets_target_at']}" if e["meets_target_at"]
+                 else ""))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None):
+    parser = studies.study_parser(__doc__, SEEDS, OUT_DIR)
+    parser.add_argument("--levels", type=positive_int(MAX_LEVELS), nargs="+",
+                        default=list(LEVELS), help="QCFS levels L")
+    parser.add_argument("--weights", type=cli.non_negative_float, nargs="+",
+                        default=list(WEIGHTS),
+                        help="energy weights W (lenet5.py --energy-weight); 0 is added if not "
+                             "given: each penalised network's pair")
+    parser.add_argument("--fine-tune-epochs", type=positive_int(lenet5.MAX_EPOCHS),
+                        default=FINE_TUNE_EPOCHS,
+                        help="epochs of each QCFS network (--epochs: the ReLU network's)")
+    parser.add_argument("--timesteps", type=positive_int(lenet_convert.MAX_TIMESTEPS),
+                        default=TIMESTEPS, help="simulation steps T on the test images")
+    parser.add_argument("--limit", type=positive_int(TEST_IMAGES), default=None, metavar="N",
+                        help="simulate the first N test images only (default: all 10,000)")
+    parser.add_argument("--early-exit", action="store_true",
+                        help=f"also simulate each network with early exit ({COMPARE_EXIT_RULE} "
+                             "rule, chosen on validation)")
+    parser.add_argument("--front", type=cli.path_arg, default=LEVELS_FRONT,
+                        help="a seeds.json of bench/seeds.py whose accuracy-energy front is "
+                             "drawn and compared (default: the levels study's)")
+    args = studies.parse_study_args(parser, argv)
+    args.weights = sorted({0.0, *args.weights})
+    return args
+
+
+def levels_front(path):
+    """The pareto_front of a seeds.json."""
+    try:
+        front = json.loads(Path(path).read_text())["pareto_front"]
+        return [p for p in front if all(studies.is_number(p.get(k))
+                                        for k in ("energy_uj", "accuracy"))]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--front {path}: no front of bench/seeds.py there ({e})") from None
+
+
+def relu_test_accuracy(paths, data_dir, limit):
+    """Each ReLU network's ANN accuracy on the test images the conversions use."""
+    images, labels = load_mnist(data_dir, train=False)
+    batches = Batches(images[:limit], labels[:limit], batch_size=1000)
+    return [lenet5.evaluate(lenet_convert.load_ann(p, "cpu")[1], batches, "cpu") for p in paths]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    def body():
+        if not args.address:
+            cli.resolve_device(args.device)  # a cluster's workers may have what this one lacks
+        old = levels_front(args.front)
+        studies.check_folders(args.out_dir, args.checkpoint_dir / "energy", files=[
+            args.out_dir / name for name in [f"seed{s}.json" for s in args.seeds] + list(OUTPUTS)])
+        tasks = studies.Tasks(args)
+
+        def made(seed, record):
+            write_json(args.out_dir / f"seed{seed}.json", record)
+        scheduled = {seed: schedule_seed(seed, args, tasks, made) for seed in args.seeds}
+        tasks.run()
+        names = [network_name(levels, w) for levels in args.levels for w in args.weights]
+        per_seed = {}
+        for seed, (_, record) in scheduled.items():  # in the order of the plan
+            per_seed[seed] = record | {
+                "validation": {n: record["validation"][n] for n in names},
+                "test": {k: record["test"][k] for n in names for k in (
+                    f"{n}: {GAMMA_L}", f"{n}: {EARLY_EXIT}") if k in record["test"]}}
+        relu = relu_test_accuracy([p for p, _ in scheduled.values()], args.data_dir, args.limit)
+        ann_pj = next(iter(per_seed[args.seeds[0]]["test"].values()))["ann_energy_pj"]
+        test = summarise_test(args.seeds, per_seed, relu, ann_pj)
+        study = {"seeds": args.seeds, "levels": args.levels, "weights": args.weights,
+                 "fine_tune_epochs": args.fine_tune_epochs, "timesteps": args.timesteps,
+                 "test_images": args.limit or TEST_IMAGES, "relu_ann_accuracy": stats(relu),
+                 "ann_energy_pj": ann_pj,
+                 "validation": summarise_validation(args.seeds, per_seed, names),
+                 "test": test, "per_seed": per_seed, "threads": args.threads,
+                 "task_seconds": tasks.seconds}
+        study["fronts"], study["dominance"] = fronts(test, old)
+        with cli.file_set(args.out_dir) as files:
+            json_file, csv_file, figure = (files.path(name) for name in OUTPUTS)
+            write_json(json_file, study)
+            write_csv(csv_file, table_rows(test))
+            plot_fronts(study, figure)
+        print_study(study)
+        print(f"wrote {cli.and_list(OUTPUTS)} in {args.out_dir}")
+        return study
+
+    def kept():
+        return (f"the networks and conversions made so far are in {args.checkpoint_dir} and "
+                f"{args.out_dir} (seed<S>.json); a re-run reuses them")
+    return cli.run("energy.py", body, kept)
+
+
+if __name__ == "__main__":
+    main()

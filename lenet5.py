@@ -9,6 +9,8 @@ scales the spiking network with them.
 Example:
     python lenet5.py                       # defaults: 3 to 6 minutes on 2 CPU cores
     python lenet5.py --epochs 1 --limit-train 2000   # a quick smoke run
+    python lenet5.py --activation qcfs --levels 16 --energy-weight 0.1 \\
+        --init-from checkpoints/lenet5_best.pt    # QCFS, trained against its SNN's energy
 
 Writes:
     checkpoints/lenet5_best.pt            best weights (by validation accuracy), percentiles, args

@@ -25,11 +25,11 @@ test accuracy by t = 2 at no more than TARGET_ENERGY times the ANN's energy per 
 Tasks run on Ray or, with --workers 0, one after another in this process (see studies.py).
 
 Example:
-    python bench/energy.py --seeds 1 2 3              # the sweep: 3 x 12 networks, about 45 min
-                                                      # on 2 CPU cores (Ray), given the ReLU ones
+    python bench/energy.py --seeds 1 2 3              # the sweep on validation: 3 x 15
+                                                      # networks (TIME on 2 CPU cores)
     python bench/energy.py --seeds 1 2 3 4 5 --levels 16 --weights 0 0.1 --early-exit
-    python bench/energy.py --seeds 1 --levels 2 --weights 0 1 --limit-train 1000 --epochs 1 \\
-        --fine-tune-epochs 1 --limit 500 --timesteps 2    # a quick look
+    python bench/energy.py --seeds 1 --levels 2 --weights 10 --limit-train 2000 --epochs 2 \\
+        --fine-tune-epochs 1 --limit 500 --timesteps 2    # a quick look (a minute)
 
 Writes (into --out-dir, default results/energy/):
     seed<S>.json   one seed's networks on validation and their conversions, as each is done
@@ -55,7 +55,7 @@ from studies import argv_path  # noqa: E402
 import lenet5  # noqa: E402
 import lenet_convert  # noqa: E402
 from checkpoint import MAX_LEVELS, load_checkpoint  # noqa: E402
-from cli import UserError, positive_int, write_csv, write_json  # noqa: E402
+from cli import positive_int, write_csv, write_json  # noqa: E402
 from compare import COMPARE_EXIT_RULE  # noqa: E402
 from lenet_convert import default_settings  # noqa: E402
 from mnist import TEST_IMAGES, Batches, load_mnist  # noqa: E402
@@ -318,7 +318,9 @@ def plot_fronts(study, path):
     ax.axvline(TARGET_ENERGY * ann_uj, color="tab:red", linestyle="--", linewidth=1,
                label=f"{TARGET_ENERGY:g} × the ANN's {ann_uj:.2f} µJ")
     ax.set_xscale("log")
+    ax.set_xticks([0.5, 0.6, 0.7, 0.8, 0.9, 1, 1.2, 1.5, 2, 3, 4])
     ax.xaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
     ax.set_xlabel("estimated energy per image, mean over the seeds (µJ; memory traffic ignored)")
     ax.set_ylabel("test accuracy, mean over the seeds (%)")
     ax.set_ylim(100 * relu["mean"] - 1.5, 100 * relu["mean"] + 0.3)
@@ -390,17 +392,20 @@ def parse_args(argv=None):
                              "drawn and compared (default: the levels study's)")
     args = studies.parse_study_args(parser, argv)
     args.weights = sorted({0.0, *args.weights})
+    try:
+        args.levels_front = levels_front(args.front)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        parser.error(f"argument --front: no front of bench/seeds.py in {args.front} ({e})")
     return args
 
 
 def levels_front(path):
-    """The pareto_front of a seeds.json."""
-    try:
-        front = json.loads(Path(path).read_text())["pareto_front"]
-        return [p for p in front if all(studies.is_number(p.get(k))
-                                        for k in ("energy_uj", "accuracy"))]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--front {path}: no front of bench/seeds.py there ({e})") from None
+    """The pareto_front of a seeds.json: [{name, t, energy_uj, accuracy}]."""
+    front = json.loads(Path(path).read_text())["pareto_front"]
+    if not all(studies.is_number(p["energy_uj"]) and studies.is_number(p["accuracy"])
+               for p in front):
+        raise ValueError("a point without numbers")
+    return front
 
 
 def relu_test_accuracy(paths, data_dir, limit):
@@ -416,7 +421,6 @@ def main(argv=None):
     def body():
         if not args.address:
             cli.resolve_device(args.device)  # a cluster's workers may have what this one lacks
-        old = levels_front(args.front)
         studies.check_folders(args.out_dir, args.checkpoint_dir / "energy", files=[
             args.out_dir / name for name in [f"seed{s}.json" for s in args.seeds] + list(OUTPUTS)])
         tasks = studies.Tasks(args)
@@ -442,7 +446,7 @@ def main(argv=None):
                  "validation": summarise_validation(args.seeds, per_seed, names),
                  "test": test, "per_seed": per_seed, "threads": args.threads,
                  "task_seconds": tasks.seconds}
-        study["fronts"], study["dominance"] = fronts(test, old)
+        study["fronts"], study["dominance"] = fronts(test, args.levels_front)
         with cli.file_set(args.out_dir) as files:
             json_file, csv_file, figure = (files.path(name) for name in OUTPUTS)
             write_json(json_file, study)

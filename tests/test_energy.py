@@ -1,0 +1,116 @@
+import json
+import statistics
+import sys
+
+import pytest
+from conftest import TINY
+from helpers import DATA, ROOT, check_refused
+
+from checkpoint import load_checkpoint
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import energy  # noqa: E402
+
+ARGV = ["--seeds", "1", "2", "--levels", "2", "--weights", "10", "--limit-train", "1000",
+        "--epochs", "2", "--fine-tune-epochs", "1", "--limit", "200", "--timesteps", "3",
+        "--early-exit", "--device", "cpu", "--data-dir", str(DATA), "--checkpoint-dir", "ck",
+        "--out-dir", "energy", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def sweep(study):
+    """A tiny energy study in the tiny seeds study's folder (its ReLU networks are the same
+    command lines, so they are reused): (its folder, energy.json, what it printed)."""
+    _, tmp, _, _ = study
+    assert TINY[TINY.index("--epochs") + 1] == "2"  # ARGV's ReLU networks are the study's
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp)
+        returned = energy.main(ARGV)
+    saved = json.loads((tmp / "energy" / "energy.json").read_text())
+    assert saved == json.loads(json.dumps(returned))
+    return tmp, saved
+
+
+def test_validation_is_read_from_the_checkpoints_and_paired(sweep):
+    tmp, saved = sweep
+    table = saved["validation"]["networks"]
+    assert list(table) == ["L=2, w=0", "L=2, w=10"]  # 0 added: each penalised one's pair
+    for seed in (1, 2):
+        checkpoints = {w: load_checkpoint(tmp / "ck" / "energy" / f"qcfs_L2_w{w}_e1_seed{seed}.pt")
+                       for w in (0, 10)}
+        relu = load_checkpoint(tmp / "ck" / f"relu_seed{seed}.pt")
+        i = seed - 1
+        assert checkpoints[10]["args"]["energy_weight"] == 10
+        for w, ck in checkpoints.items():
+            entry = table[f"L=2, w={w}"]
+            assert entry["accuracy"]["per_seed"][i] == ck["val_accuracy"]
+            assert entry["energy_uj"]["per_seed"][i] == ck["val_energy_uj"]
+            assert entry["minus_relu"]["per_seed"][i] == pytest.approx(
+                ck["val_accuracy"] - relu["val_accuracy"])
+        paired = table["L=2, w=10"]["minus_unpenalised"]["energy_uj"]["per_seed"][i]
+        assert paired == pytest.approx(checkpoints[10]["val_energy_uj"]
+                                       - checkpoints[0]["val_energy_uj"])
+        assert paired < 0  # the penalty buys fewer spikes on every seed
+    close = [n for n, e in table.items() if e["minus_relu"]["mean"] >= -energy.MARGIN]
+    assert saved["validation"]["chosen"] == min(
+        close, key=lambda n: table[n]["energy_uj"]["mean"], default=None)
+
+
+def test_test_set_summary_is_paired_and_checks_the_target(sweep):
+    _, saved = sweep
+    test, per_seed = saved["test"], saved["per_seed"]
+    assert list(test) == ["L=2, w=0: gamma = L", "L=2, w=0: early exit",
+                          "L=2, w=10: gamma = L", "L=2, w=10: early exit"]
+    key, base = "L=2, w=10: gamma = L", "L=2, w=0: gamma = L"
+    diffs = [per_seed[s]["test"][key]["snn_accuracy"][0]
+             - per_seed[s]["test"][base]["snn_accuracy"][0] for s in ("1", "2")]
+    assert test[key]["minus_unpenalised"]["snn_accuracy"]["mean"][0] == pytest.approx(
+        statistics.fmean(diffs))
+    assert "minus_unpenalised" not in test[base]
+    relu = saved["relu_ann_accuracy"]["mean"]
+    for entry in test.values():
+        if "early_exit" in entry:
+            continue
+        meets = [t for t in (1, 2) if entry["snn_mean"][t - 1] >= relu - energy.MARGIN
+                 and entry["energy_pj_mean"][t - 1] <= 0.4 * saved["ann_energy_pj"]]
+        assert entry["meets_target_at"] == (meets[0] if meets else None)
+        assert sum(entry["synops_by_layer_t1_mean"].values()) == pytest.approx(
+            (entry["energy_pj_mean"][0] - 117_600 * 4.6) / 0.9)
+
+
+def test_the_fronts_take_every_point_and_the_old_front_is_kept(sweep):
+    _, saved = sweep
+    fronts, along = saved["fronts"], saved["dominance"]
+    levels = json.loads(energy.LEVELS_FRONT.read_text())["pareto_front"]
+    assert [(p["energy_uj"], p["accuracy"]) for p in fronts["levels study"]] == [
+        (p["energy_uj"], 100 * p["accuracy"]) for p in levels]
+    for name, front in fronts.items():
+        energies = [p["energy_uj"] for p in front]
+        accuracies = [p["accuracy"] for p in front]
+        assert energies == sorted(energies) and accuracies == sorted(accuracies), name
+    assert all(p["name"].startswith("L=2, w=0:") for p in fronts["without the penalty"])
+    for old, new in zip(along["levels study"], along["levels study and this one"], strict=True):
+        assert old is None or new >= old  # one front of more points is never below
+
+
+def test_a_rerun_reuses_every_network_and_conversion(sweep, capsys):
+    tmp, saved = sweep
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp)
+        again = energy.main(ARGV)
+    out = capsys.readouterr().out
+    assert "trained" not in out and "tasks in" not in out and "reusing" in out
+    keep = ("validation", "test", "fronts", "relu_ann_accuracy")
+    assert {k: json.loads(json.dumps(again))[k] for k in keep} == {k: saved[k] for k in keep}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--weights", "-1"], "--weights: must be a finite number >= 0"),
+    (["--fine-tune-epochs", "0"], r"--fine-tune-epochs: must be in \[1, 10000\]"),
+    (["--front", "{tmp}/none.json", "--data-dir", str(DATA)], "no front of bench/seeds.py"),
+])
+def test_bad_arguments_give_one_line(argv, message, capsys, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    check_refused(energy.main, [*argv, "--workers", "0", "--out-dir", str(tmp_path / "o")],
+                  message, capsys)

@@ -109,6 +109,8 @@ def validation_record(path):
               "train_seconds": round(sum(h["seconds"] for h in history), 1)}
     if checkpoint.get("activation") == "qcfs":
         record["energy_uj"] = checkpoint["val_energy_uj"]
+        record["per_epoch"] = {key: [h[key] for h in history]
+                               for key in ("val_accuracy", "val_energy_uj")}
     return record
 
 
@@ -244,8 +246,8 @@ def front_points(test, levels_study):
         else:
             points += [(e / 1e6, 100 * a, key, t) for t, (e, a) in enumerate(
                 zip(entry["energy_pj_mean"], entry["snn_mean"], strict=True), 1)]
-    old = [(p["energy_uj"], 100 * p["accuracy"], f"levels study: {p['name']}", p["t"])
-           for p in levels_study]
+    old = [(p["energy_uj"], p["accuracy"], f"levels study: {p['name']}", p["t"])
+           for p in levels_study]  # already in %
     return points, old
 
 
@@ -317,13 +319,16 @@ def plot_fronts(study, path):
                label=f"ReLU ANN's mean - {100 * MARGIN:g} pp")
     ax.axvline(TARGET_ENERGY * ann_uj, color="tab:red", linestyle="--", linewidth=1,
                label=f"{TARGET_ENERGY:g} × the ANN's {ann_uj:.2f} µJ")
+    ax.plot(ann_uj, 100 * relu["mean"], marker="*", markersize=15, color="gold",
+            markeredgecolor="k", linestyle="none", label="ReLU ANN (mean)")
     ax.set_xscale("log")
     ax.set_xticks([0.5, 0.6, 0.7, 0.8, 0.9, 1, 1.2, 1.5, 2, 3, 4])
     ax.xaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
     ax.set_xlabel("estimated energy per image, mean over the seeds (µJ; memory traffic ignored)")
     ax.set_ylabel("test accuracy, mean over the seeds (%)")
-    ax.set_ylim(100 * relu["mean"] - 1.5, 100 * relu["mean"] + 0.3)
+    ax.set_xlim(right=1.1 * ann_uj)  # beyond the ANN's energy the SNN has no case
+    ax.set_ylim(100 * relu["mean"] - 0.8, 100 * relu["mean"] + 0.3)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     ax.set_title(f"QCFS networks trained with an energy weight w (µJ⁻¹): {len(study['seeds'])} "
@@ -419,11 +424,7 @@ def main(argv=None):
     args = parse_args(argv)
 
     def body():
-        if not args.address:
-            cli.resolve_device(args.device)  # a cluster's workers may have what this one lacks
-        studies.check_folders(args.out_dir, args.checkpoint_dir / "energy", files=[
-            args.out_dir / name for name in [f"seed{s}.json" for s in args.seeds] + list(OUTPUTS)])
-        tasks = studies.Tasks(args)
+        tasks = studies.start(args, OUTPUTS, args.checkpoint_dir / "energy")
 
         def made(seed, record):
             write_json(args.out_dir / f"seed{seed}.json", record)
@@ -456,10 +457,7 @@ def main(argv=None):
         print(f"wrote {cli.and_list(OUTPUTS)} in {args.out_dir}")
         return study
 
-    def kept():
-        return (f"the networks and conversions made so far are in {args.checkpoint_dir} and "
-                f"{args.out_dir} (seed<S>.json); a re-run reuses them")
-    return cli.run("energy.py", body, kept)
+    return cli.run("energy.py", body, lambda: studies.kept(args))
 
 
 if __name__ == "__main__":

@@ -493,11 +493,7 @@ def main(argv=None):
     args = parse_args(argv)
 
     def body():
-        if not args.address:
-            cli.resolve_device(args.device)  # a cluster's workers may have what this one lacks
-        studies.check_folders(args.out_dir, args.checkpoint_dir, files=[
-            args.out_dir / name for name in [f"seed{s}.json" for s in args.seeds] + list(OUTPUTS)])
-        tasks = studies.Tasks(args)
+        tasks = studies.start(args, OUTPUTS, args.checkpoint_dir)
 
         def made(seed, results):
             write_json(args.out_dir / f"seed{seed}.json", results)
@@ -519,10 +515,7 @@ def main(argv=None):
         print(f"wrote {cli.and_list(OUTPUTS)} in {args.out_dir}")
         return study
 
-    def kept():
-        return (f"the networks and conversions made so far are in {args.checkpoint_dir} and "
-                f"{args.out_dir} (seed<S>.json); a re-run reuses them")
-    return cli.run("seeds.py", body, kept)
+    return cli.run("seeds.py", body, lambda: studies.kept(args))
 
 
 def print_summary(study):

@@ -430,6 +430,23 @@ def start_ray(address):
 # ----------------------------------------------------------------------------- running a study
 
 
+def start(args, outputs, networks):
+    """Check the device (unless on a cluster, whose workers may have what this one lacks) and
+    the folders and files a study over seeds writes (seed<S>.json and `outputs` in args.out_dir,
+    its networks in `networks`); the Tasks to add its tasks to."""
+    if not args.address:
+        cli.resolve_device(args.device)
+    check_folders(args.out_dir, networks, files=[
+        args.out_dir / name for name in [f"seed{s}.json" for s in args.seeds] + list(outputs)])
+    return Tasks(args)
+
+
+def kept(args):
+    """What an interrupted or failed study of networks and conversions leaves."""
+    return (f"the networks and conversions made so far are in {args.checkpoint_dir} and "
+            f"{args.out_dir} (seed<S>.json); a re-run reuses them")
+
+
 def check_folders(*folders, files=()):
     """Before anything runs: the study's folders can be written, and no folder stands where it
     writes a file."""

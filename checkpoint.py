@@ -13,7 +13,7 @@ A checkpoint is a dict saved with torch.save and loaded with weights_only=True:
     percentile            the key a conversion uses by default
     calibration_images    how many training images the percentiles come from
     val_energy_uj         QCFS: the energy per image of its SNN's first step with gamma = L on
-                          the validation images (µJ; lenet5.first_step_energy)
+                          the validation images (µJ; efficiency.first_step_energy)
     epoch, val_accuracy, test_accuracy, seed, args (lenet5.py's arguments, e.g. val_size),
     torch_version, torchvision_version
 

@@ -2,7 +2,9 @@
 
 A spike of unit j entering a weighted layer costs one accumulate per synapse leaving j, its exact
 fan-out; the first layer takes the analog image, so it costs multiply-accumulates (MACs), once,
-since the image is constant. Energy is a 45 nm estimate (docs/method.md §7).
+since the image is constant. Energy is a 45 nm estimate (docs/method.md §7). For a QCFS network
+converted with gamma = L, the first step's energy is also a differentiable function of the
+network's activations (`first_step_energy`): what lenet5.py --energy-weight trains against.
 """
 
 import matplotlib.ticker
@@ -61,6 +63,45 @@ def synops_of(spikes_in, fanouts):
     fan-out of the unit it leaves (`fan_outs`), summed. A tensor [N], differentiable."""
     return sum((spikes.flatten(1) * fanouts[name].flatten()).sum(1)
                for name, spikes in spikes_in.items())
+
+
+def first_step_spikes(model, images):
+    """A QCFS network's (lenet5.py) logits for `images`, and {weighted layer after the first: the
+    spikes that enter it per image} in the first step of its SNN converted with gamma = L.
+
+    There each neuron fires its QCFS level k = h * L / lambda at once, and a max-pool passes its
+    window's largest k. Differentiable through QCFS's straight-through floor.
+    """
+    spikes, x, per_spike = {}, images, None  # per_spike: what one spike of x stands for
+    for name, layer in model.named_children():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and per_spike is not None:
+            spikes[name] = x / per_spike
+        if isinstance(layer, nn.Flatten) and per_spike is not None:
+            per_spike = per_spike.expand(x.shape[1:]).flatten()
+        x = layer(x)
+        if hasattr(layer, "levels"):  # a QCFS layer (lenet5.QCFS)
+            per_spike = (layer.threshold / layer.levels).view(-1, *[1] * (x.dim() - 2)) \
+                if layer.threshold.dim() else layer.threshold / layer.levels
+    return x, spikes
+
+
+def first_step_energy(model, images, fanouts):
+    """The logits, and the energy (pJ) per image of the SNN's first step with gamma = L
+    (`first_step_spikes`), as `efficiency` counts it after a simulation; `fanouts` from
+    `fan_outs`."""
+    logits, spikes = first_step_spikes(model, images)
+    return logits, energy_pj(fanouts[next(iter(fanouts))].sum(), synops_of(spikes, fanouts))
+
+
+@torch.no_grad()
+def first_step_energy_uj(model, batches, device, fanouts):
+    """The mean first-step energy per image (µJ) of a QCFS network's SNN over `batches`."""
+    model.eval()
+    total, seen = 0.0, 0
+    for images, _ in batches:
+        total += first_step_energy(model, images.to(device), fanouts)[1].sum().item()
+        seen += len(images)
+    return total / seen / 1e6
 
 
 def efficiency(snn, counts, images, timesteps, neurons, shapes):

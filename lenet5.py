@@ -51,7 +51,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from cli import UserError, first_line, positive_int
-from efficiency import energy_pj, fan_outs, synops_of
+from efficiency import fan_outs, first_step_energy, first_step_energy_uj
 from mnist import TRAIN_IMAGES, Batches, load_mnist, split_train_val
 
 # ----------------------------------------------------------------------------- defaults
@@ -132,33 +132,6 @@ def hooked_layers(model):
     return names + [OUTPUT_LAYER]
 
 
-def first_step_spikes(model, images):
-    """A QCFS network's logits for `images`, and {weighted layer after the first: the spikes that
-    enter it per image} in the first step of its SNN converted with gamma = L.
-
-    There each neuron fires its QCFS level k = h * L / lambda at once, and a max-pool passes its
-    window's largest k. Differentiable through QCFS's straight-through floor.
-    """
-    spikes, x, per_spike = {}, images, None  # per_spike: what one spike of x stands for
-    for name, layer in model.named_children():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)) and per_spike is not None:
-            spikes[name] = x / per_spike
-        if isinstance(layer, nn.Flatten) and per_spike is not None:
-            per_spike = per_spike.expand(x.shape[1:]).flatten()
-        x = layer(x)
-        if isinstance(layer, QCFS):
-            per_spike = (layer.threshold / layer.levels).view(-1, *[1] * (x.dim() - 2)) \
-                if layer.threshold.dim() else layer.threshold / layer.levels
-    return x, spikes
-
-
-def first_step_energy(model, images, fanouts):
-    """The logits, and the energy (pJ) per image of the SNN's first step with gamma = L
-    (`first_step_spikes`), as efficiency.py counts it; `fanouts` from `efficiency.fan_outs`."""
-    logits, spikes = first_step_spikes(model, images)
-    return logits, energy_pj(fanouts[next(iter(fanouts))].sum(), synops_of(spikes, fanouts))
-
-
 def thresholds(model):
     """{activation layer: trained lambda (a list if per channel)} of a QCFS network (empty for
     ReLU)."""
@@ -202,17 +175,6 @@ def train_epoch(model, batches, optimizer, scheduler, device, desc="train", ener
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
     return total_loss / seen, correct / seen, None if energy is None else total_uj / seen
-
-
-@torch.no_grad()
-def first_step_energy_uj(model, batches, device, fanouts):
-    """The mean first-step energy per image (µJ) of a QCFS network's SNN over `batches`."""
-    model.eval()
-    total, seen = 0.0, 0
-    for images, _ in batches:
-        total += first_step_energy(model, images.to(device), fanouts)[1].sum().item()
-        seen += len(images)
-    return total / seen / 1e6
 
 
 @torch.no_grad()
@@ -584,7 +546,7 @@ def parse_args(argv=None):
                         metavar="W",
                         help="QCFS: add W times the converted SNN's energy per image in its "
                              "first step (µJ, gamma = L, as lenet_convert.py estimates it) to "
-                             "the loss: fewer spikes (default: 0, measured and not trained on)")
+                             "the loss: fewer spikes; 0: measured, not trained on")
     parser.add_argument("--init-from", type=cli.path_arg, default=None, metavar="CHECKPOINT",
                         help="start from this checkpoint's weights (fine-tuning); for QCFS each "
                              "layer's lambda starts at its --percentile activation there")

@@ -25,9 +25,10 @@ test accuracy by t = 2 at no more than TARGET_ENERGY times the ANN's energy per 
 Tasks run on Ray or, with --workers 0, one after another in this process (see studies.py).
 
 Example:
-    python bench/energy.py --seeds 1 2 3              # the sweep on validation: 3 x 15
-                                                      # networks (TIME on 2 CPU cores)
-    python bench/energy.py --seeds 1 2 3 4 5 --levels 16 --weights 0 0.1 --early-exit
+    python bench/energy.py --seeds 1 2 3              # the sweep: 3 x 15 networks, about an
+                                                      # hour on 2 CPU cores (docs/results.md)
+    python bench/energy.py --seeds 1 2 3 4 5 --levels 8 16 --weights 0 0.03 0.1 \\
+        --out-dir results/energy5                     # the chosen ones over 5 seeds
     python bench/energy.py --seeds 1 --levels 2 --weights 10 --limit-train 2000 --epochs 2 \\
         --fine-tune-epochs 1 --limit 500 --timesteps 2    # a quick look (a minute)
 
@@ -394,7 +395,7 @@ def parse_args(argv=None):
                              "rule, chosen on validation)")
     parser.add_argument("--front", type=cli.path_arg, default=LEVELS_FRONT,
                         help="a seeds.json of bench/seeds.py whose accuracy-energy front is "
-                             "drawn and compared (default: the levels study's)")
+                             "drawn and compared: by default the levels study's")
     args = studies.parse_study_args(parser, argv)
     args.weights = sorted({0.0, *args.weights})
     try:

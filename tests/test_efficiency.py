@@ -75,15 +75,15 @@ def test_first_step_energy_is_what_the_simulator_counts_at_t1(trained, tmp_path,
                                     efficiency.input_shapes(ann))
     fanouts, x = efficiency.fan_outs(ann), torch.cat([batch for batch, _ in batches])
     with torch.no_grad():
-        _, spikes = lenet5.first_step_spikes(ann.eval(), x)
-        energy = lenet5.first_step_energy(ann, x, fanouts)[1]
+        _, spikes = efficiency.first_step_spikes(ann.eval(), x)
+        energy = efficiency.first_step_energy(ann, x, fanouts)[1]
     for name, ops in counted["synops_by_layer"].items():
         estimated = efficiency.synops_of({name: spikes[name]}, fanouts).mean().item()
         assert estimated == pytest.approx(ops[0], rel=1e-6), name
         assert torch.allclose(spikes[name], spikes[name].round(), atol=1e-4)  # whole spikes
     assert set(spikes) == set(counted["synops_by_layer"]) == {"c3", "c5", "f6", "out"}
     assert energy.mean().item() == pytest.approx(counted["snn_energy_pj"][0], rel=1e-6)
-    assert lenet5.first_step_energy_uj(ann, batches, "cpu", fanouts) == pytest.approx(
+    assert efficiency.first_step_energy_uj(ann, batches, "cpu", fanouts) == pytest.approx(
         counted["snn_energy_pj"][0] / 1e6, rel=1e-6)
 
 

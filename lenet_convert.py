@@ -50,15 +50,10 @@ from tqdm import tqdm
 import efficiency
 from checkpoint import OUTPUT_LAYER, default_percentile, load_checkpoint, percentile_key
 from cli import UserError
-from lenet5 import (
-    QCFS,
-    check_recorded_maxima,
-    evaluate,
-    model_from_checkpoint,
-    remeasure_percentiles,
-)
+from lenet5 import QCFS, evaluate, model_from_checkpoint
 from mnist import IMAGE_SHAPE, TEST_IMAGES, Batches, load_mnist
 from plots import plt, report_steps, save_figure, settings_text, step_axis
+from recorded import check_recorded_maxima, remeasure_percentiles
 
 # ----------------------------------------------------------------------------- defaults
 CHECKPOINT = Path("checkpoints/lenet5_best.pt")  # written by lenet5.py
@@ -715,7 +710,7 @@ def look_inside_arg(text):
 def load_ann(path, device, data_dir=None):
     """(checkpoint, its ANN on `device`) from a file written by lenet5.py; given the data, its
     recorded activation maxima are checked against its calibration images too
-    (`lenet5.check_recorded_maxima`)."""
+    (`recorded.check_recorded_maxima`)."""
     checkpoint = load_checkpoint(path)
     ann = model_from_checkpoint(checkpoint, path).to(device)
     if data_dir is not None:

@@ -37,6 +37,7 @@ from lenet_convert import (
     simulate,
 )
 from plots import report_steps, settings_text
+from recorded import remeasure_percentiles
 
 # ----------------------------------------------------------------------------- conversion steps
 
@@ -390,8 +391,8 @@ def test_old_checkpoint_gets_its_per_channel_percentiles_measured(trained, tmp_p
     assert old_run["settings"]["norm"] == "neuron"
     assert old_run["snn_accuracy"] == new_run["snn_accuracy"]
     assert old_run["efficiency"]["synops_per_image"] == new_run["efficiency"]["synops_per_image"]
-    measured = lenet5.remeasure_percentiles(checkpoint, lenet5.model_from_checkpoint(checkpoint),
-                                            DATA, "cpu")
+    measured = remeasure_percentiles(checkpoint, lenet5.model_from_checkpoint(checkpoint), DATA,
+                                     "cpu")
     assert measured == (checkpoint["percentiles"], recorded)  # what lenet5.py recorded
     assert torch.load(old, weights_only=True).keys() == checkpoint.keys()  # the file unchanged
 

@@ -20,21 +20,16 @@ import lenet_convert
 from checkpoint import OUTPUT_LAYER
 from lenet_convert import (
     AT_ANN_LEVEL_KEY,
-    NORMS,
-    READOUTS,
-    RESETS,
-    V0,
     Conversion,
-    Settings,
     at_ann_level,
     check_memory,
     clean_mem_spike,
     convert,
     load_ann,
     load_test_set,
-    settings_from,
 )
 from mnist import load_mnist
+from options import NORMS, READOUTS, RESETS, V0, Settings, settings_from
 from plots import plt, report_steps, save_figure, step_axis
 
 COMPARE_GAMMAS = (1, 2, 4)  # burst limits every compared checkpoint is run with

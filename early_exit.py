@@ -15,9 +15,9 @@ import matplotlib.ticker
 import torch
 
 import cli
+from constant_input import stages
 from lenet5 import evaluate, quantiles_of
 from lenet_convert import (
-    ANN_MARGIN,
     announce,
     clean_mem_spike,
     counting_modules,
@@ -27,10 +27,10 @@ from lenet_convert import (
     predictions,
     readout_node,
     result_of,
-    stages,
     within,
 )
 from mnist import Batches, split_train_val
+from options import ANN_MARGIN
 from plots import plt, save_figure, settings_text, step_axis
 
 EXIT_GRID = 200  # thresholds tried on the validation split (quantiles of the recorded values)

@@ -5,16 +5,13 @@ the convolutions, normalise each layer by the activation scale recorded in the c
 replace ReLU by integrate-and-fire neurons (SpikeNode) and max-pooling by a spiking max-pool
 (SMaxPool). The spiking network sees the analog image as a constant current at every step; the
 output layer's currents are summed over time (or its spikes counted) and read out by argmax.
-This file holds that core, top to bottom: settings, spiking modules, conversion, simulation, one
-run and its report, and the command line, whose `main` tells the plain run step by step. It
-measures with efficiency.py (spike counts into SynOps and energy); the features build on it and
-are handed over to from `main` when asked for: early_exit.py (per-image early exit),
-compare.py (many conversions side by side) and look_inside.py (one digit, layer by layer).
-
-The first neuron layer sees the same current every step, so it and its pool are simulated in
-closed form, as one neuron layer on the pooled current: the same spikes, from a tensor a quarter
-the size (docs/method.md §8). Not with --reset zero, --spicalib or --no-lateral-inhibition,
-whose neurons depend on more than their summed input: there every layer is stepped.
+This file holds that core, top to bottom: the spiking modules, the conversion, the simulation,
+one run and its report, and `main`, which tells the plain run step by step. What it builds on
+has a module each, none importing this file: options.py (every option and its default),
+layer_scales.py (the scales), constant_input.py (the first neuron layer, whose input never
+changes, counted in closed form: the same spikes, docs/method.md §8), counting.py and
+efficiency.py (spike counts, SynOps, energy). The features are handed over to from `main` when
+asked for: early_exit.py, compare.py and look_inside.py.
 
 Examples:
     python lenet_convert.py                          # checkpoints/lenet5_best.pt, T = 64
@@ -48,116 +45,34 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import efficiency
-from checkpoint import OUTPUT_LAYER, default_percentile, load_checkpoint, percentile_key
+from checkpoint import OUTPUT_LAYER, load_checkpoint
 from cli import UserError
+from constant_input import in_closed_form, stages
+from counting import Counting, max_pool
+from layer_scales import conversion_scales
 from lenet5 import QCFS, evaluate, model_from_checkpoint
-from mnist import IMAGE_SHAPE, TEST_IMAGES, Batches, load_mnist
+from mnist import IMAGE_SHAPE, Batches, load_mnist
+from options import (
+    ANN_MARGIN,
+    DEFAULT_SETTINGS,
+    RESET,
+    SPICALIB,
+    Settings,
+    parse_args,
+    settings_from,
+    settings_record,
+)
 from plots import plt, report_steps, save_figure, settings_text, step_axis
 from recorded import check_recorded_maxima, remeasure_percentiles
 
-# ----------------------------------------------------------------------------- defaults
-CHECKPOINT = Path("checkpoints/lenet5_best.pt")  # written by lenet5.py
-OUT_DIR = Path("results")  # plots and JSON
-TIMESTEPS = 64  # simulation steps T
-MAX_TIMESTEPS = 100_000  # the most T (and steps anywhere) a run takes; its memory is checked
-BATCH_SIZE = 500  # test images simulated at once (a step costs the same per image from 100 to 500)
-GAMMA = 2  # burst limit, the most spikes a neuron fires per step (BrainCog's)
-MAX_GAMMA = 1024
-QCFS_DEFAULT_REASON = ("a QCFS network is converted with gamma = L, its levels, and V0 = "
-                       "theta/2: one step gives its ANN's outputs, and on validation this came "
-                       "closest to the ReLU ANN in the fewest steps (bench/recipes.py)")
-V0 = 0.5  # initial potential in units of the threshold: turns the rate's floor into a rounding
-LATERAL_INHIBITION = True  # the exact spiking max-pool
-READOUT = "analog"  # sum the output layer's currents; "spikes": count a SpikeNode's spikes
-NORM = "layer"  # one activation scale per layer; "channel", "neuron": see NORMS
-RESET = "subtract"  # after spiking, lose s thresholds; "zero": the potential goes to 0
-SPICALIB = 0  # spike calibration's allowance in steps; 0: off
-EXIT_RULE = "none"  # per-image early exit: "margin" or "confidence" of the averaged output
-ANN_MARGIN = 0.001  # "at the ANN's level": accuracy within 0.1 percentage points of the ANN's
+# ----------------------------------------------------------------------------- constants
+# Every option's default is in options.py, with its flag; these are the method's own.
 POOL_ACCUMULATED_WEIGHT = 1000.0  # BrainCog's K: the pool without inhibition weighs C_t by it
-
-READOUTS = ("analog", "spikes")
-NORMS = ("layer", "channel", "neuron")  # per layer; per convolution channel; and per neuron
-RESETS = ("subtract", "zero")
-EXIT_RULES = ("none", "margin", "confidence")
-LOOK_INSIDE_KINDS = ("late", "wrong")  # test images --look-inside finds (look_inside.py)
 READOUT_NODE = "readout"  # the SpikeNode appended after the output layer for a spiking read-out
 AT_ANN_LEVEL_KEY = f"first_step_within_{100 * ANN_MARGIN:g}pp"  # result key: the first step there
 
 
-class Settings(NamedTuple):
-    """How a checkpoint is converted and simulated: one value that every step passes on.
-
-    `percentile` None means the checkpoint's own: a QCFS network's trained lambda, else the
-    percentile it recorded as its default. `exit_threshold` None means chosen on the
-    validation split, as the fewest mean steps within `exit_margin` of the ANN there, with
-    `exit_deadline` (the step by which every image stops; None: chosen with it, or T when the
-    threshold is given).
-    """
-
-    percentile: str | None = None
-    gamma: int = GAMMA
-    v0: float = V0
-    lateral_inhibition: bool = LATERAL_INHIBITION
-    readout: str = READOUT
-    norm: str = NORM
-    reset: str = RESET
-    spicalib: int = SPICALIB
-    exit_rule: str = EXIT_RULE
-    exit_threshold: float | None = None
-    exit_margin: float = ANN_MARGIN
-    exit_deadline: int | None = None
-
-
-DEFAULT_SETTINGS = Settings()
-
-
 # ----------------------------------------------------------------------------- spiking modules
-
-
-class Counting(nn.Module):
-    """A module with state across steps that counts its output spikes per step and unit.
-
-    The counts live in one buffer that doubles when full: a small tensor kept from every step
-    would fragment the heap between the large per-step tensors and make memory grow with T.
-    """
-
-    signed = False  # whether the output can be negative; then |output| is counted
-    state = ()  # names of the per-image state tensors (batch first)
-
-    def reset(self):
-        """Forget the state and the counts: a new batch of images."""
-        self.buffer, self.length = None, 0  # [capacity, *units], steps counted
-        self.restart()
-
-    def restart(self):
-        """Forget the state but keep the counts: more images whose spikes add to the same steps."""
-        self.step = 0
-
-    def count(self, out):
-        """Add `out` ([steps, batch, ...], from step `self.step` on) to the counts."""
-        per_step = (out.abs() if self.signed else out).sum(1)
-        end = self.step + len(per_step)
-        if self.buffer is None or end > len(self.buffer):
-            grown = per_step.new_zeros(max(end, 2 * self.length, 16), *per_step.shape[1:])
-            if self.buffer is not None:
-                grown[:self.length] = self.buffer[:self.length]
-            self.buffer = grown
-        self.buffer[self.step:end] += per_step
-        self.length, self.step = max(self.length, end), end
-
-    def leave(self, rows, steps):
-        """Images leave the simulation after `steps` steps: those in `rows` (None: all). A module
-        that counts step by step has counted their spikes already."""
-
-    def take_counts(self, other):
-        """Take the counts of `other`, which simulated this module's spikes in its place."""
-        self.buffer, self.length = other.buffer, other.length
-
-    @property
-    def counts(self):
-        """Spikes (events, if signed) per step and unit since the last reset: [steps, *units]."""
-        return self.buffer[:self.length] if self.buffer is not None else torch.zeros(0)
 
 
 class SpikeNode(Counting):
@@ -226,22 +141,6 @@ class SpikeNode(Counting):
         return (f"threshold={self.threshold}, gamma={self.gamma}, v0={self.v0}, "
                 f"reset={self.reset_mode}" + (f", allowance={self.allowance}"
                                               if self.allowance else ""))
-
-
-def max_pool(x, k):
-    """k x k max-pooling with stride k over the last two dims: MaxPool2d(k)'s values.
-
-    Taken as element-wise maxima of strided slices: on the CPU several times faster than
-    F.max_pool2d, which also computes the argmax indices.
-    """
-    h, w = x.shape[-2] // k * k, x.shape[-1] // k * k
-    rows = x[..., 0:h:k, :w]
-    for i in range(1, k):
-        rows = torch.maximum(rows, x[..., i:h:k, :w])
-    out = rows[..., 0::k]
-    for j in range(1, k):
-        out = torch.maximum(out, rows[..., j::k])
-    return out
 
 
 class SMaxPool(Counting):
@@ -410,72 +309,6 @@ def fuse_norm_replace(model, scales, settings=DEFAULT_SETTINGS):
     return replace_by_spiking(normalised, settings)
 
 
-def default_settings(checkpoint):
-    """The Settings a conversion of `checkpoint` uses unless told otherwise: a ReLU network's
-    recorded default percentile; a QCFS network's trained lambda (percentile None) with gamma = L
-    (QCFS_DEFAULT_REASON)."""
-    if checkpoint.get("activation") == "qcfs":
-        return Settings(None, gamma=checkpoint["levels"])
-    return Settings(default_percentile(checkpoint))
-
-
-def activation_scales(checkpoint, percentile=None, gamma=1, per_channel=()):
-    """{layer: what one spike stands for}: the recorded `percentile` of each layer's activations.
-
-    With `percentile` None (a QCFS network), each layer's trained lambda (a tensor if one per
-    channel) divided by `gamma`, so the gamma spikes of a step share [0, lambda] (docs/method.md
-    §6). The output layer's scale (for a spiking read-out) is always a percentile, the
-    checkpoint's own for a QCFS network. The layers in `per_channel` get a tensor, one scale per
-    channel or neuron (see `per_channel_layers`); a channel silent on the calibration images
-    keeps the layer's scale.
-    """
-    recorded = checkpoint["percentiles"]  # there, as checkpoint.check_checkpoint makes sure
-    key = percentile or default_percentile(checkpoint)
-    try:
-        scales = {layer: float(values[key]) for layer, values in recorded.items()}
-    except KeyError:
-        available = ", ".join(next(iter(recorded.values()), {}))
-        raise UserError(f"the checkpoint has no {key}th percentile (it has: {available}); "
-                        f"choose one of those or retrain with `--percentile {key}`") from None
-    trained = {layer: torch.tensor(value, dtype=torch.float64) if isinstance(value, list)
-               else value for layer, value in checkpoint.get("thresholds", {}).items()
-               } if percentile is None else {}
-    if per_channel and trained:
-        raise UserError("--norm channel and neuron need activation percentiles: a QCFS network "
-                        "is converted with its trained threshold per layer (add --percentile)")
-    for layer in per_channel:
-        try:
-            channels = checkpoint.get("channel_percentiles", {})[layer][key]
-        except KeyError:
-            raise UserError(f"the checkpoint has no per-channel {key}th percentile of "
-                            f"{layer}") from None
-        channels = torch.tensor(channels, dtype=torch.float64)
-        scales[layer] = torch.where(channels > 0, channels, scales[layer])
-    return scales | {layer: value / gamma for layer, value in trained.items()}
-
-
-def per_channel_layers(ann, norm):
-    """The activation layers scaled per channel under `norm` (docs/method.md §3).
-
-    None for "layer"; for "channel" those after a convolution, one scale per output channel
-    (BrainCog's channelnorm); for "neuron" also those after a linear layer, one per neuron.
-    """
-    names, weighted = set(), None
-    for name, layer in ann.named_children():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            weighted = layer
-        elif isinstance(layer, (nn.ReLU, QCFS)) and (
-                norm == "neuron" or norm == "channel" and isinstance(weighted, nn.Conv2d)):
-            names.add(name)
-    return names
-
-
-def conversion_scales(checkpoint, ann, settings):
-    """The activation scales `build_snn` normalises `ann` by under `settings`."""
-    return activation_scales(checkpoint, settings.percentile, settings.gamma,
-                             per_channel_layers(ann, settings.norm))
-
-
 def build_snn(checkpoint, ann, settings):
     """The spiking network of `ann` (loaded from `checkpoint`) converted with `settings`.
 
@@ -507,8 +340,8 @@ def simulate(snn, images, timesteps, closed_form=True):
 
     The first layer's input is the same image every step, so its output is computed once; and
     where `in_closed_form` allows (and `closed_form`), the first neuron layer and its pool run
-    as one SpikeNode on the pooled current (`stages`). Either way the spikes are the same, and
-    once all steps are run every module holds its counts.
+    as one SpikeNode on the pooled current (`constant_input.stages`). Either way the spikes are
+    the same, and once all steps are run every module holds its counts.
     """
     clean_mem_spike(snn)
     first, steps = stages(snn, closed_form)
@@ -519,119 +352,6 @@ def simulate(snn, images, timesteps, closed_form=True):
         module.leave(None, timesteps)
         if snn.get_submodule(name) is not module:
             snn.get_submodule(name).take_counts(module)
-
-
-# ----------------------------------------------------------------------------- the first layer
-
-
-def in_closed_form(snn):
-    """Whether `simulate` runs the first neuron layer of `snn` and its pool in closed form
-    (docs/method.md §8): with reset by subtraction, no spike calibration, and the exact pool
-    (lateral inhibition); not where a neuron's output depends on more than its summed input."""
-    if len(snn) < 3:
-        return False
-    neuron, pool = snn[1], snn[2]
-    return (type(neuron) is SpikeNode and neuron.reset_mode == "subtract"
-            and not neuron.allowance and neuron.threshold == 1
-            and type(pool) is SMaxPool and pool.lateral_inhibition)
-
-
-def stages(snn, closed_form=True):
-    """`snn` as `simulate` runs it: (the layers run once on the images, those run every step).
-
-    Normally the first layer, then the rest. In closed form (`in_closed_form`), the first
-    layer's current I is pooled once, and one SpikeNode fed maxpool(I) takes the place of the
-    first neuron layer and its pool: a neuron's spikes after t steps grow with its constant
-    input, so the pool's output, the step differences of maxpool of those counts, is what a
-    neuron fed the window's largest input fires (docs/method.md §8). The neuron layer's own
-    spikes feed only the pool; they are counted from the closed form (`ConstantInputLayer`).
-    The modules taking another's place carry its name, so their counts are that module's.
-    """
-    names = list(snn._modules)
-    if not (closed_form and in_closed_form(snn)):
-        return snn[:1], snn[1:]
-    neuron, pool = snn[1], snn[2]
-    first = nn.Sequential(OrderedDict([
-        (names[0], snn[0]), (names[1], ConstantInputLayer(neuron, pool.kernel_size))]))
-    pooled = SpikeNode(neuron.threshold, neuron.gamma, neuron.v0)
-    return first, nn.Sequential(OrderedDict([(names[2], pooled), *list(snn.named_children())[3:]]))
-
-
-class ConstantInputLayer(Counting):
-    """A layer of integrate-and-fire neurons fed the same current every step: counted, not
-    simulated.
-
-    Called once with the current I, it keeps I and passes on maxpool(I) (see `stages`). When
-    images leave after t steps (`leave`), their spikes are counted in closed form
-    (`constant_input_spikes`): all steps in one row of its counts.
-    """
-
-    state = ("current",)
-
-    def __init__(self, neuron, kernel_size):
-        super().__init__()
-        self.v0, self.gamma, self.kernel_size = neuron.v0, neuron.gamma, kernel_size
-        self.reset()
-
-    def restart(self):
-        super().restart()
-        self.current = None
-
-    def forward(self, current):
-        self.current = current
-        return max_pool(current, self.kernel_size)
-
-    def leave(self, rows, steps):
-        if rows is not None and not len(rows):
-            return
-        everyone = rows is None or len(rows) == len(self.current)
-        current = self.current if everyone else self.current[rows]
-        self.step = 0
-        self.count(constant_input_spikes(current, steps, self.v0, self.gamma).unsqueeze(0))
-
-
-def constant_input_spikes(current, steps, v0, gamma):
-    """The spikes SpikeNode (threshold 1, reset by subtraction) fires in `steps` steps (a number,
-    or one per image) of the constant `current`, element by element, without stepping it.
-
-    In exact arithmetic they are C_t(I) = clamp(floor(v0 + t I), 0, gamma t) (docs/method.md
-    §8). SpikeNode adds in float32, and so does this, so the two can differ only where v0 + t I
-    lies within their rounding of a whole number; those few elements are stepped as SpikeNode
-    steps them. So the result is SpikeNode's count exactly.
-    """
-    if torch.is_tensor(steps):  # one per image
-        t = steps.to(current).view(-1, *[1] * (current.dim() - 1))
-        longest = int(steps.max())
-    else:  # a number: much faster in torch's scalar forms
-        t = longest = int(steps)
-    value = current.add(v0) if isinstance(t, int) and t == 1 else current.mul(t).add_(v0)
-    spikes = value.floor() if longest > 1 else value.floor_()  # value is needed on, or not
-    near = ()
-    if longest > 1:  # at t = 1 both compute fl(I + v0): no rounding apart
-        # |value - (v0 + t I)| + |SpikeNode's accumulated rounding| (docs/method.md §8), twice
-        margin = (4 * (gamma * longest + 1) + 2 * longest * (gamma + 1)) * 2.0**-24
-        distance = value.sub_(spikes).sub_(0.5).abs_().view(len(current), -1)  # to 1/2
-        rows = (distance.amax(1) > 0.5 - margin).nonzero()[:, 0]  # the few images with any
-        units = (distance[rows] > 0.5 - margin).nonzero()
-        near = rows[units[:, 0]] * distance.shape[1] + units[:, 1]  # flat indices
-    spikes = (spikes.clamp_(0, gamma * t) if isinstance(t, int)
-              else torch.minimum(spikes.clamp_(min=0), gamma * t))
-    if len(near):
-        its_steps = (steps.to(near)[near // current[0].numel()] if torch.is_tensor(steps)
-                     else torch.full_like(near, t))
-        spikes.view(-1)[near] = _stepped(current.reshape(-1)[near], its_steps, v0, gamma)
-    return spikes
-
-
-def _stepped(current, steps, v0, gamma):
-    """Each element's spikes after its own number of `steps`, stepping a SpikeNode."""
-    neuron, total = SpikeNode(gamma=gamma, v0=v0), torch.zeros_like(current)
-    counted = torch.empty(int(steps.max()), *current.shape, dtype=current.dtype,
-                          device=current.device)
-    for t in range(len(counted)):
-        total = total + neuron(current)
-        counted[t] = total
-    return counted.gather(0, (steps - 1)[None])[0]
 
 
 def predictions(snn, images, timesteps, simulator=simulate):
@@ -699,14 +419,6 @@ class Conversion(NamedTuple):
     settings: Settings
 
 
-def look_inside_arg(text):
-    """An argparse type: a test image's index, or one of LOOK_INSIDE_KINDS."""
-    if text in LOOK_INSIDE_KINDS:
-        return text
-    kinds = " or ".join(LOOK_INSIDE_KINDS)
-    return cli.int_in(0, TEST_IMAGES - 1, f"an image index or {kinds}")(text)
-
-
 def load_ann(path, device, data_dir=None):
     """(checkpoint, its ANN on `device`) from a file written by lenet5.py; given the data, its
     recorded activation maxima are checked against its calibration images too
@@ -716,17 +428,6 @@ def load_ann(path, device, data_dir=None):
     if data_dir is not None:
         check_recorded_maxima(checkpoint, ann, path, data_dir, device)
     return checkpoint, ann
-
-
-def settings_from(args, checkpoint):
-    """The Settings the command line asks for, applied to `checkpoint`; what it leaves open
-    (None) is the checkpoint's default (`default_settings`)."""
-    asked = {field: getattr(args, field) for field in Settings._fields
-             if getattr(args, field) is not None}
-    if args.percentile is not None:
-        asked["percentile"] = percentile_key(args.percentile)
-    asked["exit_margin"] = args.exit_margin / 100  # asked in percentage points
-    return default_settings(checkpoint)._replace(**asked)
 
 
 def convert(conversion, data_dir, device):
@@ -807,19 +508,6 @@ def result_of(conversion, snn, batches, device, accuracy, counts, seconds):
     }
 
 
-def settings_record(conversion):
-    """The settings as a result records them: with the network they apply to, and for a QCFS
-    network's default conversion what it is and why."""
-    checkpoint, settings = conversion.checkpoint, conversion.settings
-    activation = checkpoint.get("activation", "relu")
-    record = settings._asdict() | {
-        "activation": activation, "levels": checkpoint.get("levels") if activation == "qcfs"
-        else None}
-    if activation == "qcfs" and settings == default_settings(checkpoint):
-        record["default"] = QCFS_DEFAULT_REASON
-    return record
-
-
 def at_ann_level(result):
     """(t, SynOps, energy in pJ) per image at the first step at the ANN's level, or None."""
     t = result[AT_ANN_LEVEL_KEY]
@@ -878,96 +566,7 @@ def print_table(result):
                                        for name, rate in eff["firing_rate"].items()))
 
 
-# ----------------------------------------------------------------------------- command line
-
-
-def parse_args(argv=None):
-    parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", type=cli.path_arg, default=CHECKPOINT,
-                        help="checkpoint written by lenet5.py (ReLU or QCFS)")
-    parser.add_argument("--compare", nargs="*", type=cli.path_arg, default=None,
-                        metavar="CHECKPOINT",
-                        help="compare settings instead of one run: on --checkpoint the given "
-                             "settings, each knob changed alone, early exit and BrainCog's "
-                             "reference; on each CHECKPOINT listed (e.g. a QCFS one) the options "
-                             "given (the rest at that checkpoint's own defaults), with γ = 1, 2 "
-                             "and 4 and with early exit; writes compare.png, .json and .csv")
-    parser.add_argument("--look-inside", nargs="*", type=look_inside_arg, default=None,
-                        metavar="WHICH", help="instead of the whole test set, draw what every "
-                        "layer does, step by step, for each test image WHICH: an index, or "
-                        "late (the first the SNN gets wrong after one step and right after T), "
-                        "or wrong (the first it gets wrong after T); none given: late; writes "
-                        "inside_N.png, .gif and .json")
-    parser.add_argument("--timesteps", type=cli.positive_int(MAX_TIMESTEPS), default=TIMESTEPS,
-                        help="simulation steps T")
-    parser.add_argument("--batch-size", type=cli.positive_int(TEST_IMAGES), default=BATCH_SIZE,
-                        help="test images simulated at once")
-    parser.add_argument("--percentile", type=cli.percentile_arg, default=None,
-                        help="activation percentile that sets each layer's scale (one the "
-                             "checkpoint recorded: 99, 99.9, 99.99, 100); default: a QCFS "
-                             "checkpoint's trained thresholds, else the checkpoint's percentile")
-    parser.add_argument("--gamma", type=cli.positive_int(MAX_GAMMA), default=None,
-                        help=f"most spikes a neuron may fire per step (1: plain IF; 2: burst); "
-                             f"default: {GAMMA}, but {QCFS_DEFAULT_REASON}")
-    parser.add_argument("--v0", type=cli.fraction, default=V0,
-                        help="initial membrane potential in units of the threshold, in [0, 1)")
-    parser.add_argument("--no-lateral-inhibition", dest="lateral_inhibition",
-                        action="store_false", help="use BrainCog's max-pool without lateral "
-                        "inhibition (the default pools exactly, with it)")
-    parser.add_argument("--readout", choices=READOUTS, default=READOUT,
-                        help="sum the output layer's currents, or count its spikes")
-    parser.add_argument("--norm", choices=NORMS, default=NORM,
-                        help="one activation scale per layer; per output channel of each "
-                             "convolution (BrainCog's channelnorm); or that and per neuron of "
-                             "each linear layer (Spiking-YOLO). Needs percentiles, not a QCFS "
-                             "network's thresholds")
-    parser.add_argument("--reset", choices=RESETS, default=RESET,
-                        help="after firing s spikes a neuron's potential loses s thresholds, or "
-                             "goes to 0")
-    parser.add_argument("--spicalib", type=cli.non_negative_int(MAX_TIMESTEPS), default=SPICALIB,
-                        metavar="STEPS",
-                        help="spike calibration's allowance: a neuron silent for longer than its "
-                             "mean interval between spikes plus STEPS emits -1 (0: off)")
-    parser.add_argument("--exit-rule", choices=EXIT_RULES, default=EXIT_RULE,
-                        help="stop each image once its answer is settled: margin = top-1 minus "
-                             "top-2 of its time-averaged output, confidence = the largest "
-                             "softmax of it; writes snn_early_exit.json and .png besides")
-    parser.add_argument("--exit-threshold", type=float, default=None, metavar="X",
-                        help="stop where the rule's value reaches X (margin: X > 0; "
-                             "confidence: 0 < X < 1); default: chosen on the checkpoint's "
-                             "validation split, the fewest mean steps within --exit-margin of "
-                             "the ANN there")
-    parser.add_argument("--exit-deadline", type=cli.positive_int(MAX_TIMESTEPS), default=None,
-                        metavar="D",
-                        help="the step by which every image stops (at most --timesteps); "
-                             "default: chosen on validation with the threshold, or --timesteps "
-                             "when --exit-threshold is given")
-    parser.add_argument("--exit-margin", type=cli.positive_float, default=100 * ANN_MARGIN,
-                        metavar="PP", help="percentage points below the ANN's validation "
-                        "accuracy the chosen threshold may lose")
-    parser.add_argument("--limit", type=cli.positive_int(TEST_IMAGES), default=None, metavar="N",
-                        help="simulate the first N test images only (default: all 10,000)")
-    cli.add_device_and_data(parser)
-    parser.add_argument("--out-dir", type=cli.path_arg, default=OUT_DIR,
-                        help="where the plots and the JSON go")
-    args = parser.parse_args(argv)
-    if args.look_inside is not None and (args.compare is not None or args.exit_rule != "none"):
-        parser.error("argument --look-inside: not with --compare or --exit-rule")
-    compared = [args.checkpoint.resolve(), *(p.resolve() for p in args.compare or ())]
-    if len(set(compared)) < len(compared):
-        parser.error("argument --compare: each checkpoint once (--checkpoint is compared "
-                     "already)")
-    for option in ("deadline", "threshold"):
-        if getattr(args, f"exit_{option}") is not None and args.exit_rule == "none":
-            parser.error(f"argument --exit-{option}: needs --exit-rule margin or confidence")
-    if (args.exit_deadline or 0) > args.timesteps:
-        parser.error(f"argument --exit-deadline: {args.exit_deadline} is beyond --timesteps "
-                     f"{args.timesteps}")
-    threshold, confidence = args.exit_threshold, args.exit_rule == "confidence"
-    if threshold is not None and not (0 < threshold < (1 if confidence else math.inf)):
-        parser.error(f"argument --exit-threshold: {args.exit_rule} needs "
-                     f"{'0 < X < 1' if confidence else 'X > 0'}, got {threshold:g}")
-    return args
+# ----------------------------------------------------------------------------- main
 
 
 def main(argv=None):
@@ -977,7 +576,7 @@ def main(argv=None):
     look_inside.py, early_exit.py), imported only when asked for: they build on this module,
     which never needs them.
     """
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
 
     def body():
         device = cli.resolve_device(args.device)

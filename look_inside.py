@@ -30,11 +30,11 @@ import PIL.Image
 import torch
 
 import cli
+from layer_scales import conversion_scales
 from lenet5 import record_activations
 from lenet_convert import (
     Conversion,
     SpikeNode,
-    conversion_scales,
     convert,
     counting_modules,
     fold_batchnorm,
@@ -42,10 +42,9 @@ from lenet_convert import (
     load_test_set,
     normalise,
     predictions,
-    settings_from,
-    settings_record,
     simulate,
 )
+from options import settings_from, settings_record
 from plots import plt, save_figure, settings_text, step_axis
 
 DEFAULT = "late"  # the image looked at unless told: one whose answer changes as it settles

@@ -49,22 +49,19 @@ from layerwise import simulate_layerwise  # noqa: E402
 import early_exit  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
 from cli import median_seconds, positive_int, write_json  # noqa: E402
+from counting import max_pool  # noqa: E402
 from lenet5 import evaluate  # noqa: E402
 from lenet_convert import (  # noqa: E402
-    BATCH_SIZE,
-    CHECKPOINT,
-    MAX_TIMESTEPS,
     build_snn,
-    default_settings,
     evaluate_snn,
     first_step_within,
     fold_batchnorm,
     load_ann,
     load_test_set,
-    max_pool,
     simulate,
 )
 from mnist import TEST_IMAGES, Batches, load_mnist  # noqa: E402
+from options import BATCH_SIZE, CHECKPOINT, MAX_TIMESTEPS, default_settings  # noqa: E402
 
 SIMULATORS = {  # the script's (the first layer in closed form), the same stepping every layer
     "step": simulate, "step_general": functools.partial(simulate, closed_form=False),
@@ -92,7 +89,7 @@ def simulate_spikingjelly(snn, images, timesteps):
 
 
 class StridedMaxPool(nn.Module):
-    """MaxPool2d(k) computed as the simulator computes it (`lenet_convert.max_pool`)."""
+    """MaxPool2d(k) computed as the simulator computes it (`counting.max_pool`)."""
 
     def __init__(self, kernel_size):
         super().__init__()

@@ -55,11 +55,12 @@ from studies import argv_path  # noqa: E402
 
 import lenet5  # noqa: E402
 import lenet_convert  # noqa: E402
+import options  # noqa: E402
 from checkpoint import MAX_LEVELS, load_checkpoint  # noqa: E402
 from cli import positive_int, write_csv, write_json  # noqa: E402
 from compare import COMPARE_EXIT_RULE  # noqa: E402
-from lenet_convert import default_settings  # noqa: E402
 from mnist import TEST_IMAGES, Batches, load_mnist  # noqa: E402
+from options import default_settings  # noqa: E402
 from plots import plt, save_figure  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
@@ -123,7 +124,7 @@ def schedule_seed(seed, args, tasks, made):
     earlier = earlier.get("test", {})
     record = {"validation": {}, "test": {}}
     run = {"data_dir": str(studies.task_path(args.data_dir)), "limit": args.limit,
-           "batch_size": lenet_convert.BATCH_SIZE, "timesteps": args.timesteps,
+           "batch_size": options.BATCH_SIZE, "timesteps": args.timesteps,
            "device": args.device}
     relu_argv = studies.training_argv(seed, args, "relu")
     relu = argv_path(relu_argv, "--checkpoint")
@@ -386,7 +387,7 @@ def parse_args(argv=None):
     parser.add_argument("--fine-tune-epochs", type=positive_int(lenet5.MAX_EPOCHS),
                         default=FINE_TUNE_EPOCHS,
                         help="epochs of each QCFS network (--epochs: the ReLU network's)")
-    parser.add_argument("--timesteps", type=positive_int(lenet_convert.MAX_TIMESTEPS),
+    parser.add_argument("--timesteps", type=positive_int(options.MAX_TIMESTEPS),
                         default=TIMESTEPS, help="simulation steps T on the test images")
     parser.add_argument("--limit", type=positive_int(TEST_IMAGES), default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")

@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from bench/
 
-from lenet_convert import SMaxPool, SpikeNode, clean_mem_spike, max_pool, readout_node  # noqa: E402
+from counting import max_pool  # noqa: E402
+from lenet_convert import SMaxPool, SpikeNode, clean_mem_spike, readout_node  # noqa: E402
 
 
 def simulate_layerwise(snn, images, timesteps, chunk_elements=2**23):

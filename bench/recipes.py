@@ -44,8 +44,6 @@ from cli import write_csv, write_json  # noqa: E402
 from early_exit import validation_split  # noqa: E402
 from efficiency import efficiency, input_shapes  # noqa: E402
 from lenet_convert import (  # noqa: E402
-    BATCH_SIZE,
-    Settings,
     build_snn,
     evaluate_snn,
     first_step_within,
@@ -53,6 +51,7 @@ from lenet_convert import (  # noqa: E402
     neuron_names,
 )
 from mnist import load_mnist  # noqa: E402
+from options import BATCH_SIZE, Settings  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
 SEEDS = (1, 2, 3)

@@ -50,20 +50,19 @@ from studies import argv_path, is_number, training_argv  # noqa: E402
 
 import early_exit  # noqa: E402
 import lenet5  # noqa: E402
-import lenet_convert  # noqa: E402
+import options  # noqa: E402
 from checkpoint import MAX_LEVELS, OUTPUT_LAYER, load_checkpoint  # noqa: E402
 from cli import positive_int, write_csv, write_json  # noqa: E402
 from compare import BRAINCOG, GIVEN, compare_settings, run_all  # noqa: E402
 from lenet_convert import (  # noqa: E402
     AT_ANN_LEVEL_KEY,
     Conversion,
-    Settings,
     at_ann_level,
-    default_settings,
     first_step_within,
     load_ann,
 )
 from mnist import TEST_IMAGES  # noqa: E402
+from options import Settings, default_settings  # noqa: E402
 from plots import plt, report_steps, save_figure, step_axis  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
@@ -475,11 +474,11 @@ def parse_args(argv=None):
                         default=list(LEVELS),
                         help="QCFS levels L to train and convert (lenet5.py's default among "
                              f"them: {lenet5.LEVELS})")
-    parser.add_argument("--timesteps", type=positive_int(lenet_convert.MAX_TIMESTEPS),
-                        default=lenet_convert.TIMESTEPS,
+    parser.add_argument("--timesteps", type=positive_int(options.MAX_TIMESTEPS),
+                        default=options.TIMESTEPS,
                         help="simulation steps T")
     parser.add_argument("--batch-size", type=positive_int(TEST_IMAGES),
-                        default=lenet_convert.BATCH_SIZE,
+                        default=options.BATCH_SIZE,
                         help="test images simulated at once")
     parser.add_argument("--limit", type=positive_int(TEST_IMAGES), default=None, metavar="N",
                         help="simulate the first N test images only (default: all 10,000)")

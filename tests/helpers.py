@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from lenet5 import QCFS, LeNet5
-from lenet_convert import Settings, SpikeNode, fuse_norm_replace
+from lenet_convert import SpikeNode, fuse_norm_replace
+from options import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"

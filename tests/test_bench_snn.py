@@ -9,11 +9,14 @@ import torch
 import torch.nn as nn
 from helpers import DATA, ROOT, check_refused, dyadic_snn
 
+import constant_input
 import lenet5
 import lenet_convert
 import mnist
+import options
 from checkpoint import load_checkpoint
-from lenet_convert import Settings, counting_modules, evaluate_snn, simulate
+from lenet_convert import counting_modules, evaluate_snn, simulate
+from options import Settings
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -52,7 +55,7 @@ def _check_layerwise(**settings):
     assert torch.equal(stepped_outputs, layer_outputs)
     outputs, counts = _run(simulate, snn, images, 12)  # the script's: in closed form if it can
     assert torch.equal(outputs, layer_outputs) and bench_snn.same_spikes(counts, layer_counts)
-    assert (len(counts["act1"]) == 1) == lenet_convert.in_closed_form(snn)
+    assert (len(counts["act1"]) == 1) == constant_input.in_closed_form(snn)
 
 
 def test_layerwise_gives_the_same_accuracy_on_a_trained_network(trained):
@@ -71,9 +74,9 @@ def test_benchmark_simulates_the_network_the_script_converts(trained):
                                  "--limit", "10"])
     _, _, ann, snn, batches = bench_snn.load(args)
     checkpoint, script_ann = lenet_convert.load_ann(trained, "cpu")
-    script_args = lenet_convert.parse_args(["--checkpoint", str(trained)])
+    script_args = options.parse_args(["--checkpoint", str(trained)])
     script_snn = lenet_convert.build_snn(checkpoint, script_ann,
-                                         lenet_convert.settings_from(script_args, checkpoint))
+                                         options.settings_from(script_args, checkpoint))
     assert repr(snn) == repr(script_snn)
     assert all(torch.equal(a, b) for a, b in zip(snn.state_dict().values(),
                                                   script_snn.state_dict().values(), strict=True))

@@ -6,7 +6,7 @@ from helpers import DATA, run_command, without_timings
 import compare
 import lenet_convert
 from compare import BRAINCOG, BRAINCOG_SETTINGS, GIVEN, compare_settings
-from lenet_convert import Settings
+from options import Settings
 
 
 def test_compare_settings_change_one_knob_at_a_time():

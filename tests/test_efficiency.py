@@ -10,15 +10,9 @@ import efficiency
 import lenet5
 from checkpoint import load_checkpoint
 from lenet5 import LeNet5
-from lenet_convert import (
-    SpikeNode,
-    build_snn,
-    default_settings,
-    evaluate_snn,
-    load_ann,
-    neuron_names,
-)
+from lenet_convert import SpikeNode, build_snn, evaluate_snn, load_ann, neuron_names
 from mnist import Batches, load_mnist
+from options import default_settings
 
 
 def test_fan_out_counts_every_synapse():

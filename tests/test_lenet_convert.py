@@ -1,3 +1,4 @@
+import ast
 import copy
 import json
 import re
@@ -7,23 +8,25 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import DATA, HIDDEN, check_refused, random_lenet, run_command
+from helpers import DATA, HIDDEN, ROOT, check_refused, random_lenet, run_command
 
 import cli
+import constant_input
 import early_exit
 import efficiency
+import layer_scales
 import lenet5
 import lenet_convert
 import mnist
+import options
 from checkpoint import PERCENTILE, load_checkpoint, percentile_key
 from cli import UserError
+from counting import max_pool
+from layer_scales import activation_scales
 from lenet5 import QCFS, LeNet5, percentile_activations
 from lenet_convert import (
-    CHECKPOINT,
-    Settings,
     SMaxPool,
     SpikeNode,
-    activation_scales,
     clean_mem_spike,
     counting_modules,
     evaluate_snn,
@@ -31,11 +34,11 @@ from lenet_convert import (
     fold_batchnorm,
     fuse,
     fuse_norm_replace,
-    max_pool,
     normalise,
     predict,
     simulate,
 )
+from options import CHECKPOINT, Settings
 from plots import report_steps, settings_text
 from recorded import remeasure_percentiles
 
@@ -119,9 +122,9 @@ def test_channel_scales_come_from_the_per_channel_table():
 def test_norms_choose_the_layers_scaled_per_channel():
     for activation in ("relu", "qcfs"):
         model = LeNet5(activation)
-        assert lenet_convert.per_channel_layers(model, "layer") == set()
-        assert lenet_convert.per_channel_layers(model, "channel") == {"act1", "act3"}
-        assert lenet_convert.per_channel_layers(model, "neuron") == {"act1", "act3", "act5",
+        assert layer_scales.per_channel_layers(model, "layer") == set()
+        assert layer_scales.per_channel_layers(model, "channel") == {"act1", "act3"}
+        assert layer_scales.per_channel_layers(model, "neuron") == {"act1", "act3", "act5",
                                                                       "act6"}
 
 
@@ -372,7 +375,7 @@ def test_qcfs_checkpoint_converts_with_its_thresholds(qcfs, tmp_path):
                                  "--data-dir", str(DATA), "--out-dir", str(tmp_path)])
     assert result["settings"]["percentile"] is None and result["settings"]["levels"] == 2
     assert result["settings"]["v0"] == 0.5 and result["settings"]["gamma"] == 2  # gamma = L
-    assert result["settings"]["default"] == lenet_convert.QCFS_DEFAULT_REASON  # what it is and why
+    assert result["settings"]["default"] == options.QCFS_DEFAULT_REASON  # what it is and why
     assert result["snn_accuracy"][-1] >= result["ann_accuracy"] - 0.02
 
 
@@ -606,6 +609,54 @@ def test_the_core_loads_no_feature_module(module, must_not_load):
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
+def _project_imports():
+    """{module: {project module it imports: whether only to hand over}} for every .py of the
+    project (bench/ included), read from the source. An import is a hand-over when it sits in a
+    function named `main` or under `if __name__ == "__main__":`."""
+    files = {p.stem: p for p in (*ROOT.glob("*.py"), *ROOT.glob("bench/*.py"))}
+    graph = {name: {} for name in files}
+    for name, path in files.items():
+        pending = [(ast.parse(path.read_text()), False)]
+        while pending:
+            node, handing_over = pending.pop()
+            handing_over = handing_over or (
+                isinstance(node, ast.FunctionDef) and node.name == "main"
+                or isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                targets = ([node.module] if isinstance(node, ast.ImportFrom)
+                           else [alias.name for alias in node.names])
+                for target in set(targets) & set(files) - {name}:
+                    graph[name][target] = graph[name].get(target, True) and handing_over
+            pending += [(child, handing_over) for child in ast.iter_child_nodes(node)]
+    return graph
+
+
+def test_no_import_cycle_and_nothing_below_the_entry_script_imports_it():
+    graph = _project_imports()
+    plain = {module: {t for t, handed in edges.items() if not handed}
+             for module, edges in graph.items()}
+    done, active = set(), []
+
+    def walk(module):  # depth first: a module met again while still on the path is a cycle
+        assert module not in active, "import cycle: " + " -> ".join(active + [module])
+        if module not in done:
+            active.append(module)
+            for target in sorted(plain[module]):
+                walk(target)
+            active.pop()
+            done.add(module)
+    for module in sorted(plain):
+        walk(module)
+    below, frontier = set(), {"lenet_convert"}
+    while frontier:
+        frontier = set().union(*(plain[m] for m in frontier)) - below
+        below |= frontier
+    assert {"options", "layer_scales", "constant_input", "counting", "efficiency", "lenet5",
+            "checkpoint", "cli"} <= below  # what the core is built on ...
+    assert not below & {"compare", "early_exit", "look_inside"}  # ... no feature among it ...
+    assert [m for m in below if "lenet_convert" in graph[m]] == []  # ... nor, at all, the core
+
+
 # ----------------------------------------------------------------------------- the first layer
 
 
@@ -636,12 +687,14 @@ def _hard_currents(steps, gamma, v0):
 def test_constant_input_spikes_are_the_spike_nodes_count(gamma, v0):
     current = _hard_currents(24, gamma, v0)
     stepped = _stepped_counts(current, 24, gamma, v0)
+    neuron = SpikeNode(gamma=gamma, v0=v0)
     for t in (1, 2, 7, 24):
-        assert torch.equal(lenet_convert.constant_input_spikes(current, t, v0, gamma),
+        assert torch.equal(constant_input.constant_input_spikes(current, t, neuron),
                            stepped[t - 1]), t
     per_image = torch.randint(1, 25, (len(current),))  # early exit: each its own number of steps
-    assert torch.equal(lenet_convert.constant_input_spikes(current, per_image, v0, gamma),
+    assert torch.equal(constant_input.constant_input_spikes(current, per_image, neuron),
                        stepped.gather(0, (per_image - 1)[None])[0])
+    assert neuron.mem is None and neuron.length == 0  # a description: never stepped itself
 
 
 @pytest.mark.parametrize("gamma, v0", [(1, 0.5), (2, 0.0), (4, 0.5), (3, 0.9)])
@@ -660,9 +713,9 @@ def test_pool_of_constant_input_neurons_fires_as_one_neuron_on_the_pooled_input(
 def test_closed_form_and_stepped_paths_fire_the_same_spikes(trained, settings):
     checkpoint = load_checkpoint(trained)
     ann = lenet5.model_from_checkpoint(checkpoint)
-    snn = lenet_convert.build_snn(checkpoint, ann, lenet_convert.default_settings(
+    snn = lenet_convert.build_snn(checkpoint, ann, options.default_settings(
         checkpoint)._replace(**settings))
-    assert lenet_convert.in_closed_form(snn)
+    assert constant_input.in_closed_form(snn)
     images = mnist.load_mnist(DATA, train=False)[0][:300].unsqueeze(1).float() / 255
     runs = {}
     for closed_form in (True, False):
@@ -687,8 +740,8 @@ def test_closed_form_and_stepped_paths_fire_the_same_spikes(trained, settings):
 def test_settings_outside_the_closed_form_step_every_layer(settings):
     snn = fuse_norm_replace(random_lenet(), dict.fromkeys((*HIDDEN, "out"), 1.0),
                             Settings(**settings))
-    assert not lenet_convert.in_closed_form(snn)
-    first, steps = lenet_convert.stages(snn)
+    assert not constant_input.in_closed_form(snn)
+    first, steps = constant_input.stages(snn)
     assert list(first) == [snn.c1] and list(steps) == list(snn)[1:]
 
 
@@ -755,7 +808,7 @@ def test_qcfs_network_converts_with_percentiles_per_channel(qcfs, tmp_path):
     """The pair --norm channel --percentile that the error for --norm channel alone proposes."""
     checkpoint = load_checkpoint(qcfs)
     ann = lenet5.model_from_checkpoint(checkpoint)
-    scales = activation_scales(checkpoint, "99", per_channel=lenet_convert.per_channel_layers(
+    scales = activation_scales(checkpoint, "99", per_channel=layer_scales.per_channel_layers(
         ann, "channel"))
     assert scales["act1"].shape == (6,)
     normalised = normalise(fold_batchnorm(ann), scales)

@@ -6,10 +6,12 @@ from helpers import DATA, check_refused
 
 import lenet_convert
 import look_inside
+import options
 from checkpoint import load_checkpoint
 from lenet5 import model_from_checkpoint
-from lenet_convert import Settings, build_snn, default_settings, evaluate_snn, predictions
+from lenet_convert import build_snn, evaluate_snn, predictions
 from mnist import load_mnist
+from options import Settings, default_settings
 
 
 def _look(network, tmp_path, *argv, timesteps=8):
@@ -35,9 +37,9 @@ def _image(index):
 def test_the_figure_counts_what_the_simulation_counts(trained, tmp_path, settings):
     (facts,) = _look(trained, tmp_path, "3", *settings)
     checkpoint = load_checkpoint(trained)
-    args = lenet_convert.parse_args(["--checkpoint", str(trained), *settings])
+    args = options.parse_args(["--checkpoint", str(trained), *settings])
     snn = build_snn(checkpoint, model_from_checkpoint(checkpoint),
-                    lenet_convert.settings_from(args, checkpoint))
+                    options.settings_from(args, checkpoint))
     image, label = _image(3)
     _, counts = evaluate_snn(snn, [(image, label)], 8, "cpu")  # as the script simulates it
     for name, counted in counts.items():
@@ -108,6 +110,6 @@ def test_an_index_beyond_the_images_simulated_is_refused(trained, tmp_path):
 
 def test_default_settings_are_the_scripts(trained):
     checkpoint = load_checkpoint(trained)
-    args = lenet_convert.parse_args(["--checkpoint", str(trained), "--look-inside"])
-    assert args.look_inside == [] and lenet_convert.settings_from(args, checkpoint) == Settings(
+    args = options.parse_args(["--checkpoint", str(trained), "--look-inside"])
+    assert args.look_inside == [] and options.settings_from(args, checkpoint) == Settings(
         checkpoint["percentile"])

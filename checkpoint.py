@@ -21,15 +21,15 @@ A checkpoint is a dict saved with torch.save and loaded with weights_only=True:
 is loaded (`load_checkpoint`) and before lenet5.py promotes a new one.
 """
 
-import math
 import reprlib
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 import cli
-from cli import UserError, first_line
+from cli import Number, UserError, first_line
 from mnist import TRAIN_IMAGES
 
 ARCH = "LeNet5-BN"
@@ -91,39 +91,41 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def _is_number(value, lowest=-math.inf, integer=False, highest=math.inf):
-    """Whether `value` is a finite number (an integer if asked) in [lowest, highest]."""
-    kinds = int if integer else (int, float)
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        return False
-    finite = isinstance(value, int) or math.isfinite(value)  # an int may be too large for a float
-    return finite and lowest <= value <= highest
-
-
 MAX_LEVELS = 1024  # QCFS levels L, here and in lenet5.py's --levels
-CHECKS = {  # key (args.* inside "args"): (test, what it must be); checked where present
-    "arch": (lambda v: v == ARCH, repr(ARCH)),
-    "activation": (lambda v: v in ACTIVATIONS, " or ".join(ACTIVATIONS)),
-    "levels": (lambda v: _is_number(v, 1, integer=True, highest=MAX_LEVELS),
-               f"an integer in [1, {MAX_LEVELS}]"),
-    "channel_thresholds": (lambda v: isinstance(v, bool), "true or false"),
-    "seed": (lambda v: _is_number(v, 0, integer=True, highest=cli.SEED_RANGE[1]),
-             f"an integer in [0, {cli.SEED_RANGE[1]}]"),
-    "calibration_images": (lambda v: _is_number(v, 1, integer=True, highest=TRAIN_IMAGES - 1),
-                           "a positive number of training images"),
-    "percentile": (lambda v: isinstance(v, str), "a key of the percentiles table"),
-    "epoch": (lambda v: _is_number(v, 1, integer=True), "a positive integer"),
-    "val_accuracy": (lambda v: _is_number(v, 0, highest=1), "a fraction in [0, 1]"),
-    "test_accuracy": (lambda v: _is_number(v, 0, highest=1), "a fraction in [0, 1]"),
-    "val_energy_uj": (lambda v: _is_number(v, 0), "a non-negative number of µJ"),
-    "args": (lambda v: isinstance(v, dict), "a table of the arguments"),
-    "args.energy_weight": (lambda v: _is_number(v, 0), "a non-negative number"),
-    "args.val_size": (lambda v: _is_number(v, 1, integer=True, highest=TRAIN_IMAGES - 1),
-                      f"an integer in [1, {TRAIN_IMAGES - 1}]"),
-    "args.limit_train": (lambda v: v is None or _is_number(v, 1, integer=True),
-                         "empty or a positive integer"),
-    "args.calibration_images": (lambda v: v is None or _is_number(v, 1, integer=True),
-                                "empty or a positive integer"),
+MAX_EPOCHS = 10_000  # lenet5.py's --epochs
+MAX_ENERGY_WEIGHT = 1000.0  # lenet5.py's --energy-weight, per µJ: 0.3 already costs accuracy
+MAX_ENERGY_UJ = 1000.0  # µJ per image: more than LeNet5's SNN can spend in a step at any L
+FLOAT32_MAX = 3.4028234663852886e38  # percentiles and lambda scale float32 weights
+
+
+class Check(NamedTuple):
+    """A check of a value that is not a number (those are cli.Number): called with it, whether
+    it passes."""
+
+    test: object  # value -> whether it is right
+    kind: str  # what it must be
+
+    def __call__(self, value):
+        return self.test(value)
+
+
+CHECKS = {  # key (args.* inside "args"): its check; checked where present
+    "arch": Check(lambda v: v == ARCH, repr(ARCH)),
+    "activation": Check(lambda v: v in ACTIVATIONS, " or ".join(ACTIVATIONS)),
+    "levels": Number(1, MAX_LEVELS, integer=True),
+    "channel_thresholds": Check(lambda v: isinstance(v, bool), "true or false"),
+    "seed": Number(0, cli.SEED_RANGE[1], integer=True),
+    "calibration_images": Number(1, TRAIN_IMAGES - 1, integer=True),
+    "percentile": Check(lambda v: isinstance(v, str), "a key of the percentiles table"),
+    "epoch": Number(1, MAX_EPOCHS, integer=True),
+    "val_accuracy": Number(0, 1),
+    "test_accuracy": Number(0, 1),
+    "val_energy_uj": Number(0, MAX_ENERGY_UJ),
+    "args": Check(lambda v: isinstance(v, dict), "a table of the arguments"),
+    "args.energy_weight": Number(0, MAX_ENERGY_WEIGHT),
+    "args.val_size": Number(1, TRAIN_IMAGES - 1, integer=True),
+    "args.limit_train": Number(1, TRAIN_IMAGES, integer=True, empty=True),
+    "args.calibration_images": Number(1, TRAIN_IMAGES, integer=True, empty=True),
 }
 PLAUSIBLE = 1e-6  # a percentile below this fraction of its layer's maximum is a spoiled value
 
@@ -136,11 +138,11 @@ def check_checkpoint(checkpoint, path):
     trained thresholds lambda: positive, one per activation, and the same in the weights as in
     the `thresholds` table.
     """
-    for key, (test, kind) in CHECKS.items():
+    for key, check in CHECKS.items():
         table, name = (checkpoint.get("args"), key[5:]) if key.startswith("args.") else (
             checkpoint, key)
-        if isinstance(table, dict) and name in table and not test(table[name]):
-            raise UserError(f"{path}: {key} is {reprlib.repr(table[name])}, not {kind}")
+        if isinstance(table, dict) and name in table and not check(table[name]):
+            raise UserError(f"{path}: {key} is {reprlib.repr(table[name])}, not {check.kind}")
     if checkpoint.get("activation") == "qcfs" and "levels" not in checkpoint:
         raise UserError(f"{path}: a QCFS checkpoint without its levels L")
     if "percentiles" not in checkpoint:
@@ -177,10 +179,11 @@ def _check_percentiles(tables, name, path):
         if list(table) != list(next(iter(tables.values()))):
             raise UserError(f"{path}: {name}[{layer!r}] has other percentiles than the first "
                             "layer's")
-        lowest = -math.inf if layer == OUTPUT_LAYER else 0
+        lowest = -FLOAT32_MAX if layer == OUTPUT_LAYER else 0
         for key, value in table.items():
             if isinstance(value, list) != per_channel or not all(
-                    _is_number(v, lowest) for v in (value if per_channel else [value])):
+                    cli.is_number(v, lowest, FLOAT32_MAX)
+                    for v in (value if per_channel else [value])):
                 raise UserError(f"{path}: {name}[{layer!r}][{key!r}] is {reprlib.repr(value)}, "
                                 f"not {kind}{' >= 0' if lowest == 0 else ''}")
         if per_channel and len({len(v) for v in table.values()}) > 1:
@@ -205,7 +208,8 @@ def _check_thresholds(checkpoint, path):
     """A QCFS network's lambda: positive, and the same in the weights and in `thresholds`."""
     table = checkpoint.get("thresholds", {})
     if not isinstance(table, dict) or not all(
-            all(_is_number(x) and x > 0 for x in (v if isinstance(v, list) else [v]))
+            all(cli.is_number(x, 0, FLOAT32_MAX) and x > 0
+                for x in (v if isinstance(v, list) else [v]))
             for v in table.values()):
         raise UserError(f"{path}: thresholds is {reprlib.repr(table)}, not positive numbers "
                         "per layer")

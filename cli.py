@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 SEED_RANGE = (0, 2**32 - 1)  # numpy's: every seed the project takes must be valid for it
 
@@ -110,6 +111,51 @@ def available_memory():
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def is_number(value, lowest=-math.inf, highest=math.inf, integer=False):
+    """Whether `value` is a number the project can compute with: an int or a float (not a bool),
+    finite as a float (an int too large for one is not), an integer if asked, in [lowest,
+    highest]. What every value read from a file (a checkpoint, a cache) is held to."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:
+        return False
+    return finite and lowest <= value <= highest
+
+
+class Number(NamedTuple):
+    """A check of a number (`is_number`) in [lowest, highest], or None where `empty`; called
+    with a value, it tells whether the value passes."""
+
+    lowest: float
+    highest: float
+    integer: bool = False
+    empty: bool = False
+
+    def __call__(self, value):
+        return (self.empty and value is None) or is_number(value, self.lowest, self.highest,
+                                                           self.integer)
+
+    @property
+    def kind(self):
+        return (("empty or " if self.empty else "")
+                + f"{'an integer' if self.integer else 'a number'} in [{self.lowest:g}, "
+                + (f"{self.highest}" if self.integer else f"{self.highest:g}") + "]")
+
+
+def conforms(value, shape):
+    """Whether `value` has `shape` all the way down. A shape is a test (a function of the value,
+    such as a Number), a dict {key: shape} (each key there, with its shape; others may be there
+    too), or a one-element list [shape] (a list whose every element has that shape)."""
+    if isinstance(shape, dict):
+        return isinstance(value, dict) and all(
+            key in value and conforms(value[key], inner) for key, inner in shape.items())
+    if isinstance(shape, list):
+        return isinstance(value, list) and all(conforms(v, shape[0]) for v in value)
+    return bool(shape(value))
 
 
 def check_memory(needed, what):
@@ -349,7 +395,7 @@ def median_seconds(runs, repeats, warm_up=True):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Help texts end with the range an integer may take and the default, except where there is
+    """Help texts end with the range a number may take and the default, except where there is
     none to state (None, a flag); the description (a script's docstring) keeps its lines."""
 
     def _get_help_string(self, action):
@@ -432,6 +478,17 @@ def non_negative_float(text):
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def float_in(lowest, highest):
+    """An argparse type: a number in [lowest, highest]."""
+    def parse(text):
+        value = _parse_number(text, float, "a number")
+        if not lowest <= value <= highest:
+            raise argparse.ArgumentTypeError(f"must be in [{lowest:g}, {highest:g}], got {text}")
+        return value
+    parse.bounds = (f"{lowest:g}", f"{highest:g}")
+    return parse
 
 
 def percentile_arg(text):

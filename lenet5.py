@@ -41,6 +41,8 @@ from tqdm import tqdm
 from checkpoint import (
     ACTIVATIONS,
     ARCH,
+    MAX_ENERGY_WEIGHT,
+    MAX_EPOCHS,
     MAX_LEVELS,
     OUTPUT_LAYER,
     PERCENTILE,
@@ -63,7 +65,6 @@ MAX_SHIFT = 2  # augmentation: random shift of each training image, in pixels
 SEED = 1  # seed for everything: split, initialisation, shuffling, shifts
 VAL_SIZE = 5000  # validation images carved from the 60,000 training images
 LEVELS = 4  # QCFS quantisation levels L (at most MAX_LEVELS)
-MAX_EPOCHS = 10_000
 PERCENTILES = (99.0, 99.9, 99.99, 100.0)  # recorded for every hooked layer
 CALIBRATION_IMAGES = 2048  # training images the percentiles are measured on
 QUANTILE_MAX_VALUES = 2**24  # torch.quantile refuses larger inputs: subsample (seeded) above this
@@ -478,7 +479,7 @@ def parse_args(argv=None):
     parser.add_argument("--threshold-decay", type=cli.non_negative_float, default=None,
                         metavar="WD", help="QCFS: weight decay of the thresholds lambda "
                         "(default: --weight-decay)")
-    parser.add_argument("--energy-weight", type=cli.non_negative_float, default=0.0,
+    parser.add_argument("--energy-weight", type=cli.float_in(0, MAX_ENERGY_WEIGHT), default=0.0,
                         metavar="W",
                         help="QCFS: add W times the converted SNN's energy per image in its "
                              "first step (µJ, gamma = L, as lenet_convert.py estimates it) to "

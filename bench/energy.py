@@ -56,7 +56,7 @@ from studies import argv_path  # noqa: E402
 import lenet5  # noqa: E402
 import lenet_convert  # noqa: E402
 import options  # noqa: E402
-from checkpoint import MAX_LEVELS, load_checkpoint  # noqa: E402
+from checkpoint import MAX_ENERGY_WEIGHT, MAX_LEVELS, load_checkpoint  # noqa: E402
 from cli import positive_int, write_csv, write_json  # noqa: E402
 from compare import COMPARE_EXIT_RULE  # noqa: E402
 from mnist import TEST_IMAGES, Batches, load_mnist  # noqa: E402
@@ -380,7 +380,7 @@ def parse_args(argv=None):
     parser = studies.study_parser(__doc__, SEEDS, OUT_DIR)
     parser.add_argument("--levels", type=positive_int(MAX_LEVELS), nargs="+",
                         default=list(LEVELS), help="QCFS levels L")
-    parser.add_argument("--weights", type=cli.non_negative_float, nargs="+",
+    parser.add_argument("--weights", type=cli.float_in(0, MAX_ENERGY_WEIGHT), nargs="+",
                         default=list(WEIGHTS),
                         help="energy weights W (lenet5.py --energy-weight); 0 is added if not "
                              "given: each penalised network's pair")
@@ -409,7 +409,7 @@ def parse_args(argv=None):
 def levels_front(path):
     """The pareto_front of a seeds.json: [{name, t, energy_uj, accuracy}]."""
     front = json.loads(Path(path).read_text())["pareto_front"]
-    if not all(studies.is_number(p["energy_uj"]) and studies.is_number(p["accuracy"])
+    if not all(cli.is_number(p["energy_uj"]) and cli.is_number(p["accuracy"])
                for p in front):
         raise ValueError("a point without numbers")
     return front

@@ -46,13 +46,13 @@ import cli  # noqa: E402  (first: see its docstring)
 import statistics  # noqa: E402
 
 import studies  # noqa: E402
-from studies import argv_path, is_number, training_argv  # noqa: E402
+from studies import argv_path, training_argv  # noqa: E402
 
 import early_exit  # noqa: E402
 import lenet5  # noqa: E402
 import options  # noqa: E402
 from checkpoint import MAX_LEVELS, OUTPUT_LAYER, load_checkpoint  # noqa: E402
-from cli import positive_int, write_csv, write_json  # noqa: E402
+from cli import is_number, positive_int, write_csv, write_json  # noqa: E402
 from compare import BRAINCOG, GIVEN, compare_settings, run_all  # noqa: E402
 from lenet_convert import (  # noqa: E402
     AT_ANN_LEVEL_KEY,

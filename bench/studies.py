@@ -160,14 +160,10 @@ def read_cache(path, readable):
     return None
 
 
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _history_entries(history):
     """A history lenet5.py writes: a record per epoch."""
     return isinstance(history, list) and history and all(
-        isinstance(h, dict) and all(is_number(h.get(k)) for k in HISTORY_KEYS) for h in history)
+        isinstance(h, dict) and all(cli.is_number(h.get(k)) for k in HISTORY_KEYS) for h in history)
 
 
 def sha256(path):

@@ -1,10 +1,11 @@
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
-from cli import UserError
+from checkpoint import CHECKS, check_checkpoint, load_checkpoint, save_checkpoint
+from cli import Number, UserError
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -94,12 +95,12 @@ SPOILED = [
     ("relu", _set(["seed"], -1), r"seed is -1, not an integer in \[0, 4294967295\]"),
     ("relu", _set(["seed"], "three"), "seed is 'three', not an integer"),
     ("relu", _set(["seed"], 10**400), r"seed is 1000.*, not an integer in \[0, 4294967295\]"),
-    ("relu", _set(["val_accuracy"], 2.0), r"val_accuracy is 2.0, not a fraction in \[0, 1\]"),
-    ("relu", _set(["epoch"], 0), "epoch is 0, not a positive integer"),
+    ("relu", _set(["val_accuracy"], 2.0), r"val_accuracy is 2.0, not a number in \[0, 1\]"),
+    ("relu", _set(["epoch"], 0), r"epoch is 0, not an integer in \[1, 10000\]"),
     ("relu", _weight("bn3.running_var", -0.5), r"layer bn3 has a negative variance"),
     ("relu", _drop("percentiles"), "holds no activation percentiles"),
-    ("relu", _set(["calibration_images"], -5), "calibration_images is -5, not a positive"),
-    ("relu", _set(["calibration_images"], 0), "calibration_images is 0, not a positive"),
+    ("relu", _set(["calibration_images"], -5), r"calibration_images is -5, not an integer in"),
+    ("relu", _set(["calibration_images"], 0), r"calibration_images is 0, not an integer in \[1, "),
     ("relu", _set(["calibration_images"], "many"), "calibration_images is 'many'"),
     ("relu", _set(["args"], "x"), "args is 'x', not a table of the arguments"),
     ("relu", _set(["args", "val_size"], 10**9), r"args.val_size is 1000000000, not an integer"),
@@ -126,6 +127,35 @@ def test_every_bad_value_is_named(network, change, message, request):
     with pytest.raises(UserError, match=message) as error:
         check_checkpoint(checkpoint, "ck.pt")
     assert str(error.value).startswith("ck.pt: ") and "\n" not in str(error.value)
+
+
+def _unusable(check):
+    """Values a number check must refuse: not finite, too large for a float, of another kind, just
+    outside its range, and a fraction where an integer is asked."""
+    values = [10**400, -10**400, float("inf"), float("nan"), True, "1", None, [1],
+              check.lowest - 1, check.highest + 1 if check.integer else check.highest * 1.5]
+    return [v for v in values if not (v is None and check.empty)] + (
+        [check.lowest + 0.5] if check.integer else [])
+
+
+NUMBERS = [(key, value) for key, check in CHECKS.items() if isinstance(check, Number)
+           for value in _unusable(check)]
+NUMBERS += [(key, value) for key in ("percentiles.act3.99", "percentiles.out.99.9",
+                                     "thresholds.act5") for value in (10**400, 1e39, -1e39)]
+
+
+@pytest.mark.parametrize("key, value", NUMBERS)
+def test_every_number_admitted_is_bounded_and_usable(key, value, qcfs):
+    """A number that is valid in a file but not one to compute with is refused, naming its key."""
+    checkpoint = torch.load(qcfs, weights_only=True)
+    if key == "thresholds.act5":  # the weights hold the same lambda: spoil both
+        checkpoint["model_state"]["act5.threshold"].fill_(1.0)
+        checkpoint["thresholds"]["act5"] = 1.0
+    _set(key.split(".", 1) if key.startswith("args.") else
+         [key] if "." not in key else key.split(".", 2), value)(checkpoint)
+    with pytest.raises(UserError, match=re.escape(key.split(".")[0])) as error:
+        check_checkpoint(checkpoint, "ck.pt")
+    assert "\n" not in str(error.value)
 
 
 def test_old_checkpoints_without_the_newer_keys_pass(trained):

@@ -23,6 +23,11 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
+
 SEED_RANGE = (0, 2**32 - 1)  # numpy's: every seed the project takes must be valid for it
 
 
@@ -339,6 +344,29 @@ def and_list(names):
     """'a', 'a and b', 'a, b and c'."""
     names = list(names)
     return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+
+
+@contextlib.contextmanager
+def held(path):
+    """Hold the lock of `path` (<stem>.lock beside it) for the block: one run at a time writes a
+    file and what goes with it; a second is refused in one line, not kept waiting. The lock is
+    the kernel's (flock), so it ends with the process however that ends; the empty lock file
+    stays. (Where there is no flock, on Windows, nothing is locked.)"""
+    path = Path(path)
+    check_writable(path)
+    lock = path.with_name(f"{path.stem}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"another run is writing {path} now (it holds {lock}): wait for "
+                                "it to end, or write elsewhere") from None
+        yield
+    finally:
+        os.close(handle)  # and with it the lock
 
 
 def partial_path(path):

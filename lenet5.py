@@ -18,6 +18,7 @@ Writes:
     checkpoints/lenet5_best.prev.pt       the checkpoint a completed run replaced (and its history)
     checkpoints/lenet5_best.partial.pt    a run's best until it completes; an interrupted run
                                           leaves it there and the checkpoint untouched
+    checkpoints/lenet5_best.lock          held while a run writes there: a second is refused
     data/MNIST/raw/*-ubyte                the shipped .gz files, extracted and MD5-checked once
 """
 
@@ -532,21 +533,24 @@ def better_than_chance(accuracy, images, classes=10):
 
 def run(args):
     """Train with `args`; once the run completes, move its best checkpoint onto args.checkpoint.
+    The run holds the checkpoint's lock (`cli.held`) throughout: a second run into the same
+    checkpoint is refused, so what a run reports as saved is what the file holds.
 
     Only a network that passes `check_checkpoint` and is better than chance on validation is
     promoted, with its history (`promote`). Returns the best checkpoint.
     """
     start = time.perf_counter()
-    best = train(args)
-    partial = cli.partial_path(args.checkpoint)
-    try:
-        check_checkpoint(best, partial)
-    except UserError as e:
-        raise UserError(f"{e}; {kept(args)}") from None
-    if not better_than_chance(best["val_accuracy"], args.val_size):
-        raise UserError(f"this run's best network is no better than chance (validation "
-                        f"{best['val_accuracy']:.2%}); {kept(args)}")
-    keep, replaced = promote(args.checkpoint)
+    with cli.held(args.checkpoint):  # one run at a time into a checkpoint and its partial files
+        best = train(args)
+        partial = cli.partial_path(args.checkpoint)
+        try:
+            check_checkpoint(best, partial)
+        except UserError as e:
+            raise UserError(f"{e}; {kept(args)}") from None
+        if not better_than_chance(best["val_accuracy"], args.val_size):
+            raise UserError(f"this run's best network is no better than chance (validation "
+                            f"{best['val_accuracy']:.2%}); {kept(args)}")
+        keep, replaced = promote(args.checkpoint)
     print(f"best epoch {best['epoch']}: val {best['val_accuracy']:.2%}, "
           f"test {best['test_accuracy']:.2%}; saved {args.checkpoint} "
           f"({time.perf_counter() - start:.0f}s in all)"

@@ -50,7 +50,7 @@ from cli import UserError
 from constant_input import in_closed_form, stages
 from counting import Counting, max_pool
 from layer_scales import conversion_scales
-from lenet5 import QCFS, evaluate, model_from_checkpoint
+from lenet5 import QCFS, LeNet5, evaluate, model_from_checkpoint
 from mnist import IMAGE_SHAPE, Batches, load_mnist
 from options import (
     ANN_MARGIN,
@@ -454,21 +454,35 @@ def load_test_set(data_dir, limit, batch_size):
     return Batches(images[:limit], labels[:limit], batch_size)
 
 
-def check_memory(snn, timesteps, batch_size, images, early_exit_images=0):
+def counted_units(snn):
+    """{name: units} of every module of `snn` that counts its spikes, from a one-image step;
+    `snn` None: any LeNet5 converted here, with a spiking read-out (the most units)."""
+    if snn is None:
+        ann = LeNet5()
+        snn = fuse_norm_replace(ann, {name: 1.0 for name, m in ann.named_children()
+                                      if isinstance(m, nn.ReLU)} | {OUTPUT_LAYER: 1.0},
+                                DEFAULT_SETTINGS._replace(readout="spikes"))
+    with torch.no_grad():
+        probe = next(iter(snn.parameters())).new_zeros(1, *IMAGE_SHAPE)
+        list(simulate(snn, probe, 1, closed_form=False))
+        units = {name: m.counts[0].numel() for name, m in counting_modules(snn).items()}
+        clean_mem_spike(snn)
+    return units
+
+
+def check_memory(snn, timesteps, batch_size, images, early_exit_images=0, per_step=0):
     """Refuse a run that would need more memory than the machine has free, before it starts.
 
     An estimate from above: the spike counts per step and unit (kept on the device, summed on
-    the CPU, and a buffer that doubles), a batch's state, and for early exit every image's
-    settledness and prediction at every step (the test and the validation images).
+    the CPU, and a buffer that doubles), a batch's state, for early exit every image's
+    settledness and prediction at every step (the test and the validation images), and
+    `per_step` bytes more per step that the caller keeps. `snn` None: before a network exists
+    (`counted_units`).
     """
-    with torch.no_grad():  # how many units count their spikes, from a one-image step
-        probe = next(iter(snn.parameters())).new_zeros(1, *IMAGE_SHAPE)
-        list(simulate(snn, probe, 1, closed_form=False))
-        units = sum(m.counts[0].numel() for m in counting_modules(snn).values())
-        clean_mem_spike(snn)
+    units = sum(counted_units(snn).values())
     needed = 4 * (4 * timesteps * units + 8 * batch_size * units) + (
-        36 * timesteps * early_exit_images)
-    cli.check_memory(needed, f"{timesteps} steps over {images} images")
+        36 * timesteps * early_exit_images) + per_step * timesteps
+    cli.check_memory(needed, f"{timesteps} steps over {images} image{'s' * (images != 1)}")
 
 
 def run(conversion, snn, batches, timesteps, device):

@@ -35,7 +35,9 @@ from lenet5 import record_activations
 from lenet_convert import (
     Conversion,
     SpikeNode,
+    check_memory,
     convert,
+    counted_units,
     counting_modules,
     fold_batchnorm,
     load_ann,
@@ -51,6 +53,7 @@ DEFAULT = "late"  # the image looked at unless told: one whose answer changes as
 NEURONS_FROM = "act5"  # the layer whose neurons' potentials are drawn: the first linear one
 MAPS = ("act1", "act3")  # the layers the GIF shows as spike maps, channel by channel
 GIF_STEPS_PER_SECOND = 4
+GIF_FIGSIZE = (3.2 * (1 + len(MAPS)), 3.3)  # inches: the digit and each layer's maps
 
 
 # ----------------------------------------------------------------------------- choosing images
@@ -313,7 +316,7 @@ def animate(image, record, facts, path):
     """A GIF of the spike maps of MAPS at each step: each layer's channels side by side."""
     tiles = {name: mosaic(record["spikes"][name].float(), 3 if name == "act1" else 4)
              for name in MAPS}
-    fig, axes = plt.subplots(1, 1 + len(MAPS), figsize=(3.2 * (1 + len(MAPS)), 3.3))
+    fig, axes = plt.subplots(1, 1 + len(MAPS), figsize=GIF_FIGSIZE)
     axes[0].imshow(image.squeeze().cpu().numpy(), cmap="gray_r")
     axes[0].set_title(f"test image {facts['index']}: a {facts['label']}", fontsize=9)
     top = facts["settings"]["gamma"]
@@ -343,6 +346,16 @@ def animate(image, record, facts, path):
                    duration=1000 // GIF_STEPS_PER_SECOND)
 
 
+def memory_per_step(units, images):
+    """Bytes a look at `images` images keeps per step, from above: each image's record (every
+    spiking module's output and every neuron layer's potential, listed, then stacked), and for
+    the image being drawn its GIF frames (RGB, and a frame's RGBA buffer) and a raster of its
+    largest layer (a few float64 copies inside matplotlib). `units`: `counted_units`."""
+    record = 2 * 4 * 2 * sum(units.values())  # spikes and, fewer, potentials: float32, twice
+    frame = 7 * plt.rcParams["figure.dpi"] ** 2 * GIF_FIGSIZE[0] * GIF_FIGSIZE[1]  # RGB + RGBA
+    return images * record + int(frame) + 4 * 8 * max(units.values())
+
+
 # ----------------------------------------------------------------------------- the hand-over
 
 
@@ -356,6 +369,8 @@ def main(args, device):
     if any(isinstance(i, int) and i >= len(batches.labels) for i in asked):
         raise cli.UserError(f"--look-inside: the test images here are 0 to "
                             f"{len(batches.labels) - 1}")
+    check_memory(snn, args.timesteps, args.batch_size, len(batches.labels),  # the choice, and
+                 per_step=memory_per_step(counted_units(snn), len(asked or [DEFAULT])))  # draws
     start, looked = time.perf_counter(), []
     for index in chosen_images(snn, batches, args.timesteps, asked, device):
         image = batches.images[index].float().div_(255)[None].to(device)

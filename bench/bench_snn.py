@@ -53,6 +53,7 @@ from counting import max_pool  # noqa: E402
 from lenet5 import evaluate  # noqa: E402
 from lenet_convert import (  # noqa: E402
     build_snn,
+    check_memory,
     evaluate_snn,
     first_step_within,
     fold_batchnorm,
@@ -256,7 +257,10 @@ def run_benchmark(args):
     if args.qcfs_checkpoint.is_file() and (
             load_checkpoint(args.qcfs_checkpoint).get("activation") != "qcfs"):
         raise cli.UserError(f"--qcfs-checkpoint {args.qcfs_checkpoint} is not a QCFS network")
-    device, _, ann, snn, batches = load(args)
+    device, checkpoint, ann, snn, batches = load(args)
+    images = len(batches.labels)  # the longest simulation, with early exit's records besides
+    check_memory(snn, max(*args.timesteps, args.search_timesteps, args.memory_timesteps),
+                 args.batch_size, images, images + checkpoint.get("args", {}).get("val_size", 0))
     runs, accuracy = dense_runs(ann, batches, device)
     seconds, _ = median_seconds(runs | {"as trained": functools.partial(
         evaluate, ann, batches, device)}, args.repeats)

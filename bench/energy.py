@@ -77,6 +77,8 @@ OUT_DIR = Path("results/energy")
 LEVELS_FRONT = studies.ROOT / "docs/seeds/seeds.json"
 OUTPUTS = ("energy.json", "energy.csv", "energy.png")
 GAMMA_L, EARLY_EXIT = "gamma = L", "early exit"
+VALIDATION_READS = ("val_energy_uj",)  # what `validation_record` reads of a QCFS network, in
+# its checkpoint and every epoch of its history, beyond what every network has
 
 
 def network_name(levels, weight):
@@ -146,9 +148,10 @@ def schedule_seed(seed, args, tasks, made):
             inputs = {"checkpoint_sha256": studies.sha256(path), "settings": settings._asdict(),
                       "timesteps": args.timesteps, "limit": args.limit,
                       "batch_size": run["batch_size"]}
-            if key in earlier and seeds._result(earlier[key]) and seeds._same_run(earlier[key],
-                                                                                  inputs):
-                record["test"][key] = earlier[key]
+            result = seeds.cached(earlier, key, inputs, args.out_dir / f"seed{seed}.json",
+                                  tasks.say)
+            if result is not None:
+                record["test"][key] = result
                 continue
             start = start or tasks.share(path.read_bytes())
             tasks.add(f"seed {seed}, {key}", "seeds", "convert",
@@ -163,7 +166,8 @@ def schedule_seed(seed, args, tasks, made):
                 argv = qcfs_argv(seed, levels, weight, relu, args)
                 name, path = network_name(levels, weight), argv_path(argv, "--checkpoint")
                 studies.network(tasks, f"seed {seed}, {name}", argv, args.retrain or trained,
-                                lambda _, name=name, path=path: network_made(name, path))
+                                lambda _, name=name, path=path: network_made(name, path),
+                                reads=VALIDATION_READS)
     studies.network(tasks, f"seed {seed}, relu", relu_argv, args.retrain, relu_made)
     return relu, record
 
@@ -406,13 +410,19 @@ def parse_args(argv=None):
     return args
 
 
+FRONT = {"pareto_front": [{  # what is read of each point; t: 0 for the ANN, None early exit
+    "name": lambda v: isinstance(v, str), "t": seeds.STEP._replace(lowest=0, empty=True),
+    "energy_uj": seeds.AMOUNT, "accuracy": cli.Number(0, 100)}]}
+
+
 def levels_front(path):
-    """The pareto_front of a seeds.json: [{name, t, energy_uj, accuracy}]."""
-    front = json.loads(Path(path).read_text())["pareto_front"]
-    if not all(cli.is_number(p["energy_uj"]) and cli.is_number(p["accuracy"])
-               for p in front):
-        raise ValueError("a point without numbers")
-    return front
+    """The pareto_front of a seeds.json: [{name, t, energy_uj, accuracy}], every point checked
+    (FRONT) before any task runs."""
+    study = json.loads(Path(path).read_text())
+    if not cli.conforms(study, FRONT):
+        raise ValueError("its pareto_front is not a list of points with a name, a step t, "
+                         "energy_uj and an accuracy in %")
+    return study["pareto_front"]
 
 
 def relu_test_accuracy(paths, data_dir, limit):
@@ -426,7 +436,11 @@ def main(argv=None):
     args = parse_args(argv)
 
     def body():
-        tasks = studies.start(args, OUTPUTS, args.checkpoint_dir / "energy")
+        images = args.limit or TEST_IMAGES
+        tasks = studies.start(args, [f"seed{s}.json" for s in args.seeds] + list(OUTPUTS),
+                              args.checkpoint_dir / "energy", (
+                                  args.timesteps, options.BATCH_SIZE, images,
+                                  args.early_exit * (images + lenet5.VAL_SIZE)))
 
         def made(seed, record):
             write_json(args.out_dir / f"seed{seed}.json", record)

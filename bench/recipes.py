@@ -248,10 +248,9 @@ def main(argv=None):
     per_seed = {}
 
     def body():
-        if not args.address:
-            cli.resolve_device(args.device)  # a cluster's workers may have what this one lacks
-        studies.check_folders(args.out_dir, args.checkpoint_dir / "recipes")
-        tasks, converted = studies.Tasks(args), {}
+        tasks = studies.start(args, ["recipes.json", "recipes.csv"], args.checkpoint_dir /
+                              "recipes", (CONVERSION_STEPS, BATCH_SIZE, lenet5.VAL_SIZE, 0))
+        converted = {}
         for seed in args.seeds:
             schedule_seed(seed, args, tasks, per_seed, converted)
         tasks.run()

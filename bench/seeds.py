@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/
 import cli  # noqa: E402  (first: see its docstring)
 
 # isort: split
+import math  # noqa: E402
 import statistics  # noqa: E402
 
 import studies  # noqa: E402
@@ -52,7 +53,7 @@ import early_exit  # noqa: E402
 import lenet5  # noqa: E402
 import options  # noqa: E402
 from checkpoint import MAX_LEVELS, OUTPUT_LAYER, load_checkpoint  # noqa: E402
-from cli import is_number, positive_int, write_csv, write_json  # noqa: E402
+from cli import Number, is_number, positive_int, write_csv, write_json  # noqa: E402
 from compare import BRAINCOG, GIVEN, compare_settings, run_all  # noqa: E402
 from lenet_convert import (  # noqa: E402
     AT_ANN_LEVEL_KEY,
@@ -62,7 +63,7 @@ from lenet_convert import (  # noqa: E402
     load_ann,
 )
 from mnist import TEST_IMAGES  # noqa: E402
-from options import Settings, default_settings  # noqa: E402
+from options import EXIT_RULES, MAX_GAMMA, MAX_TIMESTEPS, Settings, default_settings  # noqa: E402
 from plots import plt, report_steps, save_figure, step_axis  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
@@ -73,6 +74,29 @@ MARGINS = (0.001, 0.0005)  # "within 0.1 and 0.05 pp of the ReLU ANN"
 OUTPUTS = ("seeds.json", "seeds.csv", "seeds.png", "seeds_energy.png")  # written as one set
 
 RELU, RELU_BRAINCOG, QCFS = "relu", "relu_braincog_reference", "qcfs"  # the networks summarised
+
+# What a cached conversion (a seed<S>.json entry, `convert`'s result and how it was run) must
+# hold, all the way down, to be reused: every field the study reads, of its kind and range.
+FRACTION, AMOUNT = Number(0, 1), Number(0, math.inf)  # an accuracy; SynOps, pJ, seconds
+STEP, IMAGES = Number(1, MAX_TIMESTEPS, integer=True), Number(1, TEST_IMAGES, integer=True)
+CACHED = {
+    "run": {"checkpoint_sha256": lambda v: isinstance(v, str),
+            "settings": lambda v: isinstance(v, dict) and set(v) <= set(Settings._fields),
+            "timesteps": STEP, "limit": IMAGES._replace(empty=True), "batch_size": IMAGES},
+    "settings": {"gamma": Number(1, MAX_GAMMA, integer=True), "exit_rule": EXIT_RULES.__contains__,
+                 "levels": Number(1, MAX_LEVELS, integer=True, empty=True)},
+    "ann_accuracy": FRACTION, "snn_accuracy": [FRACTION], "ann_energy_pj": AMOUNT,
+    "snn_energy_pj": [AMOUNT], AT_ANN_LEVEL_KEY: STEP._replace(empty=True),
+    "energy_pj_at_ann_level": AMOUNT._replace(empty=True), "test_images": IMAGES,
+    "checkpoint": lambda v: isinstance(v, str),
+    "synops_by_layer": lambda v: isinstance(v, dict) and all(
+        cli.conforms(x, [AMOUNT]) for x in v.values()),
+}
+CACHED_EARLY_EXIT = dict.fromkeys(early_exit.SUMMARY_KEYS, AMOUNT) | {
+    "deadline": STEP, "fixed_timesteps": STEP, "mean_steps": Number(1, MAX_TIMESTEPS),
+    "fixed_seconds": lambda v: is_number(v) and v > 0} | dict.fromkeys(
+    ("validation_accuracy", "validation_ann_accuracy", "test_accuracy", "fixed_accuracy"),
+    FRACTION)
 
 
 # ----------------------------------------------------------------------------- one seed
@@ -150,11 +174,9 @@ def schedule_seed(seed, args, tasks, made):
             inputs = {"checkpoint_sha256": fingerprint, "settings": settings._asdict(),
                       "timesteps": args.timesteps, "limit": args.limit,
                       "batch_size": args.batch_size}  # what a conversion's result depends on
-            if name in earlier and not _result(earlier[name]):
-                tasks.say(f"{args.out_dir}/seed{seed}.json: {name!r} does not read as this "
-                          "study writes it: simulating it again")
-            elif name in earlier and _same_run(earlier[name], inputs):
-                results[name] = earlier[name]
+            result = cached(earlier, name, inputs, args.out_dir / f"seed{seed}.json", tasks.say)
+            if result is not None:
+                results[name] = result
                 reused += 1
                 continue
             start = start or tasks.share(path.read_bytes())
@@ -191,20 +213,28 @@ def _same_run(earlier, inputs):
 
 
 def _result(entry):
-    """Whether a cached conversion has what `convert` makes, of the right kinds."""
-    if not (isinstance(entry, dict) and isinstance(entry.get("run"), dict)
-            and isinstance(entry.get("settings"), dict)):
+    """Whether a cached conversion holds what `convert` makes and the study reads (CACHED), all
+    the way down: one value per step wherever there are steps, early exit where it ran."""
+    if not cli.conforms(entry, CACHED):
         return False
-    steps = entry["run"].get("timesteps")
-    lists = all(isinstance(entry.get(key), list) and len(entry[key]) == steps
-                and all(map(is_number, entry[key])) for key in ("snn_accuracy", "snn_energy_pj"))
-    numbers = all(is_number(entry.get(key)) for key in ("ann_accuracy", "ann_energy_pj"))
-    maybe = all(entry.get(key) is None or is_number(entry[key])
-                for key in (AT_ANN_LEVEL_KEY, "energy_pj_at_ann_level"))
-    early = entry.get("early_exit")
-    exits = entry["settings"].get("exit_rule") in (None, "none") or isinstance(early, dict) and (
-        all(is_number(early.get(key)) for key in early_exit.SUMMARY_KEYS))
-    return lists and numbers and maybe and exits and isinstance(entry.get("test_images"), int)
+    steps = entry["run"]["timesteps"]
+    per_step = [entry["snn_accuracy"], entry["snn_energy_pj"], *entry["synops_by_layer"].values()]
+    exits = entry["settings"]["exit_rule"] != "none"
+    return (all(len(values) == steps for values in per_step)
+            and (entry[AT_ANN_LEVEL_KEY] or 0) <= steps and exits == ("early_exit" in entry)
+            and (not exits or cli.conforms(entry["early_exit"], CACHED_EARLY_EXIT)))
+
+
+def cached(earlier, name, inputs, where, say):
+    """The earlier result of conversion `name` (from the seed<S>.json at `where`) if it reads as
+    this study writes it and was run with `inputs`; else None (`say`ing so if it was spoiled):
+    it is simulated again."""
+    if name not in earlier:
+        return None
+    if not _result(earlier[name]):
+        say(f"{where}: {name!r} does not read as this study writes it: simulating it again")
+        return None
+    return earlier[name] if _same_run(earlier[name], inputs) else None
 
 
 # ----------------------------------------------------------------------------- summary
@@ -492,7 +522,10 @@ def main(argv=None):
     args = parse_args(argv)
 
     def body():
-        tasks = studies.start(args, OUTPUTS, args.checkpoint_dir)
+        images = args.limit or TEST_IMAGES  # and the compare plans' early exit, on validation
+        tasks = studies.start(args, [f"seed{s}.json" for s in args.seeds] + list(OUTPUTS),
+                              args.checkpoint_dir, (args.timesteps, args.batch_size, images,
+                                                    images + lenet5.VAL_SIZE))
 
         def made(seed, results):
             write_json(args.out_dir / f"seed{seed}.json", results)

@@ -36,7 +36,9 @@ import io
 import itertools
 import json
 import os
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 from typing import NamedTuple
@@ -44,12 +46,16 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 import lenet5
+import lenet_convert
 from checkpoint import load_checkpoint, serialise
 from cli import UserError, positive_int
-from mnist import TRAIN_IMAGES
+from mnist import TRAIN_IMAGES, prepare_mnist
 
 ROOT = Path(__file__).resolve().parent.parent  # the project: what a Ray worker gets a copy of
 CHECKPOINT_DIR = Path("checkpoints/seeds")
+JOIN_SECONDS = 60  # how long joining a Ray cluster (--address) may take before it is given up
+JOIN_PROBE = ("import logging, sys, ray; ray.init(address=sys.argv[1], include_dashboard=False, "
+              "log_to_driver=False, logging_level=logging.ERROR); ray.shutdown()")
 THREADS = 1  # torch threads per task: small LeNet trainings use more than one or two poorly
 NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that may differ on reuse
 HISTORY_KEYS = ("epoch", "train_accuracy", "val_accuracy", "seconds")  # read from a history
@@ -87,6 +93,9 @@ def study_parser(description, seeds, out_dir):
     parser.add_argument("--address", default=None, metavar="HOST:PORT",
                         help="join the Ray cluster there (e.g. one started by 'ray start "
                              "--head'); default: start a local Ray on this machine")
+    parser.add_argument("--join-timeout", type=positive_int(3600), default=JOIN_SECONDS,
+                        metavar="SECONDS", help="with --address: give up joining the cluster "
+                        "after this long (Ctrl-C ends it at any moment)")
     return parser
 
 
@@ -126,20 +135,29 @@ def argv_path(argv, option):
     return Path(argv[argv.index(option) + 1]) if option in argv else None
 
 
-def reusable(path, argv):
+def reusable(path, argv, reads=()):
     """Whether `path` holds a checkpoint made by lenet5.py with the arguments `argv`, and its
-    history beside it. One that does not read as expected is not used (a line says so)."""
+    history beside it, both with every field the study reads: `reads` names those beyond the
+    usual ones, each in the checkpoint and in every epoch of the history (a file made by an
+    older lenet5.py may lack them). One that does not read as expected is not used (a line
+    says why)."""
     if not path.is_file():
         return False
     try:
-        made = load_checkpoint(path).get("args", {})
+        checkpoint = load_checkpoint(path)
     except UserError as e:
         say(f"{e}; training it again")
         return False
-    history = read_cache(lenet5.history_path(path), _history_entries)
+    missing = [key for key in reads if key not in checkpoint]
+    if missing:
+        say(f"{path} has no {' or '.join(missing)} (made by an older lenet5.py): training it "
+            "again")
+        return False
+    history = read_cache(lenet5.history_path(path),
+                         lambda h: _history_entries(h, HISTORY_KEYS + tuple(reads)))
     if history is None:
         return False
-    wanted = vars(lenet5.parse_args(argv))
+    made, wanted = checkpoint.get("args", {}), vars(lenet5.parse_args(argv))
     return all(str(made[k]) == str(v) if k in made else not v  # a newer option, left off
                for k, v in wanted.items() if k not in NOT_COMPARED)
 
@@ -160,35 +178,36 @@ def read_cache(path, readable):
     return None
 
 
-def _history_entries(history):
-    """A history lenet5.py writes: a record per epoch."""
-    return isinstance(history, list) and history and all(
-        isinstance(h, dict) and all(cli.is_number(h.get(k)) for k in HISTORY_KEYS) for h in history)
+def _history_entries(history, keys=HISTORY_KEYS):
+    """A history lenet5.py writes: a record per epoch, each with a usable number for `keys`."""
+    return isinstance(history, list) and history and cli.conforms(
+        history, [dict.fromkeys(keys, cli.is_number)])
 
 
 def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def network(tasks, what, argv, retrain, then):
+def network(tasks, what, argv, retrain, then, reads=()):
     """Make the network lenet5.py's command line `argv` trains, unless its checkpoint is there
-    already (made with the same arguments) and `retrain` is false; then `then(trained)`.
+    already (made with the same arguments, with what the study `reads`: see `reusable`) and
+    `retrain` is false; then `then(trained)`.
 
     The training is a task (`train_network`) that gets the bytes of the checkpoint it starts
     from; the checkpoint and history it returns are promoted here as lenet5.py does it.
     """
     path = argv_path(argv, "--checkpoint")
-    if not retrain and reusable(path, argv):
+    if not retrain and reusable(path, argv, reads):
         say(f"reusing {path} (made with the same arguments)")
         then(False)
         return
     start = argv_path(argv, "--init-from")
 
     def made(files):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():  # where lenet5.py keeps a run until it completes
-            cli.partial_path(path.with_name(name)).write_bytes(data)
-        replaced = lenet5.promote(path)[1]
+        with cli.held(path):  # as lenet5.py holds it: no run of its own writes there meanwhile
+            for name, data in files.items():  # where lenet5.py keeps a run until it completes
+                cli.partial_path(path.with_name(name)).write_bytes(data)
+            replaced = lenet5.promote(path)[1]
         record = load_checkpoint(path)
         tasks.say(f"{what}: trained {path} (best epoch {record['epoch']}, val "
                   f"{record['val_accuracy']:.2%})" + (f"; kept the one it replaced as {replaced}"
@@ -309,7 +328,7 @@ class Tasks:
         if args.workers == 0:
             say(f"tasks run one after another in this process, {each}")
         else:
-            self.ray = start_ray(args.address)
+            self.ray = start_ray(args.address, args.join_timeout)
             resources = self.ray.cluster_resources()
             cpus, gpus = int(resources.get("CPU", 1)), resources.get("GPU", 0)
             nodes = sum(node["Alive"] for node in self.ray.nodes())
@@ -400,9 +419,10 @@ class Tasks:
             self.ray = None
 
 
-def start_ray(address):
-    """Ray, started on this machine or joined at `address`, with the project sent to every
-    worker (only what git would keep: .gitignore leaves out checkpoints and results)."""
+def start_ray(address, join_seconds=JOIN_SECONDS):
+    """Ray, started on this machine or joined at `address` (tried first: `_check_joins`), with
+    the project sent to every worker (only what git would keep: .gitignore leaves out
+    checkpoints and results)."""
     try:
         import ray
     except ImportError:
@@ -413,6 +433,7 @@ def start_ray(address):
 
     if address and address != "auto":  # Ray itself would wait for it for minutes
         _check_answers(address)
+        _check_joins(address, join_seconds)
     runtime = {"working_dir": str(ROOT), "excludes": ["checkpoints/", "results/", ".git/"]}
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -423,17 +444,48 @@ def start_ray(address):
     return ray
 
 
+def _check_joins(address, seconds):
+    """That a Ray driver joins the cluster at `address` within `seconds`, tried in a process of
+    its own: Ray's join waits for minutes where something else answers and does not stop for
+    Ctrl-C or SIGTERM meanwhile, but that process is ended at the deadline or at either signal
+    (which then end this command, with one line). A UserError saying why it did not join."""
+    child = subprocess.Popen([sys.executable, "-c", JOIN_PROBE, address],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # Ctrl-C reaches it only through here
+    try:
+        _, err = child.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"no Ray cluster joined at {address} within {seconds:g} s (something "
+                        "answers there, but not as a Ray head does; --join-timeout gives it "
+                        "longer)") from None
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    if child.returncode:
+        raise UserError(f"Ray did not start at {address}: " + (
+            "the cluster wants an auth token this process does not send (InvalidAuthToken: "
+            "an earlier local Ray left ~/.ray/auth_token, which the cluster's head took up); "
+            "give every 'ray start' and this study RAY_AUTH_MODE=token, or delete that file "
+            "and start the cluster again" if "InvalidAuthToken" in err else
+            next((line for line in reversed(err.splitlines()) if line.strip()), "it failed")))
+
+
 # ----------------------------------------------------------------------------- running a study
 
 
-def start(args, outputs, networks):
-    """Check the device (unless on a cluster, whose workers may have what this one lacks) and
-    the folders and files a study over seeds writes (seed<S>.json and `outputs` in args.out_dir,
-    its networks in `networks`); the Tasks to add its tasks to."""
+def start(args, files, networks, simulation):
+    """Before any task: check the device (unless on a cluster, whose workers may have what this
+    one lacks), the data, the memory a conversion will need (`simulation`: its steps, batch
+    size, images and early exit's images, as lenet_convert.check_memory takes them), and the
+    folders and files the study writes (`files` in args.out_dir, its networks in `networks`);
+    the Tasks to add its tasks to."""
     if not args.address:
         cli.resolve_device(args.device)
-    check_folders(args.out_dir, networks, files=[
-        args.out_dir / name for name in [f"seed{s}.json" for s in args.seeds] + list(outputs)])
+    prepare_mnist(args.data_dir)  # the data every task reads, there and whole
+    timesteps, batch_size, images, early_exit_images = simulation
+    lenet_convert.check_memory(None, timesteps, batch_size, images, early_exit_images)
+    check_folders(args.out_dir, networks, files=[args.out_dir / name for name in files])
     return Tasks(args)
 
 

@@ -1,6 +1,8 @@
 import json
+import shutil
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import TINY
@@ -106,12 +108,52 @@ def test_a_rerun_reuses_every_network_and_conversion(sweep, capsys):
     assert {k: json.loads(json.dumps(again))[k] for k in keep} == {k: saved[k] for k in keep}
 
 
+def test_a_spoiled_nested_cache_entry_is_simulated_again(sweep, tmp_path, monkeypatch, capsys):
+    tmp, saved = sweep
+    shutil.copytree(tmp / "ck", tmp_path / "ck")
+    shutil.copytree(tmp / "energy", tmp_path / "energy")
+    seed1 = tmp_path / "energy" / "seed1.json"
+    record = json.loads(seed1.read_text())
+    record["test"]["L=2, w=10: gamma = L"]["run"]["settings"] = [1, 2]  # not a mapping
+    seed1.write_text(json.dumps(record))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    again = energy.main(ARGV)
+    out = capsys.readouterr().out
+    assert ("'L=2, w=10: gamma = L' does not read as this study writes it: simulating it "
+            "again") in out
+    assert out.count("L=2, w=10: gamma = L: ") == 1  # that one conversion, made again
+    assert json.loads(json.dumps(again))["test"] == saved["test"]
+
+
+def _front(points):
+    return json.dumps({"pareto_front": points})
+
+
+GOOD_POINT = {"name": "ReLU ANN", "t": 0, "energy_uj": 1.9, "accuracy": 99.5}
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--weights", "-1"], "--weights: must be a finite number >= 0"),
+    (["--weights", "-1"], r"--weights: must be in \[0, 1000\], got -1"),
+    (["--weights", "1e400"], r"--weights: must be in \[0, 1000\]"),
     (["--fine-tune-epochs", "0"], r"--fine-tune-epochs: must be in \[1, 10000\]"),
-    (["--front", "{tmp}/none.json", "--data-dir", str(DATA)], "no front of bench/seeds.py"),
-])
-def test_bad_arguments_give_one_line(argv, message, capsys, tmp_path):
+    (["--front", "{tmp}/none.json"], "no front of bench/seeds.py"),
+    (["--front", "{tmp}"], "no front of bench/seeds.py"),  # a folder
+] + [(["--front", f"{{tmp}}/front.json={text}"], "no front of bench/seeds.py") for text in [
+    "not json", "[]", '{"pareto_front": 3}', _front([{"t": 1, "energy_uj": 1, "accuracy": 99}]),
+    _front([GOOD_POINT | {"name": 7}]), _front([GOOD_POINT | {"t": "one"}]),
+    _front([GOOD_POINT | {"t": -1}]), _front([GOOD_POINT | {"energy_uj": None}]),
+    _front([GOOD_POINT | {"energy_uj": 10**400}]), '{"pareto_front": [{"name": "a", "t": 1, '
+    '"energy_uj": 1e400, "accuracy": 99}]}', _front([GOOD_POINT | {"accuracy": 0.99e3}]),
+    _front([GOOD_POINT, [1]])]])
+def test_bad_arguments_and_input_files_give_one_line_before_any_task(argv, message, capsys,
+                                                                     tmp_path):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    check_refused(energy.main, [*argv, "--workers", "0", "--out-dir", str(tmp_path / "o")],
-                  message, capsys)
+    if "=" in argv[-1]:  # a file with this text
+        path, text = argv[-1].split("=", 1)
+        Path(path).write_text(text)
+        argv[-1] = path
+    check_refused(energy.main, [*argv, "--workers", "0", "--data-dir", str(DATA),
+                                "--checkpoint-dir", str(tmp_path / "ck"), "--out-dir",
+                                str(tmp_path / "o")], message, capsys)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "o").exists()

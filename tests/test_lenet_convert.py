@@ -785,15 +785,53 @@ def test_an_out_dir_file_that_is_a_folder_is_named_and_nothing_replaced(trained,
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
-def test_too_little_memory_is_refused_before_simulating(trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "available_memory", lambda: 2**30)
+def _memory_entries(trained, tmp):
+    """Every command that simulates or records: (its main, its arguments), small runs all."""
+    import bench_snn
+    import energy
+    import recipes
+    import seeds
+    convert = ["--checkpoint", str(trained), "--data-dir", str(DATA), "--out-dir", str(tmp / "o")]
+    study = ["--seeds", "1", "--limit-train", "1000", "--epochs", "1", "--workers", "0",
+             "--data-dir", str(DATA), "--checkpoint-dir", str(tmp / "ck"), "--out-dir",
+             str(tmp / "o")]
+    return {
+        "plain": (lenet_convert.main, convert),
+        "compare": (lenet_convert.main, [*convert, "--compare"]),
+        "early exit": (lenet_convert.main, [*convert, "--exit-rule", "margin"]),
+        "look inside": (lenet_convert.main, [*convert, "--look-inside", "0", "--limit", "1"]),
+        "benchmark": (bench_snn.main, ["--checkpoint", str(trained), "--data-dir", str(DATA),
+                                       "--out", str(tmp / "o" / "b.json"), "--timesteps", "2"]),
+        "seeds study": (seeds.main, [*study, "--timesteps", "2", "--limit", "100"]),
+        "energy study": (energy.main, [*study, "--timesteps", "2", "--limit", "100"]),
+        "recipes study": (recipes.main, study),
+    }
+
+
+@pytest.mark.parametrize("entry", ["plain", "compare", "early exit", "look inside", "benchmark",
+                                   "seeds study", "energy study", "recipes study"])
+def test_every_command_that_simulates_checks_its_memory_first(entry, trained, tmp_path,
+                                                               monkeypatch, capsys):
+    monkeypatch.setattr(cli, "available_memory", lambda: 2**20)  # any simulation needs more
+    main, argv = _memory_entries(trained, tmp_path)[entry]
     with pytest.raises(SystemExit) as exit_info:
-        lenet_convert.main(["--checkpoint", str(trained), "--timesteps", "100000", "--data-dir",
-                            str(DATA), "--out-dir", str(tmp_path)])
-    assert re.fullmatch(r"lenet_convert.py: error: 100000 steps over 10000 images needs about "
-                        r"[\d.]+ GB of memory, but this machine has 1.0 GB free",
-                        exit_info.value.code)
-    assert "simulating" not in capsys.readouterr().out and not list(tmp_path.iterdir())
+        main(argv)
+    assert re.fullmatch(r"\S+\.py: error: \d+ steps over \d+ images? needs about [\d.]+ GB of "
+                        r"memory, but this machine has 0.0 GB free", exit_info.value.code)
+    out = capsys.readouterr().out
+    assert "simulating" not in out and "training" not in out  # refused before either began
+    assert not (tmp_path / "o").exists() and not (tmp_path / "ck").exists()
+
+
+def test_the_memory_estimate_grows_with_the_steps_a_look_inside_keeps(trained, tmp_path,
+                                                                     monkeypatch, capsys):
+    """--look-inside keeps every step of what it draws: the issue's T = 100000 is refused."""
+    monkeypatch.setattr(cli, "available_memory", lambda: 16 * 2**30)
+    argv = ["--checkpoint", str(trained), "--data-dir", str(DATA), "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="100000 steps over 1 image needs about"):
+        lenet_convert.main([*argv, "--look-inside", "0", "--limit", "1", "--timesteps", "100000"])
+    assert lenet_convert.main([*argv, "--limit", "1", "--timesteps", "100000"])  # a plain run
+    # keeps its counts only: the same T fits
 
 
 def test_integer_options_state_their_range_in_the_help(capsys):

@@ -1,3 +1,4 @@
+import copy
 import csv
 import json
 import re
@@ -15,6 +16,7 @@ import seeds  # noqa: E402
 import studies  # noqa: E402
 
 SIMULATED = ": simulated, "  # the line of each conversion the study runs
+GIVEN_KEY, EXIT_KEY = "as given", "early exit (margin)"  # two of a seed's conversions
 
 
 def test_each_seed_runs_what_lenet_convert_gives(study):
@@ -169,6 +171,53 @@ def test_a_spoiled_cache_is_made_again_not_trusted(study, tmp_path, monkeypatch,
     if simulated:  # the conversions it held are simulated again, and the same
         assert out.count(SIMULATED) == simulated
     assert again["runs"]["relu"]["snn"] == saved["runs"]["relu"]["snn"] or file.startswith("ck")
+
+
+def _at(path, value):
+    """A change that sets the value at `path` ("outer/inner") of a cached conversion (a copy)."""
+    def change(entry):
+        entry = copy.deepcopy(entry)
+        *outer, last = path.split("/")
+        table = entry
+        for key in outer:
+            table = table[key]
+        table[last] = value
+        return entry
+    return change
+
+
+# A cached conversion spoiled at any depth: every field the study reads, of a wrong kind or
+# range, or a list of the wrong length. Each must be made again, with one line, never trusted.
+DEEP = ["run", "run/settings", "run/timesteps", "run/limit", "run/batch_size",
+        "run/checkpoint_sha256", "settings", "settings/gamma", "settings/exit_rule",
+        "settings/levels", "ann_accuracy", "snn_accuracy", "snn_energy_pj", "ann_energy_pj",
+        lenet_convert.AT_ANN_LEVEL_KEY, "energy_pj_at_ann_level", "synops_by_layer",
+        "synops_by_layer/act1", "test_images", "checkpoint"]
+SPOILED_ENTRIES = [(GIVEN_KEY, _at(key, bad)) for key in DEEP
+                   for bad in ([1], "x", 10**400, float("nan"), -1, {"a": 1})
+                   if not (key in ("run/checkpoint_sha256", "checkpoint") and bad == "x")]
+SPOILED_ENTRIES += [
+    (GIVEN_KEY, _at("snn_accuracy", [0.5])),  # fewer steps than it was run for
+    (GIVEN_KEY, _at("run/settings", {"gamma": 2, "new_knob": 1})),
+    (GIVEN_KEY, _at(lenet_convert.AT_ANN_LEVEL_KEY, 99)),  # beyond its steps
+    (GIVEN_KEY, _at("settings/exit_rule", "margin")),  # early exit without its record
+    (EXIT_KEY, _at("early_exit/fixed_seconds", 0)),  # a time ratio divides by it
+    (EXIT_KEY, _at("early_exit/mean_steps", None)),
+    (EXIT_KEY, _at("early_exit", [1])),
+]
+
+
+@pytest.mark.parametrize("name, spoil", SPOILED_ENTRIES)
+def test_a_cached_conversion_is_checked_all_the_way_down(study, name, spoil):
+    _, _, _, per_seed = study
+    good = per_seed[0][name]
+    inputs = good["run"]
+    said = []
+    assert seeds.cached({name: good}, name, inputs, "seed1.json", said.append) == good
+    spoiled = spoil(good)
+    assert seeds.cached({name: spoiled}, name, inputs, "seed1.json", said.append) is None
+    assert said == [f"seed1.json: {name!r} does not read as this study writes it: simulating "
+                    "it again"]
 
 
 def test_a_folder_in_a_result_files_place_is_said_before_training(tmp_path, capsys):

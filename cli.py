@@ -350,23 +350,45 @@ def and_list(names):
 def held(path):
     """Hold the lock of `path` (<stem>.lock beside it) for the block: one run at a time writes a
     file and what goes with it; a second is refused in one line, not kept waiting. The lock is
-    the kernel's (flock), so it ends with the process however that ends; the empty lock file
-    stays. (Where there is no flock, on Windows, nothing is locked.)"""
+    the kernel's (flock), so it ends with the process however that ends; the holder removes
+    the lock file (and a folder it made for it, if still empty) when done. (Where there is no
+    flock, on Windows, nothing is locked.)"""
     path = Path(path)
     check_writable(path)
+    if fcntl is None:
+        yield
+        return
     lock = path.with_name(f"{path.stem}.lock")
+    made = [folder for folder in [lock.parent, *lock.parent.parents] if not folder.exists()]
     lock.parent.mkdir(parents=True, exist_ok=True)
-    handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    handle = _lock(lock, path)
     try:
-        if fcntl:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(f"another run is writing {path} now (it holds {lock}): wait for "
-                                "it to end, or write elsewhere") from None
         yield
     finally:
-        os.close(handle)  # and with it the lock
+        lock.unlink(missing_ok=True)  # still held: a run that opens it now is refused or
+        os.close(handle)  # finds it gone (`_lock`); closing lets go of it
+        for folder in made:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _lock(lock, path):
+    """An open handle of `lock` holding its flock. Where the holder before let go of it and
+    removed the file meanwhile, the lock taken is on a file no longer there: try again."""
+    for _ in range(10):
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(handle).st_ino == os.stat(lock).st_ino:
+                return handle
+        except BlockingIOError:
+            os.close(handle)
+            raise UserError(f"another run is writing {path} now (it holds {lock}): wait for "
+                            "it to end, or write elsewhere") from None
+        except FileNotFoundError:
+            pass
+        os.close(handle)
+    raise UserError(f"{lock} keeps changing: another run is starting and ending there")
 
 
 def partial_path(path):

@@ -1,10 +1,12 @@
 import json
+import re
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY
 from helpers import DATA, ROOT, check_refused
 
@@ -13,6 +15,7 @@ from checkpoint import load_checkpoint
 sys.path.insert(0, str(ROOT / "bench"))
 
 import energy  # noqa: E402
+import studies  # noqa: E402
 
 ARGV = ["--seeds", "1", "2", "--levels", "2", "--weights", "10", "--limit-train", "1000",
         "--epochs", "2", "--fine-tune-epochs", "1", "--limit", "200", "--timesteps", "3",
@@ -124,6 +127,76 @@ def test_a_spoiled_nested_cache_entry_is_simulated_again(sweep, tmp_path, monkey
             "again") in out
     assert out.count("L=2, w=10: gamma = L: ") == 1  # that one conversion, made again
     assert json.loads(json.dumps(again))["test"] == saved["test"]
+
+
+def _older(checkpoint, history):
+    """As lenet5.py wrote a QCFS network before the energy weight existed."""
+    del checkpoint["val_energy_uj"], checkpoint["args"]["energy_weight"]
+    for epoch in history:
+        del epoch["val_energy_uj"], epoch["train_energy_uj"]
+
+
+def _spoil_history(value):
+    def spoil(checkpoint, history):
+        history[-1]["val_energy_uj"] = value
+    return spoil
+
+
+# A network the study would reuse, lacking or spoiling what the study reads of it: each is
+# trained again, with one line saying why, never read into a KeyError or an overflow.
+OLDER_NETWORKS = [
+    (_older, r"has no val_energy_uj \(made by an older lenet5.py\): training it again"),
+    (lambda ck, h: ck.pop("val_energy_uj"), "has no val_energy_uj"),
+    (lambda ck, h: h[0].pop("val_energy_uj"), "history.json does not read as this study"),
+    (_spoil_history(10**400), "history.json does not read as this study"),
+    (_spoil_history(float("nan")), "history.json does not read as this study"),
+    (_spoil_history("0.7"), "history.json does not read as this study"),
+    (lambda ck, h: ck.update(val_energy_uj=10**400), r"val_energy_uj is 1000.*, not a number in"),
+]
+
+
+@pytest.mark.parametrize("spoil, line", OLDER_NETWORKS)
+def test_a_network_lacking_what_the_study_reads_is_trained_again(sweep, tmp_path, spoil, line,
+                                                                 capsys):
+    tmp, _ = sweep
+    name = "qcfs_L2_w10_e1_seed1"
+    for suffix in (".pt", "_history.json"):
+        shutil.copy(tmp / "ck" / "energy" / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    path = tmp_path / f"{name}.pt"
+    argv = energy.qcfs_argv(1, 2, 10, tmp / "ck" / "relu_seed1.pt", energy.parse_args(ARGV))
+    argv[argv.index("--checkpoint") + 1] = str(path)
+    assert studies.reusable(path, argv, energy.VALIDATION_READS)  # as it was made
+    checkpoint = torch.load(path, weights_only=True)
+    history = json.loads((tmp_path / f"{name}_history.json").read_text())
+    spoil(checkpoint, history)
+    torch.save(checkpoint, path)
+    (tmp_path / f"{name}_history.json").write_text(json.dumps(history))
+    capsys.readouterr()
+    assert not studies.reusable(path, argv, energy.VALIDATION_READS)
+    assert re.search(line, capsys.readouterr().out)
+
+
+def test_a_study_over_an_older_network_trains_it_again_and_ends(sweep, tmp_path, monkeypatch,
+                                                                capsys):
+    tmp, saved = sweep
+    shutil.copytree(tmp / "ck", tmp_path / "ck")
+    shutil.copytree(tmp / "energy", tmp_path / "energy")
+    path = tmp_path / "ck" / "energy" / "qcfs_L2_w0_e1_seed2.pt"
+    history_file = path.with_name(f"{path.stem}_history.json")
+    checkpoint, history = torch.load(path, weights_only=True), json.loads(
+        history_file.read_text())
+    _older(checkpoint, history)
+    torch.save(checkpoint, path)
+    history_file.write_text(json.dumps(history))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    again = energy.main(ARGV)
+    out = capsys.readouterr().out
+    assert out.count("training it again") == 1 and out.count(": trained ") == 1
+    assert load_checkpoint(path)["val_energy_uj"] == again["per_seed"][2]["validation"][
+        "L=2, w=0"]["energy_uj"]  # the network trained again is the one the study reads
+    assert again["validation"]["networks"]["L=2, w=0"] == json.loads(json.dumps(
+        saved["validation"]["networks"]["L=2, w=0"]))  # the same seed and command: the same
 
 
 def _front(points):

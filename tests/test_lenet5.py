@@ -1,13 +1,16 @@
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import DATA, HIDDEN, check_refused
+from helpers import DATA, HIDDEN, ROOT, check_refused
 
+import cli
 import lenet5
 import mnist
 from checkpoint import load_checkpoint
@@ -226,6 +229,42 @@ def test_completed_rerun_keeps_the_checkpoint_it_replaces(tmp_path, capsys):
         capsys.readouterr().out)
 
 
+def test_two_trainings_into_one_checkpoint_never_swap_their_networks(tmp_path):
+    """Started together with the same --checkpoint: one trains and saves its own network, the
+    other is refused in one line; what the first reports saved is what the file holds."""
+    path = tmp_path / "ck.pt"
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "lenet5.py"), "--seed", str(seed),
+                              "--epochs", "1", "--limit-train", "2000", "--device", "cpu",
+                              "--data-dir", str(DATA), "--checkpoint", str(path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for seed in (1, 2)]
+    done = [(run.args[3], *run.communicate(timeout=300), run.returncode) for run in runs]
+    saved = [seed for seed, out, _, code in done if code == 0 and f"saved {path}" in out]
+    refused = [err for _, _, err, code in done if code == 1]
+    assert len(saved) == 1 and len(refused) == 1, done
+    assert refused[0] == (f"lenet5.py: error: another run is writing {path} now (it holds "
+                          f"{tmp_path / 'ck.lock'}): wait for it to end, or write elsewhere\n")
+    assert load_checkpoint(path)["seed"] == int(saved[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "ck_history.json"]
+
+
+@pytest.mark.parametrize("writer", ["lenet5.py", "a study's promotion"])
+def test_a_checkpoint_another_run_is_writing_is_refused_and_kept(writer, tmp_path, capsys):
+    import seeds
+    path = _quick_run(tmp_path, "relu_seed1.pt")  # what the study would make (or replace)
+    before = path.read_bytes()
+    with cli.held(path), pytest.raises(SystemExit) as exit_info:
+        if writer == "lenet5.py":
+            _quick_run(tmp_path, "relu_seed1.pt", "--seed", "2")
+        else:
+            seeds.main(["--seeds", "1", "--limit-train", "3000", "--epochs", "1", "--retrain",
+                        "--workers", "0", "--data-dir", str(DATA), "--checkpoint-dir",
+                        str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    assert re.fullmatch(r"\S+\.py: error: another run is writing \S*relu_seed1.pt now .*",
+                        exit_info.value.code)
+    assert path.read_bytes() == before and not (tmp_path / "relu_seed1.prev.pt").exists()
+
+
 @pytest.mark.parametrize("network, change, message", [
     ("trained", lambda ck: ck["model_state"]["f6.bias"].fill_(float("inf")),
      r"layer f6 holds NaN or infinite values \(f6.bias\)"),
@@ -385,7 +424,7 @@ def test_same_seed_gives_the_same_weights(tmp_path):
     (["--threshold-decay", "-1"], "--threshold-decay: must be a finite number >= 0"),
     (["--threshold-lr", "0"], "--threshold-lr: must be a positive number"),
     (["--energy-weight", "0.1"], "--energy-weight needs --activation qcfs"),
-    (["--activation", "qcfs", "--energy-weight", "-1"], "--energy-weight: must be a finite"),
+    (["--activation", "qcfs", "--energy-weight", "-1"], r"--energy-weight: must be in \[0, 1000\]"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     check_refused(main, argv, message, capsys)

@@ -2,8 +2,10 @@
 process gives, bit for bit; a failed task is said in one line and the rest is kept; an
 interrupted study resumes with what it had made."""
 
+import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,3 +139,73 @@ def test_a_cluster_that_is_not_there_is_one_line(address, tmp_path, capsys):
         seeds.main([*TINY, "--address", address, "--checkpoint-dir", str(tmp_path / "ck"),
                     "--out-dir", str(tmp_path / "out")])
     assert not (tmp_path / "ck").exists()
+
+
+# Something that accepts connections and says nothing: not a Ray head. Joining it must end at
+# its deadline, or at Ctrl-C or SIGTERM at any moment, in one line, leaving no Ray behind.
+JOIN = """
+import json, signal, socket, subprocess, sys, threading, time
+server = socket.create_server(("127.0.0.1", 6399))
+held = []
+threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(99)],
+                 daemon=True).start()
+study = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+start, sent = time.monotonic(), None
+if sys.argv[1] != "none":
+    time.sleep(6)  # Python, torch and Ray imported: it waits for the cluster now
+    sent = time.monotonic()
+    study.send_signal(getattr(signal, sys.argv[1]))
+out, err = study.communicate(timeout=120)
+end = time.monotonic()
+time.sleep(1)
+left = subprocess.run(["pgrep", "-f", "ray.init"], capture_output=True, text=True).stdout
+print(json.dumps({"code": study.returncode, "err": err, "seconds": end - start,
+                  "after_signal": end - sent if sent else None, "left": left.split()}))
+"""
+
+
+@pytest.mark.parametrize("signal_name, code, said", [
+    ("none", 1, r"error: no Ray cluster joined at 127.0.0.1:6399 within 8 s \(something answers "
+                r"there, but not as a Ray head does; --join-timeout gives it longer\)"),
+    ("SIGTERM", 143, "terminated; the networks and conversions made so far are in"),
+    ("SIGINT", 130, "interrupted; the networks and conversions made so far are in"),
+])
+def test_joining_what_is_not_a_ray_head_ends_in_one_line(signal_name, code, said, tmp_path):
+    (tmp_path / "join.py").write_text(JOIN)
+    study = [sys.executable, str(ROOT / "bench" / "seeds.py"), *TINY, "--address",
+             "127.0.0.1:6399", "--join-timeout", "8"]
+    done = in_private_network(" ".join([sys.executable, "join.py", signal_name, *study]),
+                              tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["code"] == code and result["err"].count("\n") == 1, result["err"]
+    assert re.search(f"^seeds.py: {said}", result["err"]), result["err"]
+    assert result["after_signal"] is None or result["after_signal"] < 5  # at once, not minutes
+    assert result["seconds"] < 40 and result["left"] == []  # nothing of Ray left running
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_cluster_that_wants_an_auth_token_says_so(tmp_path):
+    """An earlier local Ray leaves ~/.ray/auth_token; a head started then asks every client for
+    it: the study says so in one line, and how to start a cluster that works."""
+    argv = [*TINY, "--address", f"127.0.0.1:{PORT}"]
+    done = in_private_network(
+        f"{sys.executable} -c 'import ray; ray.init(num_cpus=1, include_dashboard=False)' && "
+        f"ray start --head --port {PORT} --num-cpus 1 --include-dashboard false && "
+        f"{study_command(argv)}; status=$?; ray stop --force; exit $status", tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"seeds.py: error: Ray did not start at 127.0.0.1:{PORT}: the cluster wants an auth "
+        "token this process does not send (InvalidAuthToken: an earlier local Ray left "
+        "~/.ray/auth_token, which the cluster's head took up); give every 'ray start' and this "
+        "study RAY_AUTH_MODE=token, or delete that file and start the cluster again")
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("study", ["seeds", "energy", "recipes"])
+def test_a_study_without_its_data_says_so_before_any_task(study, tmp_path, capsys):
+    main = importlib.import_module(study).main
+    with pytest.raises(SystemExit, match=f"MNIST files missing from {tmp_path}/none"):
+        main(["--seeds", "1", "--workers", "0", "--data-dir", str(tmp_path / "none"),
+              "--checkpoint-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out")])
+    assert "training" not in capsys.readouterr().out and not (tmp_path / "ck").exists()

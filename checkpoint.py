@@ -5,6 +5,8 @@ A checkpoint is a dict saved with torch.save and loaded with weights_only=True:
     arch                  "LeNet5-BN"
     model_state           the weights (a QCFS network's include each layer's lambda, threshold)
     activation, levels    "relu", or "qcfs" with its quantisation levels L
+    input_levels          None (trained on the analog image), or L_in: trained on the image
+                          rounded to L_in levels, as its spiking input layer fires them at t = 1
     channel_thresholds    QCFS: one lambda per channel (True) or per layer
     thresholds            QCFS: {activation layer: lambda, or a list of one per channel}
     percentiles           {layer: {percentile key: value}}: each activation's and the output
@@ -18,10 +20,12 @@ A checkpoint is a dict saved with torch.save and loaded with weights_only=True:
     torch_version, torchvision_version
 
 `check_checkpoint` checks every one of these values that a script reads, wherever a checkpoint
-is loaded (`load_checkpoint`) and before lenet5.py promotes a new one.
+is loaded (`load_checkpoint`) and before lenet5.py promotes a new one (`promote`: a completed
+run's checkpoint and history moved into place as one set, the ones they replace kept).
 """
 
 import reprlib
+import shutil
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -92,8 +96,11 @@ def load_checkpoint(path):
 
 
 MAX_LEVELS = 1024  # QCFS levels L, here and in lenet5.py's --levels
+MAX_INPUT_LEVELS = 255  # L_in: an 8-bit image has 255 steps, so 255 levels carry it exactly
 MAX_EPOCHS = 10_000  # lenet5.py's --epochs
 MAX_ENERGY_WEIGHT = 1000.0  # lenet5.py's --energy-weight, per µJ: 0.3 already costs accuracy
+MAX_DISTILL_WEIGHT = 1000.0  # lenet5.py's --distill-weight
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1000.0  # its --temperature: softmax(z / T) in float32
 MAX_ENERGY_UJ = 1000.0  # µJ per image: more than LeNet5's SNN can spend in a step at any L
 FLOAT32_MAX = 3.4028234663852886e38  # percentiles and lambda scale float32 weights
 
@@ -113,6 +120,7 @@ CHECKS = {  # key (args.* inside "args"): its check; checked where present
     "arch": Check(lambda v: v == ARCH, repr(ARCH)),
     "activation": Check(lambda v: v in ACTIVATIONS, " or ".join(ACTIVATIONS)),
     "levels": Number(1, MAX_LEVELS, integer=True),
+    "input_levels": Number(1, MAX_INPUT_LEVELS, integer=True, empty=True),
     "channel_thresholds": Check(lambda v: isinstance(v, bool), "true or false"),
     "seed": Number(0, cli.SEED_RANGE[1], integer=True),
     "calibration_images": Number(1, TRAIN_IMAGES - 1, integer=True),
@@ -123,6 +131,8 @@ CHECKS = {  # key (args.* inside "args"): its check; checked where present
     "val_energy_uj": Number(0, MAX_ENERGY_UJ),
     "args": Check(lambda v: isinstance(v, dict), "a table of the arguments"),
     "args.energy_weight": Number(0, MAX_ENERGY_WEIGHT),
+    "args.distill_weight": Number(0, MAX_DISTILL_WEIGHT, empty=True),
+    "args.temperature": Number(MIN_TEMPERATURE, MAX_TEMPERATURE, empty=True),
     "args.val_size": Number(1, TRAIN_IMAGES - 1, integer=True),
     "args.limit_train": Number(1, TRAIN_IMAGES, integer=True, empty=True),
     "args.calibration_images": Number(1, TRAIN_IMAGES, integer=True, empty=True),
@@ -229,3 +239,40 @@ def _check_thresholds(checkpoint, path):
             raise UserError(f"{path}: {layer}.threshold in the weights is "
                             f"{reprlib.repr(lam.tolist())}, not positive and equal to "
                             f"thresholds[{layer!r}] = {reprlib.repr(table[layer])}")
+
+
+# ----------------------------------------------------------------------------- promotion
+
+
+def history_path(checkpoint_path):
+    """Where lenet5.py writes a checkpoint's history: <name>_history.json beside it."""
+    return checkpoint_path.with_name(f"{checkpoint_path.stem}_history.json")
+
+
+def promote(path):
+    """Move a completed run's checkpoint and history from their partial paths onto `path` and
+    its history, as one set: the checkpoint and history they replace are kept as <name>.prev.pt
+    and .prev.json if the checkpoint was a valid one (else earlier .prev files stay); if any of
+    that cannot be done, nothing is replaced.
+
+    Returns (whether the file at `path` was a valid checkpoint or none, the .prev path it is
+    kept as or None).
+    """
+    keep = _valid_checkpoint(path)
+    history_file = history_path(path)
+    replaced = cli.previous_path(path) if keep and path.exists() else None
+    with cli.file_set(path.parent) as files:  # all of it, or none
+        for target in (path, history_file) if keep else ():
+            if target.exists():
+                shutil.copy2(target, files.path(cli.previous_path(target).name))
+        files.adopt(path.name, cli.partial_path(path))
+        files.adopt(history_file.name, cli.partial_path(history_file))
+    return keep, replaced
+
+
+def _valid_checkpoint(path):
+    """Whether `path` holds a checkpoint that passes every check (True if there is none)."""
+    try:
+        return not path.exists() or bool(load_checkpoint(path))
+    except UserError:
+        return False

@@ -29,7 +29,7 @@ from lenet_convert import (
     load_test_set,
 )
 from mnist import load_mnist
-from options import NORMS, READOUTS, RESETS, V0, Settings, settings_from
+from options import INPUT_LEVELS, NORMS, READOUTS, RESETS, V0, Settings, settings_from
 from plots import plt, report_steps, save_figure, step_axis
 
 COMPARE_GAMMAS = (1, 2, 4)  # burst limits every compared checkpoint is run with
@@ -115,6 +115,10 @@ def compare_settings(settings, percentiles, every_knob=True):
                 vary(f"p = {key}", percentile=key)
         other = next(r for r in READOUTS if r != settings.readout)
         vary(f"read-out {other}", readout=other)
+        if settings.input_levels:
+            vary("analog input", input_levels=None)
+        else:
+            vary(f"input as spikes (L_in = {INPUT_LEVELS})", input_levels=INPUT_LEVELS)
         if settings.percentile is not None:  # a QCFS network's trained lambda is per layer
             for norm in NORMS:
                 if norm != settings.norm:

@@ -26,26 +26,37 @@ from counting import Counting, max_pool
 def in_closed_form(snn):
     """Whether `simulate` runs the first neuron layer of `snn` and its pool in closed form: with
     threshold 1, reset by subtraction, no spike calibration, and the exact pool (lateral
-    inhibition); not where a neuron's output depends on more than its summed input."""
-    if len(snn) < 3:
+    inhibition); not where a neuron's output depends on more than its summed input, nor where the
+    image enters as spikes (C1's input then changes from step to step)."""
+    if len(snn) < 3 or not takes_the_image(snn):
         return False
     neuron, pool = snn[1], snn[2]
     return (getattr(neuron, "reset_mode", None) == "subtract" and not neuron.allowance
             and neuron.threshold == 1 and getattr(pool, "lateral_inhibition", False) is True)
 
 
+def takes_the_image(snn):
+    """Whether the first layer of `snn` is a weighted layer fed the analog image (else an input
+    layer of neurons is, and only it sees a constant input)."""
+    return isinstance(snn[0], (nn.Conv2d, nn.Linear))
+
+
 def stages(snn, closed_form=True):
     """`snn` as `simulate` runs it: (the layers run once on the images, those run every step).
 
-    Normally the first layer, then the rest. In closed form (`in_closed_form`), the first
-    layer's current I is pooled once, and one neuron layer fed maxpool(I) takes the place of the
-    first neuron layer and its pool: a neuron's spikes after t steps grow with its constant
-    input, so the pool's output, the step differences of maxpool of those counts, is what a
-    neuron fed the window's largest input fires. The neuron layer's own spikes feed only the
-    pool; they are counted from the closed form (`ConstantInputLayer`). The modules taking
-    another's place carry its name, so their counts are that module's.
+    Normally the first layer, then the rest; where the image enters as spikes, nothing, then
+    all (its input layer is a SpikeNode, stepped: its closed form is the same,
+    `constant_input_spikes`, but C1 needs its spikes step by step). In closed form
+    (`in_closed_form`), the first layer's current I is pooled once, and one neuron layer fed
+    maxpool(I) takes the place of the first neuron layer and its pool: a neuron's spikes after t
+    steps grow with its constant input, so the pool's output, the step differences of maxpool
+    of those counts, is what a neuron fed the window's largest input fires. The neuron layer's
+    own spikes feed only the pool; they are counted from the closed form (`ConstantInputLayer`).
+    The modules taking another's place carry its name, so their counts are that module's.
     """
     names = list(snn._modules)
+    if not takes_the_image(snn):  # an input layer first: everything is stepped
+        return nn.Sequential(), snn
     if not (closed_form and in_closed_form(snn)):
         return snn[:1], snn[1:]
     neuron, pool = snn[1], snn[2]

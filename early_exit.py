@@ -16,7 +16,7 @@ import torch
 
 import cli
 from constant_input import stages
-from lenet5 import evaluate, quantiles_of
+from lenet5 import evaluate
 from lenet_convert import (
     announce,
     clean_mem_spike,
@@ -31,6 +31,7 @@ from lenet_convert import (
 )
 from mnist import Batches, split_train_val
 from options import ANN_MARGIN
+from percentile_tables import quantiles_of
 from plots import plt, save_figure, settings_text, step_axis
 
 EXIT_GRID = 200  # thresholds tried on the validation split (quantiles of the recorded values)

@@ -2,9 +2,11 @@
 
 A spike of unit j entering a weighted layer costs one accumulate per synapse leaving j, its exact
 fan-out; the first layer takes the analog image, so it costs multiply-accumulates (MACs), once,
-since the image is constant. Energy is a 45 nm estimate (docs/method.md §7). For a QCFS network
-converted with gamma = L, the first step's energy is also a differentiable function of the
-network's activations (`first_step_energy`): what lenet5.py --energy-weight trains against.
+since the image is constant, unless the image enters as spikes (an input layer): then its spikes
+cost accumulates like any others. The ANN's energy is always the analog ANN's. Energy is a 45 nm
+estimate (docs/method.md §7). For a QCFS network converted with gamma = L, the first step's energy
+is also a differentiable function of the network's activations (`first_step_energy`): what
+lenet5.py --energy-weight trains against.
 """
 
 import matplotlib.ticker
@@ -17,8 +19,9 @@ from plots import plt, save_figure, settings_text, step_axis
 PJ_PER_MAC, PJ_PER_AC = 4.6, 0.9  # energy of a 32-bit float MAC and AC at 45 nm (Horowitz, 2014)
 ENERGY_MODEL = ("45 nm: 4.6 pJ per MAC, 0.9 pJ per accumulate (AC). The first layer's analog "
                 "input costs MACs, counted once since the image is constant; every spike costs one "
-                "AC per synapse it crosses (SynOps). Memory traffic and membrane updates are "
-                "ignored.")
+                "AC per synapse it crosses (SynOps), the input layer's too where the image enters "
+                "as spikes. The ANN's energy is the analog ANN's. Memory traffic and membrane "
+                "updates are ignored.")
 
 
 @torch.no_grad()
@@ -65,16 +68,28 @@ def synops_of(spikes_in, fanouts):
                for name, spikes in spikes_in.items())
 
 
+def input_spikes(images, levels):
+    """The spikes each pixel x of `images` fires in the first step as an input neuron with L_in =
+    `levels` (threshold 1/L_in, V0 half of it, burst limit L_in): floor(x * L_in + 1/2), the image
+    rounded to L_in levels (docs/method.md §4). lenet5.py trains on these over L_in."""
+    return torch.floor(images * levels + 0.5)
+
+
 def first_step_spikes(model, images):
-    """A QCFS network's (lenet5.py) logits for `images`, and {weighted layer after the first: the
-    spikes that enter it per image} in the first step of its SNN converted with gamma = L.
+    """A QCFS network's (lenet5.py) logits for `images`, and {weighted layer: the spikes that
+    enter it per image} in the first step of its SNN converted with gamma = L: every weighted
+    layer after the first, and the first too where the network takes the image as spikes.
 
     There each neuron fires its QCFS level k = h * L / lambda at once, and a max-pool passes its
     window's largest k. Differentiable through QCFS's straight-through floor.
     """
     spikes, x, per_spike = {}, images, None  # per_spike: what one spike of x stands for
+    levels = getattr(model, "input_levels", None)
     for name, layer in model.named_children():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)) and per_spike is not None:
+        if levels and not spikes:  # the first layer: L_in levels of the image, as spikes
+            spikes[name] = input_spikes(images, levels)
+            x = spikes[name] / levels
+        elif isinstance(layer, (nn.Conv2d, nn.Linear)) and per_spike is not None:
             spikes[name] = x / per_spike
         if isinstance(layer, nn.Flatten) and per_spike is not None:
             per_spike = per_spike.expand(x.shape[1:]).flatten()
@@ -90,7 +105,9 @@ def first_step_energy(model, images, fanouts):
     (`first_step_spikes`), as `efficiency` counts it after a simulation; `fanouts` from
     `fan_outs`."""
     logits, spikes = first_step_spikes(model, images)
-    return logits, energy_pj(fanouts[next(iter(fanouts))].sum(), synops_of(spikes, fanouts))
+    first = next(iter(fanouts))
+    return logits, energy_pj(0 if first in spikes else fanouts[first].sum(),
+                             synops_of(spikes, fanouts))
 
 
 @torch.no_grad()
@@ -120,21 +137,22 @@ def efficiency(snn, counts, images, timesteps, neurons, shapes):
     for name, _ in snn.named_children():
         if name in counts:
             source = name
-        elif name in fanouts and name != first:
+        elif name in fanouts and source is not None:  # the first too, after an input layer
             per_step = counts[source].flatten(1).double() @ fanouts[name].flatten().double()
             synops[name] = (per_step.cumsum(0) / images).tolist()
     total = [sum(ops[t] for ops in synops.values()) for t in range(timesteps)]
+    analog = 0 if first in synops else macs[first]  # the first layer's MACs on the analog image
     rates = {name: counts[name].sum().item() / (images * counts[name][0].numel() * timesteps)
              for name in neurons}
     return {
         "firing_rate": rates,
         "ann_macs_per_image": sum(macs.values()),
         "ann_macs_by_layer": macs,
-        "first_layer_macs": macs[first],
+        "first_layer_macs": analog,
         "synops_per_image": total,
         "synops_by_layer": synops,
         "ann_energy_pj": sum(macs.values()) * PJ_PER_MAC,
-        "snn_energy_pj": [energy_pj(macs[first], ops) for ops in total],
+        "snn_energy_pj": [energy_pj(analog, ops) for ops in total],
         "energy_model": ENERGY_MODEL,
     }
 

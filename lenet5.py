@@ -27,7 +27,6 @@ import cli  # first: see its docstring
 # isort: split
 import math
 import random
-import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -42,19 +41,32 @@ from tqdm import tqdm
 from checkpoint import (
     ACTIVATIONS,
     ARCH,
+    MAX_DISTILL_WEIGHT,
     MAX_ENERGY_WEIGHT,
     MAX_EPOCHS,
+    MAX_INPUT_LEVELS,
     MAX_LEVELS,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
     OUTPUT_LAYER,
     PERCENTILE,
     check_checkpoint,
+    history_path,
     load_checkpoint,
     percentile_key,
+    promote,
     save_checkpoint,
 )
 from cli import UserError, first_line, positive_int
-from efficiency import fan_outs, first_step_energy, first_step_energy_uj
+from efficiency import fan_outs, first_step_energy, first_step_energy_uj, input_spikes
 from mnist import TRAIN_IMAGES, Batches, load_mnist, split_train_val
+from percentile_tables import (
+    CALIBRATION_IMAGES,
+    PERCENTILES,
+    calibration_set,
+    check_tables,
+    percentile_tables,
+)
 
 # ----------------------------------------------------------------------------- defaults
 TRAINING = {"epochs": 25, "lr": 0.05}  # from scratch: epochs, peak learning rate
@@ -66,9 +78,7 @@ MAX_SHIFT = 2  # augmentation: random shift of each training image, in pixels
 SEED = 1  # seed for everything: split, initialisation, shuffling, shifts
 VAL_SIZE = 5000  # validation images carved from the 60,000 training images
 LEVELS = 4  # QCFS quantisation levels L (at most MAX_LEVELS)
-PERCENTILES = (99.0, 99.9, 99.99, 100.0)  # recorded for every hooked layer
-CALIBRATION_IMAGES = 2048  # training images the percentiles are measured on
-QUANTILE_MAX_VALUES = 2**24  # torch.quantile refuses larger inputs: subsample (seeded) above this
+DISTILL_WEIGHT, TEMPERATURE = 1.0, 4.0  # knowledge distillation from --teacher, when asked
 
 
 # ----------------------------------------------------------------------------- model
@@ -106,10 +116,12 @@ class LeNet5(nn.Sequential):
     A flat sequence of named layers, so that hooks and the conversion can find each one:
     c1 bn1 act1 s2 | c3 bn3 act3 s4 | flatten | c5 act5 | f6 act6 | out.
     The activations are ReLU, or QCFS with `levels` levels for conversion-aware training (with
-    one trained lambda per layer, or per channel if `channel_thresholds`).
+    one trained lambda per layer, or per channel if `channel_thresholds`). With `input_levels`
+    L_in, it sees each image rounded to L_in levels, floor(x * L_in + 1/2) / L_in: what a spiking
+    input layer fires in the first step (`efficiency.input_spikes`).
     """
 
-    def __init__(self, activation="relu", levels=4, channel_thresholds=False):
+    def __init__(self, activation="relu", levels=4, channel_thresholds=False, input_levels=None):
         def act(channels):
             if activation == "relu":
                 return nn.ReLU()
@@ -125,6 +137,11 @@ class LeNet5(nn.Sequential):
             ("f6", nn.Linear(120, 84)), ("act6", act(84)),
             (OUTPUT_LAYER, nn.Linear(84, 10)),
         ]))
+        self.input_levels = input_levels
+
+    def forward(self, x):
+        levels = self.input_levels
+        return super().forward(x if levels is None else input_spikes(x, levels) / levels)
 
 
 def hooked_layers(model):
@@ -148,11 +165,14 @@ def set_seed(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def train_epoch(model, batches, optimizer, scheduler, device, desc="train", energy=None):
+def train_epoch(model, batches, optimizer, scheduler, device, desc="train", energy=None,
+                teacher=None):
     """One epoch; returns (mean loss, accuracy, mean energy in µJ or None) over its samples.
 
     energy: None, or (weight, fanouts) for a QCFS network: its SNN's first-step energy per image
     (`first_step_energy`) is measured, and weight times it in µJ is added to the loss.
+    teacher: None, or (a network, weight, temperature): weight times `distillation` from its
+    outputs is added to the loss.
     """
     model.train()
     total_loss, correct, seen, total_uj = 0.0, 0, 0, 0.0
@@ -167,6 +187,10 @@ def train_epoch(model, batches, optimizer, scheduler, device, desc="train", ener
             uj = pj.mean() / 1e6
             loss = F.cross_entropy(logits, labels) + energy[0] * uj
             total_uj += uj.item() * len(labels)
+        if teacher is not None:
+            with torch.no_grad():
+                taught = teacher[0](images)
+            loss = loss + teacher[1] * distillation(logits, taught, teacher[2])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -176,6 +200,15 @@ def train_epoch(model, batches, optimizer, scheduler, device, desc="train", ener
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
     return total_loss / seen, correct / seen, None if energy is None else total_uj / seen
+
+
+def distillation(logits, teacher_logits, temperature):
+    """Knowledge distillation (Hinton et al., 2015): the KL divergence of the network's outputs
+    from the teacher's, both softened by `temperature`, times its square (which keeps the
+    gradient's scale as the temperature changes); the mean over the images."""
+    return F.kl_div(F.log_softmax(logits / temperature, 1),
+                    F.log_softmax(teacher_logits / temperature, 1), reduction="batchmean",
+                    log_target=True) * temperature**2
 
 
 @torch.no_grad()
@@ -202,10 +235,13 @@ def train(args):
         for where in (path, cli.partial_path(path), cli.previous_path(path)):
             cli.check_writable(where)
     generator = set_seed(args.seed)
-    model = LeNet5(args.activation, args.levels, args.channel_thresholds)
+    model = LeNet5(args.activation, args.levels, args.channel_thresholds, args.input_levels)
     if args.init_from:
         init_from(model, args.init_from, percentile_key(args.percentile))
     model = model.to(device)
+    teacher = None if args.teacher is None else (
+        model_from_checkpoint(load_checkpoint(args.teacher), args.teacher).to(device),
+        args.distill_weight, args.temperature)
     images, labels = load_mnist(args.data_dir, train=True)
     test = Batches(*load_mnist(args.data_dir, train=False), batch_size=1000)
     train_index, val_index = split_train_val(len(labels), args.val_size, args.seed,
@@ -221,13 +257,17 @@ def train(args):
     fanouts = fan_outs(model) if args.activation == "qcfs" else None
     energy = None if fanouts is None else (args.energy_weight, fanouts)
     print(f"training on {len(train_index)} images, validating on {len(val_index)}, device {device}"
+          + (f"; each image rounded to {args.input_levels} levels" if args.input_levels else "")
           + ("" if energy is None else f"; loss + {args.energy_weight:g} × the SNN's first-step "
-             "energy per image (µJ, gamma = L)"))
+             "energy per image (µJ, gamma = L)")
+          + ("" if teacher is None else f"; + {args.distill_weight:g} × distillation from "
+             f"{args.teacher} at temperature {args.temperature:g}"))
     best, history = None, []
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
         loss, train_acc, train_uj = train_epoch(model, train_batches, optimizer, scheduler,
-                                                device, f"epoch {epoch}/{args.epochs}", energy)
+                                                device, f"epoch {epoch}/{args.epochs}", energy,
+                                                teacher)
         if not math.isfinite(loss):
             raise UserError(f"training diverged in epoch {epoch} (loss {loss}); {kept(args)}")
         val_acc, test_acc = evaluate(model, val, device), evaluate(model, test, device)
@@ -332,45 +372,12 @@ def record_activations(model, batches, device, names):
     return {name: torch.cat(chunks) for name, chunks in values.items()}
 
 
-def quantiles_of(values, q, generator):
-    """The quantiles q (fractions) of a 1-D tensor (a seeded subsample if it is too large)."""
-    if values.numel() > QUANTILE_MAX_VALUES:
-        values = values[torch.randint(values.numel(), (QUANTILE_MAX_VALUES,), generator=generator)]
-    return torch.quantile(values, torch.as_tensor(q, dtype=values.dtype)).tolist()
-
-
-def percentiles_of(values, percentiles, generator):
-    """The given percentiles of a 1-D tensor (a seeded subsample if it is too large)."""
-    return quantiles_of(values, [p / 100 for p in percentiles], generator)
-
-
 def percentile_activations(model, batches, device, percentiles=PERCENTILES, seed=0):
-    """The activation percentiles of each activation layer and of the output layer.
-
-    Returns (per layer, per channel): {layer: {percentile key: value}} over all of a layer's
-    outputs, and {layer: {percentile key: [value per channel]}}, a channel being a convolution's
-    output channel or a linear layer's neuron (docs/method.md §3).
-    """
+    """The activation percentiles of each activation layer and of the output layer over
+    `batches`, recorded by the hook (`percentile_tables.percentile_tables`: per layer, per
+    channel)."""
     values = record_activations(model, batches, device, hooked_layers(model))
-    keys = [percentile_key(p) for p in percentiles]
-    generator = torch.Generator().manual_seed(seed)
-    per_layer = {name: dict(zip(keys, percentiles_of(v.flatten(), percentiles, generator),
-                                strict=True)) for name, v in values.items()}
-    generator = torch.Generator().manual_seed(seed)
-    per_channel = {}
-    for name, v in values.items():
-        rows = v.transpose(0, 1).reshape(v.shape[1], -1)  # [channels, samples * positions]
-        columns = [percentiles_of(row, percentiles, generator) for row in rows]
-        per_channel[name] = {key: list(values) for key, values in
-                             zip(keys, zip(*columns, strict=True), strict=True)}
-    return per_layer, per_channel
-
-
-def calibration_set(images, labels, train_index, n=None):
-    """The images the percentiles are measured on: the first n (default CALIBRATION_IMAGES, or
-    all if fewer) of the training split."""
-    index = train_index[:n or CALIBRATION_IMAGES]
-    return Batches(images[index], labels[index], batch_size=1000)
+    return percentile_tables(values, percentiles, seed)
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -381,33 +388,14 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     activation, levels = checkpoint.get("activation", "relu"), checkpoint.get("levels", 4)
     if activation not in ACTIVATIONS or not (isinstance(levels, int) and levels > 0):
         raise UserError(f"{path}: unknown activation {activation!r} with levels {levels!r}")
-    model = LeNet5(activation, levels, checkpoint.get("channel_thresholds", False))
+    model = LeNet5(activation, levels, checkpoint.get("channel_thresholds", False),
+                   checkpoint.get("input_levels"))
     try:
         model.load_state_dict(checkpoint["model_state"])
     except (RuntimeError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: its weights do not fit {ARCH} ({first_line(e)})") from None
-    _check_tables(checkpoint, model, path)
+    check_tables(checkpoint, model, hooked_layers(model), path)
     return model.eval()
-
-
-def _check_tables(checkpoint, model, path):
-    """The percentile tables of `checkpoint` name each recorded layer of `model` (no more), and a
-    per-channel one holds one value per channel of each (checkpoint.py checks their values)."""
-    channels, weighted = {}, None
-    for name, layer in model.named_children():
-        weighted = layer if isinstance(layer, (nn.Conv2d, nn.Linear)) else weighted
-        if name in hooked_layers(model):
-            channels[name] = len(weighted.weight)
-    for table in ("percentiles", "channel_percentiles"):
-        recorded = checkpoint.get(table, channels)
-        if set(recorded) != set(channels):
-            raise UserError(f"{path}: {table} names the layers {sorted(recorded)}, not "
-                            f"{sorted(channels)}")
-    for layer, values in checkpoint.get("channel_percentiles", {}).items():
-        lengths = {len(v) for v in values.values()}
-        if lengths != {channels[layer]}:
-            raise UserError(f"{path}: channel_percentiles[{layer!r}] has {min(lengths)} values "
-                            f"per percentile, not one per channel ({channels[layer]})")
 
 
 def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
@@ -425,6 +413,7 @@ def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
         "activation": args.activation,
         "levels": args.levels,
         "channel_thresholds": args.channel_thresholds,
+        "input_levels": args.input_levels,
         "thresholds": thresholds(model),
         "epoch": epoch,
         "val_accuracy": val_acc,
@@ -434,10 +423,6 @@ def make_checkpoint(model, calibration, device, args, epoch, val_acc, test_acc):
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),
     }
-
-
-def history_path(checkpoint_path):
-    return checkpoint_path.with_name(f"{checkpoint_path.stem}_history.json")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -472,6 +457,10 @@ def parse_args(argv=None):
     parser.add_argument("--levels", type=positive_int(MAX_LEVELS), default=LEVELS,
                         help="QCFS quantisation levels L (the SNN matches the ANN in "
                              "expectation after L steps)")
+    parser.add_argument("--input-levels", type=positive_int(MAX_INPUT_LEVELS), default=None,
+                        metavar="L_IN", help="train on each image rounded to L_IN levels, as the "
+                        "SNN's spiking input layer fires it in the first step (recorded: the "
+                        "conversion then takes the image as spikes); default: the analog image")
     parser.add_argument("--channel-thresholds", action="store_true",
                         help="QCFS: one trained lambda per channel (a convolution's output "
                              "channel, a linear layer's neuron) instead of one per layer")
@@ -485,6 +474,19 @@ def parse_args(argv=None):
                         help="QCFS: add W times the converted SNN's energy per image in its "
                              "first step (µJ, gamma = L, as lenet_convert.py estimates it) to "
                              "the loss: fewer spikes; 0: measured, not trained on")
+    parser.add_argument("--teacher", type=cli.path_arg, default=None, metavar="CHECKPOINT",
+                        help="knowledge distillation: add --distill-weight times the KL "
+                             "divergence from this network's outputs, softened by "
+                             "--temperature, to the loss (e.g. the ReLU network a QCFS one is "
+                             "fine-tuned from)")
+    parser.add_argument("--distill-weight", type=cli.float_in(0, MAX_DISTILL_WEIGHT),
+                        default=None, metavar="A",
+                        help=f"with --teacher: the distillation term's weight (default: "
+                             f"{DISTILL_WEIGHT:g})")
+    parser.add_argument("--temperature", type=cli.float_in(MIN_TEMPERATURE, MAX_TEMPERATURE),
+                        default=None, metavar="T",
+                        help=f"with --teacher: the softening temperature (default: "
+                             f"{TEMPERATURE:g})")
     parser.add_argument("--init-from", type=cli.path_arg, default=None, metavar="CHECKPOINT",
                         help="start from this checkpoint's weights (fine-tuning); for QCFS each "
                              "layer's lambda starts at its --percentile activation there")
@@ -511,6 +513,14 @@ def parse_args(argv=None):
     if args.energy_weight and args.activation != "qcfs":
         parser.error("--energy-weight needs --activation qcfs (a ReLU network's spikes are not "
                      "its activations)")
+    for option, default in (("distill_weight", DISTILL_WEIGHT), ("temperature", TEMPERATURE)):
+        if args.teacher is None and getattr(args, option) is not None:
+            parser.error(f"argument --{option.replace('_', '-')}: needs --teacher")
+        if getattr(args, option) is None and args.teacher is not None:
+            setattr(args, option, default)
+    if args.teacher and args.teacher.resolve() == args.checkpoint.resolve():
+        parser.error(f"--teacher and --checkpoint are the same file ({args.checkpoint}): "
+                     "training would overwrite its own teacher")
     if args.init_from and args.init_from.resolve() == args.checkpoint.resolve():
         parser.error(f"--init-from and --checkpoint are the same file ({args.checkpoint}): "
                      "training would overwrite its own starting point; choose another "
@@ -557,35 +567,6 @@ def run(args):
           + (f"; the checkpoint it replaced is kept as {replaced}" if replaced else "")
           + ("" if keep else "; the file it replaced was no valid checkpoint and is not kept"))
     return best
-
-
-def promote(path):
-    """Move a completed run's checkpoint and history from their partial paths onto `path` and
-    its history, as one set: the checkpoint and history they replace are kept as <name>.prev.pt
-    and .prev.json if the checkpoint was a valid one (else earlier .prev files stay); if any of
-    that cannot be done, nothing is replaced.
-
-    Returns (whether the file at `path` was a valid checkpoint or none, the .prev path it is
-    kept as or None).
-    """
-    keep = _valid_checkpoint(path)
-    history_file = history_path(path)
-    replaced = cli.previous_path(path) if keep and path.exists() else None
-    with cli.file_set(path.parent) as files:  # all of it, or none
-        for target in (path, history_file) if keep else ():
-            if target.exists():
-                shutil.copy2(target, files.path(cli.previous_path(target).name))
-        files.adopt(path.name, cli.partial_path(path))
-        files.adopt(history_file.name, cli.partial_path(history_file))
-    return keep, replaced
-
-
-def _valid_checkpoint(path):
-    """Whether `path` holds a checkpoint that passes every check (True if there is none)."""
-    try:
-        return not path.exists() or bool(load_checkpoint(path))
-    except UserError:
-        return False
 
 
 def main(argv=None):

@@ -3,7 +3,8 @@
 The conversion (docs/method.md) is three steps, each returning a new network: fold BatchNorm into
 the convolutions, normalise each layer by the activation scale recorded in the checkpoint, and
 replace ReLU by integrate-and-fire neurons (SpikeNode) and max-pooling by a spiking max-pool
-(SMaxPool). The spiking network sees the analog image as a constant current at every step; the
+(SMaxPool). The spiking network sees the analog image as a constant current at every step (or,
+with --input spikes, an input layer of neurons turns it into spikes: SpikingInput); the
 output layer's currents are summed over time (or its spikes counted) and read out by argmax.
 This file holds that core, top to bottom: the spiking modules, the conversion, the simulation,
 one run and its report, and `main`, which tells the plain run step by step. What it builds on
@@ -57,7 +58,9 @@ from options import (
     DEFAULT_SETTINGS,
     RESET,
     SPICALIB,
+    V0,
     Settings,
+    input_text,
     parse_args,
     settings_from,
     settings_record,
@@ -69,6 +72,7 @@ from recorded import check_recorded_maxima, remeasure_percentiles
 # Every option's default is in options.py, with its flag; these are the method's own.
 POOL_ACCUMULATED_WEIGHT = 1000.0  # BrainCog's K: the pool without inhibition weighs C_t by it
 READOUT_NODE = "readout"  # the SpikeNode appended after the output layer for a spiking read-out
+INPUT_NODE = "input"  # the SpikingInput before the first layer, where the image enters as spikes
 AT_ANN_LEVEL_KEY = f"first_step_within_{100 * ANN_MARGIN:g}pp"  # result key: the first step there
 
 
@@ -141,6 +145,26 @@ class SpikeNode(Counting):
         return (f"threshold={self.threshold}, gamma={self.gamma}, v0={self.v0}, "
                 f"reset={self.reset_mode}" + (f", allowance={self.allowance}"
                                               if self.allowance else ""))
+
+
+class SpikingInput(SpikeNode):
+    """The image as spikes (docs/method.md §4): one integrate-and-fire neuron per pixel, of
+    threshold 1/L_in, V0 half of it and burst limit L_in, fed the pixel x in [0, 1] every step.
+
+    In units of its threshold, as every neuron here, it is a SpikeNode fed x * L_in: in the first
+    step it fires floor(x * L_in + 1/2) spikes (the image on L_in levels), and its rate tracks x
+    after. A spike stands for 1/L_in of a pixel; `normalise` folds that into C1's weights.
+    """
+
+    def __init__(self, levels):
+        super().__init__(gamma=levels, v0=V0)  # reset by subtraction, never calibrated
+        self.levels = levels
+
+    def forward(self, image):
+        return super().forward(image * self.levels)
+
+    def extra_repr(self):
+        return f"levels={self.levels}: threshold 1/{self.levels} of a pixel, gamma={self.gamma}"
 
 
 class SMaxPool(Counting):
@@ -220,16 +244,18 @@ def fold_batchnorm(model):
 
 
 @torch.no_grad()
-def normalise(model, scales, spiking_readout=False):
+def normalise(model, scales, spiking_readout=False, input_levels=None):
     """Step 2: a copy of a BatchNorm-free `model` with each activation divided by its scale.
 
     Each weighted layer: W[i, j] <- W[i, j] * lambda_in[j] / lambda[i], b[i] <- b[i] / lambda[i]
     (docs/method.md §3), with one scale per layer or one per channel (a tensor); the output layer
-    is divided by its own scale only for a spiking read-out. QCFS thresholds are divided too,
-    so the copy gives the ANN's outputs (over the output's scale for spikes).
+    is divided by its own scale only for a spiking read-out; the first layer's lambda_in is 1 for
+    the analog image, 1/L_in for the image as spikes (`input_levels`). QCFS thresholds are
+    divided too, so the copy gives the ANN's outputs (over the output's scale for spikes) on the
+    image, or on its spikes.
     """
     model = copy.deepcopy(model)
-    scale_in, weighted = 1.0, None
+    scale_in, weighted = 1.0 / (input_levels or 1), None
     for name, layer in model.named_children():
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             weighted = layer
@@ -276,10 +302,13 @@ def replace_by_spiking(model, settings=DEFAULT_SETTINGS):
 
     Every ReLU or QCFS becomes a SpikeNode of threshold 1 with the settings' burst limit,
     initial potential, reset and spike calibration; every MaxPool2d an SMaxPool; for a spiking
-    read-out a SpikeNode named READOUT_NODE (never calibrated) follows the output layer.
+    read-out a SpikeNode named READOUT_NODE (never calibrated) follows the output layer; for the
+    image as spikes a SpikingInput named INPUT_NODE comes first.
     """
     neuron = {"gamma": settings.gamma, "v0": settings.v0, "reset": settings.reset}
     layers = OrderedDict()
+    if settings.input_levels:
+        layers[INPUT_NODE] = SpikingInput(settings.input_levels)
     for name, layer in model.named_children():
         if isinstance(layer, (nn.ReLU, QCFS)):
             layers[name] = SpikeNode(**neuron, allowance=settings.spicalib)
@@ -302,10 +331,11 @@ def fuse_norm_replace(model, scales, settings=DEFAULT_SETTINGS):
             OUTPUT_LAYER: lambda}, e.g. from `activation_scales`.
         settings: the neurons' burst limit gamma, initial potential v0 (in units of threshold
             1), reset and spike calibration; the pools' lateral inhibition; the read-out,
-            "analog" (the output layer's currents are summed) or "spikes".
+            "analog" (the output layer's currents are summed) or "spikes"; the input, the analog
+            image or its spikes (input_levels).
     """
     folded = fold_batchnorm(model)
-    normalised = normalise(folded, scales, spiking_readout=settings.readout == "spikes")
+    normalised = normalise(folded, scales, settings.readout == "spikes", settings.input_levels)
     return replace_by_spiking(normalised, settings)
 
 
@@ -338,7 +368,8 @@ def neuron_names(snn):
 def simulate(snn, images, timesteps, closed_form=True):
     """Yield the SNN's output at each of `timesteps` steps for the analog `images`, from reset.
 
-    The first layer's input is the same image every step, so its output is computed once; and
+    The first layer's input is the same image every step, so its output is computed once (where
+    it takes the analog image: an input layer is stepped with the rest, `stages`); and
     where `in_closed_form` allows (and `closed_form`), the first neuron layer and its pool run
     as one SpikeNode on the pooled current (`constant_input.stages`). Either way the spikes are
     the same, and once all steps are run every module holds its counts.
@@ -437,7 +468,10 @@ def convert(conversion, data_dir, device):
     where the settings need them, on the training images its per-layer ones came from (in
     memory; the file is not changed).
     """
-    checkpoint = conversion.checkpoint
+    checkpoint, levels = conversion.checkpoint, conversion.settings.input_levels
+    if checkpoint.get("input_levels") != levels:
+        print(f"note: {conversion.path} was trained on {input_text(checkpoint.get('input_levels'))}"
+              f" and is converted to take {input_text(levels)}")
     if conversion.settings.norm != "layer" and "channel_percentiles" not in checkpoint:
         print(f"{conversion.path} has no per-channel percentiles: measuring them on the training "
               "images its per-layer ones came from")

@@ -23,6 +23,7 @@ Writes (into --out-dir, for each image N):
 """
 
 import functools
+import math
 import time
 
 import numpy
@@ -33,6 +34,8 @@ import cli
 from layer_scales import conversion_scales
 from lenet5 import record_activations
 from lenet_convert import (
+    INPUT_NODE,
+    READOUT_NODE,
     Conversion,
     SpikeNode,
     check_memory,
@@ -283,18 +286,21 @@ def draw_rates(ax, facts, gamma):
 
 
 def plot_inside(image, record, facts, path):
-    """One image's figure: the rows are the answers, the spiking layers, and the rates."""
-    fig = plt.figure(figsize=(19, 14))
-    grid = fig.add_gridspec(3, 4, height_ratios=(1, 1.15, 1.15))
+    """One image's figure: the rows are the answers, the spiking layers (the input layer's
+    first, where the image enters as spikes), and the rates."""
+    layers = [name for name in record["spikes"] if name != READOUT_NODE]
+    rows = 1 + math.ceil((len(layers) + 2) / 4)  # the rates take two places of the last row
+    fig = plt.figure(figsize=(19, 4.2 + 4.9 * (rows - 1)))
+    grid = fig.add_gridspec(rows, 4, height_ratios=(1, *[1.15] * (rows - 1)))
     draw_digit(fig.add_subplot(grid[0, 0]), image, facts)
     draw_answers(fig.add_subplot(grid[0, 1]), facts)
     draw_votes(fig.add_subplot(grid[0, 2]), facts)
     draw_potentials(fig.add_subplot(grid[0, 3]), facts)
-    layers = [name for name in record["spikes"] if name != "readout"]
-    for k, name in enumerate(layers[:6]):
+    gamma, input_neuron = facts["settings"]["gamma"], facts["settings"]["input_neuron"]
+    for k, name in enumerate(layers):
         draw_raster(fig.add_subplot(grid[1 + k // 4, k % 4]), record["spikes"][name], name,
-                    facts["settings"]["gamma"])
-    draw_rates(fig.add_subplot(grid[2, 2:]), facts, facts["settings"]["gamma"])
+                    input_neuron["gamma"] if name == INPUT_NODE else gamma)
+    draw_rates(fig.add_subplot(grid[rows - 1, 2:]), facts, gamma)
     fig.suptitle(f"Inside the LeNet5 SNN, test image {facts['index']}: "
                  f"{settings_text(facts['settings'])}", fontsize=11)
     save_figure(fig, path)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import cli
-from checkpoint import default_percentile, percentile_key
+from checkpoint import MAX_INPUT_LEVELS, default_percentile, percentile_key
 from mnist import TEST_IMAGES
 
 # ----------------------------------------------------------------------------- defaults
@@ -35,8 +35,11 @@ RESET = "subtract"  # after spiking, lose s thresholds; "zero": the potential go
 SPICALIB = 0  # spike calibration's allowance in steps; 0: off
 EXIT_RULE = "none"  # per-image early exit: "margin" or "confidence" of the averaged output
 ANN_MARGIN = 0.001  # "at the ANN's level": accuracy within 0.1 percentage points of the ANN's
+INPUT = "analog"  # the image as a constant current into C1 (BrainCog's); "spikes": an input layer
+INPUT_LEVELS = 8  # L_in of --input spikes where the checkpoint was not trained with one
 
 READOUTS = ("analog", "spikes")
+INPUTS = ("analog", "spikes")
 NORMS = ("layer", "channel", "neuron")  # per layer; per convolution channel; and per neuron
 RESETS = ("subtract", "zero")
 EXIT_RULES = ("none", "margin", "confidence")
@@ -50,7 +53,8 @@ class Settings(NamedTuple):
     percentile it recorded as its default. `exit_threshold` None means chosen on the
     validation split, as the fewest mean steps within `exit_margin` of the ANN there, with
     `exit_deadline` (the step by which every image stops; None: chosen with it, or T when the
-    threshold is given).
+    threshold is given). `input_levels` None: the analog image enters C1; L_in: the image as
+    spikes, an input layer of neurons with threshold 1/L_in, V0 half of it and burst limit L_in.
     """
 
     percentile: str | None = None
@@ -65,6 +69,7 @@ class Settings(NamedTuple):
     exit_threshold: float | None = None
     exit_margin: float = ANN_MARGIN
     exit_deadline: int | None = None
+    input_levels: int | None = None
 
 
 DEFAULT_SETTINGS = Settings()
@@ -76,10 +81,11 @@ DEFAULT_SETTINGS = Settings()
 def default_settings(checkpoint):
     """The Settings a conversion of `checkpoint` uses unless told otherwise: a ReLU network's
     recorded default percentile; a QCFS network's trained lambda (percentile None) with gamma = L
-    (QCFS_DEFAULT_REASON)."""
+    (QCFS_DEFAULT_REASON); either takes the image as it was trained on, analog or as spikes."""
+    trained = checkpoint.get("input_levels")
     if checkpoint.get("activation") == "qcfs":
-        return Settings(None, gamma=checkpoint["levels"])
-    return Settings(default_percentile(checkpoint))
+        return Settings(None, gamma=checkpoint["levels"], input_levels=trained)
+    return Settings(default_percentile(checkpoint), input_levels=trained)
 
 
 def settings_from(args, checkpoint):
@@ -90,7 +96,22 @@ def settings_from(args, checkpoint):
     if args.percentile is not None:
         asked["percentile"] = percentile_key(args.percentile)
     asked["exit_margin"] = args.exit_margin / 100  # asked in percentage points
+    if args.input == "analog":
+        asked["input_levels"] = None
+    elif args.input == "spikes" and "input_levels" not in asked:
+        asked["input_levels"] = checkpoint.get("input_levels") or INPUT_LEVELS
     return default_settings(checkpoint)._replace(**asked)
+
+
+def input_text(levels):
+    """How the image enters: 'the analog image', or 'the image as spikes (L_in = 8)'."""
+    return "the analog image" if levels is None else f"the image as spikes (L_in = {levels})"
+
+
+def input_neuron(levels):
+    """What a result records of the input layer: None for the analog image; else its neurons'
+    threshold (of the pixel's range [0, 1]), burst limit and initial potential (of a threshold)."""
+    return None if levels is None else {"threshold": 1 / levels, "gamma": levels, "v0": V0}
 
 
 def settings_record(conversion):
@@ -100,7 +121,8 @@ def settings_record(conversion):
     activation = checkpoint.get("activation", "relu")
     record = settings._asdict() | {
         "activation": activation, "levels": checkpoint.get("levels") if activation == "qcfs"
-        else None}
+        else None, "input_neuron": input_neuron(settings.input_levels),
+        "trained_input_levels": checkpoint.get("input_levels")}
     if activation == "qcfs" and settings == default_settings(checkpoint):
         record["default"] = QCFS_DEFAULT_REASON
     return record
@@ -153,6 +175,15 @@ def parse_args(argv=None, description=None):
                         "inhibition (the default pools exactly, with it)")
     parser.add_argument("--readout", choices=READOUTS, default=READOUT,
                         help="sum the output layer's currents, or count its spikes")
+    parser.add_argument("--input", choices=INPUTS, default=None,
+                        help="the image as a constant current into C1 (analog, BrainCog's), or as "
+                             "spikes: an input layer of integrate-and-fire neurons, one per pixel "
+                             "(threshold 1/L_in, V0 half of it, burst limit L_in), whose first "
+                             "step is the image on L_in levels; C1 then costs accumulates, not "
+                             "MACs. Default: as the checkpoint was trained")
+    parser.add_argument("--input-levels", type=cli.positive_int(MAX_INPUT_LEVELS), default=None,
+                        metavar="L_IN", help="the input layer's levels L_in (implies --input "
+                        f"spikes); default: the checkpoint's, else {INPUT_LEVELS}")
     parser.add_argument("--norm", choices=NORMS, default=NORM,
                         help="one activation scale per layer; per output channel of each "
                              "convolution (BrainCog's channelnorm); or that and per neuron of "
@@ -194,6 +225,8 @@ def parse_args(argv=None, description=None):
     if len(set(compared)) < len(compared):
         parser.error("argument --compare: each checkpoint once (--checkpoint is compared "
                      "already)")
+    if args.input == "analog" and args.input_levels is not None:
+        parser.error("argument --input-levels: not with --input analog")
     for option in ("deadline", "threshold"):
         if getattr(args, f"exit_{option}") is not None and args.exit_rule == "none":
             parser.error(f"argument --exit-{option}: needs --exit-rule margin or confidence")

@@ -27,6 +27,8 @@ def settings_text(settings):
             f"{'to 0' if settings['reset'] == 'zero' else 'by subtraction'}, "
             f"lateral inhibition {'on' if settings['lateral_inhibition'] else 'off'}, "
             f"{settings['readout']} read-out"
+            + (f", input as spikes (L_in={settings['input_levels']})"
+               if settings.get("input_levels") else "")
             + (f", spike calibration {settings['spicalib']}" if settings["spicalib"] else "")
             + exit_text(settings))
 

@@ -15,6 +15,7 @@ import lenet5
 from checkpoint import percentile_key
 from cli import UserError
 from mnist import load_mnist, split_train_val
+from percentile_tables import QUANTILE_MAX_VALUES, calibration_set
 
 
 def recorded_calibration(checkpoint, data_dir):
@@ -24,7 +25,7 @@ def recorded_calibration(checkpoint, data_dir):
     images, labels = load_mnist(data_dir, train=True)
     train_index, _ = split_train_val(len(labels), args.get("val_size", lenet5.VAL_SIZE),
                                      checkpoint.get("seed", lenet5.SEED), args.get("limit_train"))
-    return lenet5.calibration_set(images, labels, train_index, checkpoint.get("calibration_images"))
+    return calibration_set(images, labels, train_index, checkpoint.get("calibration_images"))
 
 
 def remeasure_percentiles(checkpoint, model, data_dir, device):
@@ -34,8 +35,8 @@ def remeasure_percentiles(checkpoint, model, data_dir, device):
     comes out as recorded and the per-channel one as lenet5.py records it today.
     """
     percentiles = [float(key) for key in next(iter(checkpoint["percentiles"].values()))]
-    return lenet5.percentile_activations(model, recorded_calibration(checkpoint, data_dir), device,
-                                  percentiles, checkpoint.get("seed", lenet5.SEED))
+    return lenet5.percentile_activations(model, recorded_calibration(checkpoint, data_dir),
+                                         device, percentiles, checkpoint.get("seed", lenet5.SEED))
 
 
 @torch.no_grad()
@@ -70,7 +71,7 @@ def check_recorded_maxima(checkpoint, model, path, data_dir, device):
             if recorded.dim() == 0:
                 measured = measured.max()
             subsampled = values[layer] / (len(measured) if measured.dim() else 1) > (
-                lenet5.QUANTILE_MAX_VALUES)
+                QUANTILE_MAX_VALUES)
             low = measured - measured.abs() / 2 if subsampled else measured
             if not ((recorded >= low - 1e-3 * low.abs() - 1e-6).all() and (
                     recorded <= measured + 1e-3 * measured.abs() + 1e-6).all()):

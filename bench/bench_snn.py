@@ -13,6 +13,8 @@ On one machine, with the same checkpoint, threads and batch size:
   (--qcfs-checkpoint, if there), the fixed T that first comes within 0.1 pp of the ANN and
   early exit (its threshold chosen on the checkpoint's validation split), each against one
   dense pass;
+- the image as spikes (an input layer of --input-levels): C1 then stepped over spikes, each T
+  against T dense passes and one step against the whole dense unit (no target);
 - peak memory (a fresh process per simulator);
 - when `spikingjelly` is installed (`pip install spikingjelly`, not a requirement of the
   project), its ann2snn converter (mode "99.9%") on the same ANN, timed the same way.
@@ -47,7 +49,10 @@ import torch.nn as nn  # noqa: E402
 from layerwise import simulate_layerwise  # noqa: E402
 
 import early_exit  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
+from checkpoint import (
+    MAX_INPUT_LEVELS,  # noqa: E402
+    load_checkpoint,  # noqa: E402
+)
 from cli import median_seconds, positive_int, write_json  # noqa: E402
 from counting import max_pool  # noqa: E402
 from lenet5 import evaluate  # noqa: E402
@@ -62,7 +67,13 @@ from lenet_convert import (  # noqa: E402
     simulate,
 )
 from mnist import TEST_IMAGES, Batches, load_mnist  # noqa: E402
-from options import BATCH_SIZE, CHECKPOINT, MAX_TIMESTEPS, default_settings  # noqa: E402
+from options import (  # noqa: E402
+    BATCH_SIZE,
+    CHECKPOINT,
+    INPUT_LEVELS,
+    MAX_TIMESTEPS,
+    default_settings,
+)
 
 SIMULATORS = {  # the script's (the first layer in closed form), the same stepping every layer
     "step": simulate, "step_general": functools.partial(simulate, closed_form=False),
@@ -215,6 +226,32 @@ def step_cost(snn, batches, device, dense, repeats, timesteps=(1, 9)):
             "general_ratio_to_dense_rest": step["step_general"] / rest}
 
 
+def spiking_input_rows(args, checkpoint, ann, batches, device, dense):
+    """The image as spikes (an input layer, L_in = --input-levels): C1 is then stepped over the
+    input's spikes instead of computed once. For each T, its time against T dense passes (its
+    spikes checked against the layer-wise simulator's, run untimed); and one step, from T = 1
+    and 9, against the whole dense unit, first layer included. No target: what it costs."""
+    settings = default_settings(checkpoint)._replace(input_levels=args.input_levels)
+    snn, rows = build_snn(checkpoint, ann, settings).to(device), []
+    for timesteps in args.timesteps:
+        seconds, results = median_seconds({"dense": dense["dense"], "step": functools.partial(
+            evaluate_snn, snn, batches, timesteps, device)}, args.repeats)
+        accuracy, counts = results["step"]
+        layerwise = evaluate_snn(snn, batches, timesteps, device, simulate_layerwise)
+        rows.append({"timesteps": timesteps, "seconds": seconds["step"],
+                     "dense_seconds": seconds["dense"],
+                     "ratio_to_T_ann": seconds["step"] / (timesteps * seconds["dense"]),
+                     "accuracy": accuracy, "same_spikes_as_layerwise": same_spikes(
+                         counts, layerwise[1]) and accuracy == layerwise[0]})
+        print(f"T={timesteps:4d} image as spikes {seconds['step']:8.3f}s  "
+              f"{rows[-1]['ratio_to_T_ann']:5.2f} x T*ANN  acc(T) {accuracy[-1]:.2%}", flush=True)
+    seconds, _ = median_seconds({"dense": dense["dense"]} | {t: functools.partial(
+        evaluate_snn, snn, batches, t, device) for t in (1, 9)}, args.repeats)
+    step = (seconds[9] - seconds[1]) / 8
+    return {"input_levels": args.input_levels, "rows": rows, "step_seconds": step,
+            "step_ratio_to_dense": step / seconds["dense"]}
+
+
 def time_to_ann_level(args, path, dense_run):
     """For the network at `path`: the ANN's accuracy; the fixed T that first comes within
     0.1 pp of it and early exit, each timed against one pass of `dense_run` (the ReLU
@@ -279,6 +316,9 @@ def run_benchmark(args):
     print(f"one step {step['seconds']:.3f}s = {step['ratio_to_dense_rest']:.2f} x the dense unit "
           f"after its first layer (stepping every layer: {step['general_ratio_to_dense_rest']:.2f}"
           " x)", flush=True)
+    spiking = spiking_input_rows(args, checkpoint, ann, batches, device, runs)
+    print(f"the image as spikes: one step {spiking['step_seconds']:.3f}s = "
+          f"{spiking['step_ratio_to_dense']:.2f} x the whole dense unit", flush=True)
     networks = {"relu": args.checkpoint} | (
         {"qcfs": args.qcfs_checkpoint} if args.qcfs_checkpoint.is_file() else {})
     to_ann = {name: time_to_ann_level(args, path, runs["dense"])
@@ -289,7 +329,7 @@ def run_benchmark(args):
                         "device": str(device), "torch": str(torch.__version__)},
             "test_images": len(batches.labels), "batch_size": args.batch_size,
             "repeats": args.repeats, "dense_unit": dense,
-            "rows": rows, "step": step, "to_ann_level": to_ann,
+            "rows": rows, "step": step, "spiking_input": spiking, "to_ann_level": to_ann,
             "memory_timesteps": args.memory_timesteps, "peak_memory": memory,
             "spikingjelly": jelly is not None}
 
@@ -317,6 +357,13 @@ def print_summary(result):
     print(f"one step {step['seconds']:.3f}s = {step['ratio_to_dense_rest']:.2f} x the dense unit "
           f"after its first layer (stepping every layer: {step['general_seconds']:.3f}s = "
           f"{step['general_ratio_to_dense_rest']:.2f} x)")
+    spiking = result.get("spiking_input")
+    if spiking:
+        print(f"the image as spikes (L_in = {spiking['input_levels']}): "
+              + ", ".join(f"T={r['timesteps']} {r['ratio_to_T_ann']:.2f} x T*ANN"
+                          + ("" if r["same_spikes_as_layerwise"] else " (spikes differ!)")
+                          for r in spiking["rows"])
+              + f"; one step {spiking['step_ratio_to_dense']:.2f} x the whole dense unit")
     for name, level in result["to_ann_level"].items():
         early = level["early_exit"]
         print(f"{name}: ANN {level['ann_accuracy']:.2%}; fixed T = {level['fixed_timesteps']} "
@@ -339,6 +386,9 @@ def parse_args(argv=None):
                         help="a QCFS network, timed to its ANN's accuracy too (skipped if absent)")
     parser.add_argument("--timesteps", type=positive_int(MAX_TIMESTEPS), nargs="+",
                         default=[1, 2, 4, 8, 32, 64], help="the numbers of steps T to time")
+    parser.add_argument("--input-levels", type=positive_int(MAX_INPUT_LEVELS),
+                        default=INPUT_LEVELS, metavar="L_IN",
+                        help="the input layer's levels in the rows that take the image as spikes")
     parser.add_argument("--search-timesteps", type=positive_int(MAX_TIMESTEPS), default=64,
                         help="the most steps the time to the ANN's accuracy may take")
     parser.add_argument("--batch-size", type=positive_int(TEST_IMAGES), default=BATCH_SIZE,

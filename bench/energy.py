@@ -46,8 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/
 import cli  # noqa: E402  (first: see its docstring)
 
 # isort: split
+import itertools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import seeds  # noqa: E402
 import studies  # noqa: E402
@@ -56,7 +58,16 @@ from studies import argv_path  # noqa: E402
 import lenet5  # noqa: E402
 import lenet_convert  # noqa: E402
 import options  # noqa: E402
-from checkpoint import MAX_ENERGY_WEIGHT, MAX_LEVELS, load_checkpoint  # noqa: E402
+from checkpoint import (  # noqa: E402
+    MAX_DISTILL_WEIGHT,
+    MAX_ENERGY_WEIGHT,
+    MAX_INPUT_LEVELS,
+    MAX_LEVELS,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    history_path,
+    load_checkpoint,
+)
 from cli import positive_int, write_csv, write_json  # noqa: E402
 from compare import COMPARE_EXIT_RULE  # noqa: E402
 from mnist import TEST_IMAGES, Batches, load_mnist  # noqa: E402
@@ -70,45 +81,86 @@ WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3)  # on µJ per image; 0: the pair without t
 FINE_TUNE_EPOCHS = 8  # a fifth of lenet5.py's 40: the sweep's networks in an hour on 2 cores
 TIMESTEPS = 8
 MARGIN = 0.0005  # "within 0.05 pp of the ReLU network"
-TARGET_ENERGY = 0.40  # times the ANN's energy per image
-TARGET_STEPS = 2  # ... by this step
-DOMINANCE = (0.65, 1.30)  # µJ: the range where the new front is compared with the old
+TARGET_ENERGY = 0.15  # times the ANN's energy per image
+TARGET_STEPS = 1  # ... by this step
+DOMINANCE = (0.20, 1.30)  # µJ: the range where the new front is compared with the old
 OUT_DIR = Path("results/energy")
 LEVELS_FRONT = studies.ROOT / "docs/seeds/seeds.json"
 OUTPUTS = ("energy.json", "energy.csv", "energy.png")
 GAMMA_L, EARLY_EXIT = "gamma = L", "early exit"
+BOTH = "levels study and this one"  # the front of an energy.json that --front reads
 VALIDATION_READS = ("val_energy_uj",)  # what `validation_record` reads of a QCFS network, in
 # its checkpoint and every epoch of its history, beyond what every network has
 
 
-def network_name(levels, weight):
-    return f"L={levels}, w={weight:g}"
+class Recipe(NamedTuple):
+    """How one QCFS network of a seed is trained: its levels, energy weight, the image's levels
+    (None: analog) and the weight of distillation from the seed's ReLU network (0: none)."""
+
+    levels: int
+    weight: float
+    input_levels: int | None = None
+    distill: float = 0.0
+
+    @property
+    def name(self):
+        return (f"L={self.levels}, w={self.weight:g}"
+                + (f", in={self.input_levels}" if self.input_levels else "")
+                + (f", kd={self.distill:g}" if self.distill else ""))
+
+    @property
+    def pair(self):
+        """The network it is paired with: the same L, no penalty, the analog image, no teacher."""
+        return Recipe(self.levels, 0.0)
 
 
-def unpenalised(name):
-    """The name of the network without the penalty that `name` (a network or conversion) pairs
-    with."""
-    return name.split(", w=")[0] + ", w=0" + (": " + name.split(": ")[1] if ": " in name else "")
+def recipes(args):
+    """Every network of a seed: each combination of the levels, weights, input levels and
+    distillation weights asked for, and each one's pair (`Recipe.pair`)."""
+    asked = [Recipe(*r) for r in itertools.product(args.levels, args.weights, args.input_levels,
+                                                   args.distill)]
+    return list(dict.fromkeys(r for recipe in asked for r in (recipe.pair, recipe)))
+
+
+def parse_name(key):
+    """The Recipe of a network's name or a conversion's key ("<name>: <label>")."""
+    fields = dict(part.split("=") for part in key.split(": ")[0].split(", "))
+    return Recipe(int(fields["L"]), float(fields["w"]),
+                  int(fields["in"]) if "in" in fields else None, float(fields.get("kd", 0)))
+
+
+def unpenalised(key):
+    """The name (or conversion key) of the network that `key` pairs with (`Recipe.pair`)."""
+    return parse_name(key).pair.name + (": " + key.split(": ")[1] if ": " in key else "")
 
 
 # ----------------------------------------------------------------------------- one seed
 
 
-def qcfs_argv(seed, levels, weight, relu, args):
-    """lenet5.py's command line for the QCFS network of `levels` and energy `weight` of a seed."""
-    name = f"qcfs_L{levels}_w{weight:g}_e{args.fine_tune_epochs}_seed{seed}.pt"
+def qcfs_argv(seed, recipe, relu, args):
+    """lenet5.py's command line for a seed's QCFS network of `recipe`, fine-tuned from `relu`
+    (and taught by it, where the recipe distils)."""
+    name = (f"qcfs_L{recipe.levels}_w{recipe.weight:g}"
+            + (f"_in{recipe.input_levels}" if recipe.input_levels else "")
+            + (f"_kd{recipe.distill:g}_T{args.temperature:g}" if recipe.distill else "")
+            + f"_e{args.fine_tune_epochs}_seed{seed}.pt")
     argv = ["--seed", str(seed), "--device", args.device,
             "--data-dir", str(studies.task_path(args.data_dir)),
             "--checkpoint", str(args.checkpoint_dir / "energy" / name),
-            "--activation", "qcfs", "--levels", str(levels), "--init-from", str(relu),
-            "--energy-weight", f"{weight:g}", "--epochs", str(args.fine_tune_epochs)]
+            "--activation", "qcfs", "--levels", str(recipe.levels), "--init-from", str(relu),
+            "--energy-weight", f"{recipe.weight:g}", "--epochs", str(args.fine_tune_epochs)]
+    if recipe.input_levels:
+        argv += ["--input-levels", str(recipe.input_levels)]
+    if recipe.distill:
+        argv += ["--teacher", str(relu), "--distill-weight", f"{recipe.distill:g}",
+                 "--temperature", f"{args.temperature:g}"]
     return argv + (["--limit-train", str(args.limit_train)] if args.limit_train else [])
 
 
 def validation_record(path):
     """What a network is judged by on validation, from its checkpoint and history."""
     checkpoint = load_checkpoint(path)
-    history = json.loads(lenet5.history_path(path).read_text())
+    history = json.loads(history_path(path).read_text())
     record = {"accuracy": checkpoint["val_accuracy"], "epoch": checkpoint["epoch"],
               "train_seconds": round(sum(h["seconds"] for h in history), 1)}
     if checkpoint.get("activation") == "qcfs":
@@ -161,13 +213,12 @@ def schedule_seed(seed, args, tasks, made):
 
     def relu_made(trained):
         record["relu"] = validation_record(relu)
-        for levels in args.levels:
-            for weight in args.weights:
-                argv = qcfs_argv(seed, levels, weight, relu, args)
-                name, path = network_name(levels, weight), argv_path(argv, "--checkpoint")
-                studies.network(tasks, f"seed {seed}, {name}", argv, args.retrain or trained,
-                                lambda _, name=name, path=path: network_made(name, path),
-                                reads=VALIDATION_READS)
+        for recipe in recipes(args):
+            argv = qcfs_argv(seed, recipe, relu, args)
+            name, path = recipe.name, argv_path(argv, "--checkpoint")
+            studies.network(tasks, f"seed {seed}, {name}", argv, args.retrain or trained,
+                            lambda _, name=name, path=path: network_made(name, path),
+                            reads=VALIDATION_READS)
     studies.network(tasks, f"seed {seed}, relu", relu_argv, args.retrain, relu_made)
     return relu, record
 
@@ -266,11 +317,11 @@ def fronts(test, levels_study):
     """The fronts: this study without the penalty, with it, the levels study's, and all of them;
     and along DOMINANCE, each one's best accuracy at that energy."""
     points, old = front_points(test, levels_study)
-    plain = [p for p in points if ", w=0:" in p[2]]
+    plain = [p for p in points if p[2] == unpenalised(p[2])]  # the pairs
     made = {"without the penalty": seeds.pareto_front(plain),
             "with the penalty": seeds.pareto_front(points),
             "levels study": seeds.pareto_front(old),
-            "levels study and this one": seeds.pareto_front(old + points)}
+            BOTH: seeds.pareto_front(old + points)}
     grid = [round(DOMINANCE[0] + 0.01 * i, 2)
             for i in range(round((DOMINANCE[1] - DOMINANCE[0]) / 0.01) + 1)]
     along = {name: [best_below(front, e) for e in grid] for name, front in made.items()}
@@ -297,12 +348,14 @@ def plot_fronts(study, path):
     """Mean test accuracy against mean energy per image: each network's curve over the steps,
     early exit as crosses, and the fronts."""
     fig, ax = plt.subplots(figsize=(12, 7.5))
-    levels = sorted({int(k.split(",")[0][2:]) for k in study["test"]})
-    weights = sorted({float(k.split("w=")[1].split(":")[0]) for k in study["test"]})
+    levels = sorted({parse_name(k).levels for k in study["test"]})
+    weights = sorted({parse_name(k).weight for k in study["test"]})
     for key, entry in study["test"].items():
-        level, weight = int(key.split(",")[0][2:]), float(key.split("w=")[1].split(":")[0])
+        recipe = parse_name(key)  # colour: L and w; the line: the input and the teacher
         colour = plt.get_cmap(("Blues", "Oranges", "Greens", "Purples", "Reds")[
-            levels.index(level) % 5])(0.35 + 0.65 * (weights.index(weight) + 1) / len(weights))
+            levels.index(recipe.levels) % 5])(
+                0.35 + 0.65 * (weights.index(recipe.weight) + 1) / len(weights))
+        line = ("-" if recipe.input_levels is None else "--") if not recipe.distill else ":"
         if "early_exit" in entry:
             exit_ = entry["early_exit"]
             ax.plot(exit_["energy_pj_per_image"]["mean"] / 1e6,
@@ -310,11 +363,12 @@ def plot_fronts(study, path):
                     color=colour, markeredgecolor="k", linestyle="none", label=key)
             continue
         energy = [e / 1e6 for e in entry["energy_pj_mean"]]
-        ax.plot(energy, [100 * a for a in entry["snn_mean"]], marker=".", color=colour, label=key)
+        ax.plot(energy, [100 * a for a in entry["snn_mean"]], marker=".", color=colour, label=key,
+                linestyle=line)
         ax.annotate("t=1", (energy[0], 100 * entry["snn_mean"][0]), fontsize=6,
                     xytext=(2, -8), textcoords="offset points")
     styles = {"levels study": ("tab:gray", "--"), "without the penalty": ("k", ":"),
-              "levels study and this one": ("k", "-")}
+              BOTH: ("k", "-")}
     for name, (colour, line) in styles.items():
         front = study["fronts"][name]
         ax.plot([p["energy_uj"] for p in front], [p["accuracy"] for p in front], color=colour,
@@ -380,14 +434,25 @@ def print_study(study):
 # ----------------------------------------------------------------------------- command line
 
 
+def input_levels_arg(text):
+    """An argparse type: 'analog' (None) or an input level count L_in."""
+    return None if text == "analog" else positive_int(MAX_INPUT_LEVELS)(text)
+
+
 def parse_args(argv=None):
     parser = studies.study_parser(__doc__, SEEDS, OUT_DIR)
     parser.add_argument("--levels", type=positive_int(MAX_LEVELS), nargs="+",
                         default=list(LEVELS), help="QCFS levels L")
     parser.add_argument("--weights", type=cli.float_in(0, MAX_ENERGY_WEIGHT), nargs="+",
-                        default=list(WEIGHTS),
-                        help="energy weights W (lenet5.py --energy-weight); 0 is added if not "
-                             "given: each penalised network's pair")
+                        default=list(WEIGHTS), help="energy weights W (lenet5.py --energy-weight)")
+    parser.add_argument("--input-levels", type=input_levels_arg, nargs="+", default=[None],
+                        metavar="L_IN", help="the image each network trains on and its SNN "
+                        "takes: analog, or as spikes of L_in levels (lenet5.py --input-levels)")
+    parser.add_argument("--distill", type=cli.float_in(0, MAX_DISTILL_WEIGHT), nargs="+",
+                        default=[0.0], metavar="A", help="weights of distillation from the "
+                        "seed's ReLU network (lenet5.py --teacher --distill-weight); 0: none")
+    parser.add_argument("--temperature", type=cli.float_in(MIN_TEMPERATURE, MAX_TEMPERATURE),
+                        default=lenet5.TEMPERATURE, help="distillation's temperature")
     parser.add_argument("--fine-tune-epochs", type=positive_int(lenet5.MAX_EPOCHS),
                         default=FINE_TUNE_EPOCHS,
                         help="epochs of each QCFS network (--epochs: the ReLU network's)")
@@ -399,30 +464,34 @@ def parse_args(argv=None):
                         help=f"also simulate each network with early exit ({COMPARE_EXIT_RULE} "
                              "rule, chosen on validation)")
     parser.add_argument("--front", type=cli.path_arg, default=LEVELS_FRONT,
-                        help="a seeds.json of bench/seeds.py whose accuracy-energy front is "
-                             "drawn and compared: by default the levels study's")
+                        help="a seeds.json of bench/seeds.py, or an energy.json of this "
+                             "study, whose accuracy-energy front is drawn and compared (of an "
+                             "energy.json: the front of both studies there); by default the "
+                             "levels study's")
     args = studies.parse_study_args(parser, argv)
-    args.weights = sorted({0.0, *args.weights})
     try:
         args.levels_front = levels_front(args.front)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        parser.error(f"argument --front: no front of bench/seeds.py in {args.front} ({e})")
+        parser.error(f"argument --front: no front of bench/seeds.py or of this study in "
+                     f"{args.front} ({e})")
     return args
 
 
-FRONT = {"pareto_front": [{  # what is read of each point; t: 0 for the ANN, None early exit
+FRONT = [{  # what is read of each point; t: 0 for the ANN, None early exit
     "name": lambda v: isinstance(v, str), "t": seeds.STEP._replace(lowest=0, empty=True),
-    "energy_uj": seeds.AMOUNT, "accuracy": cli.Number(0, 100)}]}
+    "energy_uj": seeds.AMOUNT, "accuracy": cli.Number(0, 100)}]
 
 
 def levels_front(path):
-    """The pareto_front of a seeds.json: [{name, t, energy_uj, accuracy}], every point checked
-    (FRONT) before any task runs."""
+    """The front of a seeds.json (its pareto_front) or of an energy.json (its fronts[BOTH]):
+    [{name, t, energy_uj, accuracy}], every point checked (FRONT) before any task runs."""
     study = json.loads(Path(path).read_text())
-    if not cli.conforms(study, FRONT):
-        raise ValueError("its pareto_front is not a list of points with a name, a step t, "
-                         "energy_uj and an accuracy in %")
-    return study["pareto_front"]
+    front = study.get("pareto_front", study.get("fronts", {}).get(BOTH)) if isinstance(
+        study, dict) and isinstance(study.get("fronts", {}), dict) else None
+    if not cli.conforms(front, FRONT):
+        raise ValueError("its front is not a list of points with a name, a step t, energy_uj "
+                         "and an accuracy in %")
+    return front
 
 
 def relu_test_accuracy(paths, data_dir, limit):
@@ -446,7 +515,7 @@ def main(argv=None):
             write_json(args.out_dir / f"seed{seed}.json", record)
         scheduled = {seed: schedule_seed(seed, args, tasks, made) for seed in args.seeds}
         tasks.run()
-        names = [network_name(levels, w) for levels in args.levels for w in args.weights]
+        names = [recipe.name for recipe in recipes(args)]
         per_seed = {}
         for seed, (_, record) in scheduled.items():  # in the order of the plan
             per_seed[seed] = record | {
@@ -457,6 +526,8 @@ def main(argv=None):
         ann_pj = next(iter(per_seed[args.seeds[0]]["test"].values()))["ann_energy_pj"]
         test = summarise_test(args.seeds, per_seed, relu, ann_pj)
         study = {"seeds": args.seeds, "levels": args.levels, "weights": args.weights,
+                 "input_levels": args.input_levels, "distill": args.distill,
+                 "temperature": args.temperature,
                  "fine_tune_epochs": args.fine_tune_epochs, "timesteps": args.timesteps,
                  "test_images": args.limit or TEST_IMAGES, "relu_ann_accuracy": stats(relu),
                  "ann_energy_pj": ann_pj,

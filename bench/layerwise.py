@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from bench/
 
+from constant_input import takes_the_image  # noqa: E402
 from counting import max_pool  # noqa: E402
 from lenet_convert import SMaxPool, SpikeNode, clean_mem_spike, readout_node  # noqa: E402
 
@@ -47,9 +48,11 @@ def _widest(layers, image):
 
 
 def _layers_over_time(layers, images, timesteps):
-    """Outputs [T, batch, ...] of `layers` for a constant analog input."""
-    x = layers[0](images).unsqueeze(0)  # the same current at every step: [1, batch, ...]
-    for layer in layers[1:]:
+    """Outputs [T, batch, ...] of `layers` for a constant analog input (the image, into the
+    first layer or into an input layer of neurons)."""
+    analog = takes_the_image(layers)  # else the input layer is stepped on the constant image
+    x = (layers[0](images) if analog else images).unsqueeze(0)  # the same at every step
+    for layer in layers[1:] if analog else layers:
         if isinstance(layer, SpikeNode):
             layer.restart()  # a fresh chunk of images; its counts add to the same steps
             x = torch.stack([layer(x[min(t, len(x) - 1)]) for t in range(timesteps)])

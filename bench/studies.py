@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 import lenet5
 import lenet_convert
-from checkpoint import load_checkpoint, serialise
+from checkpoint import history_path, load_checkpoint, promote, serialise
 from cli import UserError, positive_int
 from mnist import TRAIN_IMAGES, prepare_mnist
 
@@ -153,7 +153,7 @@ def reusable(path, argv, reads=()):
         say(f"{path} has no {' or '.join(missing)} (made by an older lenet5.py): training it "
             "again")
         return False
-    history = read_cache(lenet5.history_path(path),
+    history = read_cache(history_path(path),
                          lambda h: _history_entries(h, HISTORY_KEYS + tuple(reads)))
     if history is None:
         return False
@@ -207,7 +207,7 @@ def network(tasks, what, argv, retrain, then, reads=()):
         with cli.held(path):  # as lenet5.py holds it: no run of its own writes there meanwhile
             for name, data in files.items():  # where lenet5.py keeps a run until it completes
                 cli.partial_path(path.with_name(name)).write_bytes(data)
-            replaced = lenet5.promote(path)[1]
+            replaced = promote(path)[1]
         record = load_checkpoint(path)
         tasks.say(f"{what}: trained {path} (best epoch {record['epoch']}, val "
                   f"{record['val_accuracy']:.2%})" + (f"; kept the one it replaced as {replaced}"
@@ -235,7 +235,7 @@ def train_network(argv, start):
         best["args"] |= asked
         made = io.BytesIO()
         serialise(best, made)
-        history = lenet5.history_path(args.checkpoint)
+        history = history_path(args.checkpoint)
         return {args.checkpoint.name: made.getvalue(), history.name: history.read_bytes()}
 
 

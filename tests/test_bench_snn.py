@@ -43,6 +43,11 @@ def test_layerwise_simulation_resets_and_calibrates_identically(reset, spicalib,
     _check_layerwise(reset=reset, spicalib=spicalib, lateral_inhibition=inhibition)
 
 
+@pytest.mark.parametrize("input_levels, gamma", [(1, 2), (4, 2), (3, 1)])
+def test_layerwise_simulation_takes_the_image_as_spikes_identically(input_levels, gamma):
+    _check_layerwise(input_levels=input_levels, gamma=gamma)
+
+
 def _check_layerwise(**settings):
     snn = dyadic_snn(**settings)
     images = torch.rand(13, 1, 32, 32)
@@ -122,6 +127,10 @@ def test_benchmark_writes_its_table(trained, qcfs, tmp_path, capsys):
         assert level["fixed_accuracy"] == accuracy[level["fixed_timesteps"] - 1]
         assert 1 <= level["early_exit"]["mean_steps"] <= 4
     assert result["peak_memory"]["layerwise"]["peak_mb"] > 0
+    spiking = result["spiking_input"]  # C1 stepped over the input's spikes: timed, and the same
+    assert spiking["input_levels"] == options.INPUT_LEVELS and spiking["step_ratio_to_dense"] > 0
+    assert [r["timesteps"] for r in spiking["rows"]] == [1, 3]
+    assert all(r["same_spikes_as_layerwise"] and r["ratio_to_T_ann"] > 0 for r in spiking["rows"])
     assert "x T*ANN" in capsys.readouterr().out
 
 

@@ -8,7 +8,7 @@ from helpers import DATA
 
 import efficiency
 import lenet5
-from checkpoint import load_checkpoint
+from checkpoint import history_path, load_checkpoint
 from lenet5 import LeNet5
 from lenet_convert import SpikeNode, build_snn, evaluate_snn, load_ann, neuron_names
 from mnist import Batches, load_mnist
@@ -90,7 +90,7 @@ def test_the_energy_weight_buys_fewer_spikes_and_is_recorded(trained, tmp_path, 
                      "--epochs", "2", "--limit-train", "1000", "--val-size", "500",
                      "--device", "cpu", "--data-dir", str(DATA), "--checkpoint", str(path),
                      "--energy-weight", weight])
-        return load_checkpoint(path), json.loads(lenet5.history_path(path).read_text())
+        return load_checkpoint(path), json.loads(history_path(path).read_text())
     (plain, _), (penalised, history) = run("plain.pt", "0"), run("less.pt", "10")
     assert penalised["args"]["energy_weight"] == 10 and plain["args"]["energy_weight"] == 0
     assert penalised["val_energy_uj"] < 0.8 * plain["val_energy_uj"]

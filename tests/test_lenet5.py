@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import DATA, HIDDEN, ROOT, check_refused
 
+import checkpoint
 import cli
 import lenet5
 import mnist
@@ -143,6 +144,37 @@ def test_weights_of_another_architecture_are_refused():
 
 
 # ----------------------------------------------------------------------------- command line
+
+
+def test_distillation_is_the_softened_kl_divergence_times_t_squared():
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(5, 10), torch.randn(5, 10)
+    assert lenet5.distillation(teacher, teacher, 3.0).abs() < 1e-6  # nothing left to learn
+    for temperature in (1.0, 4.0):
+        p = F.softmax(teacher / temperature, 1)
+        by_hand = (p * (p.log() - F.log_softmax(logits / temperature, 1))).sum(1).mean()
+        assert lenet5.distillation(logits, teacher, temperature).item() == pytest.approx(
+            temperature**2 * by_hand.item(), rel=1e-5)
+
+
+def test_a_teacher_changes_the_training_and_is_recorded(trained, tmp_path, capsys):
+    """Same seed, same start: with a teacher the losses differ, and the checkpoint says from
+    whom, with what weight and temperature; without one they are recorded empty."""
+    common = ["--activation", "qcfs", "--levels", "4", "--init-from", str(trained), "--epochs",
+              "1", "--limit-train", "600", "--val-size", "500", "--device", "cpu", "--data-dir",
+              str(DATA)]
+    main([*common, "--checkpoint", str(tmp_path / "plain.pt")])
+    main([*common, "--checkpoint", str(tmp_path / "taught.pt"), "--teacher", str(trained),
+          "--temperature", "3"])
+    assert f"distillation from {trained} at temperature 3" in capsys.readouterr().out
+    plain, taught = (load_checkpoint(tmp_path / name) for name in ("plain.pt", "taught.pt"))
+    assert plain["args"]["teacher"] is None and plain["args"]["distill_weight"] is None
+    assert taught["args"]["teacher"] == str(trained)
+    assert (taught["args"]["distill_weight"], taught["args"]["temperature"]) == (
+        lenet5.DISTILL_WEIGHT, 3.0)
+    losses = [json.loads(checkpoint.history_path(tmp_path / name).read_text())[0]["train_loss"]
+              for name in ("plain.pt", "taught.pt")]
+    assert losses[0] != losses[1]
 
 
 def _quick_run(tmp_path, name="ck.pt", *extra):
@@ -323,13 +355,13 @@ def test_a_run_that_cannot_keep_its_backups_replaces_nothing(tmp_path, monkeypat
     _quick_run(tmp_path, "ck.pt", "--seed", "2")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert set(before) == {"ck.pt", "ck_history.json", "ck.prev.pt", "ck_history.prev.json"}
-    copy = lenet5.shutil.copy2
+    copy = checkpoint.shutil.copy2
 
     def history_backup_fails(source, target):
         if "history" in str(source):
             raise OSError(28, "No space left on device", str(target))
         return copy(source, target)
-    monkeypatch.setattr(lenet5.shutil, "copy2", history_backup_fails)
+    monkeypatch.setattr(checkpoint.shutil, "copy2", history_backup_fails)
     with pytest.raises(SystemExit, match="No space left on device"):
         _quick_run(tmp_path, "ck.pt", "--seed", "3")
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if ".partial" not in p.name}
@@ -425,6 +457,13 @@ def test_same_seed_gives_the_same_weights(tmp_path):
     (["--threshold-lr", "0"], "--threshold-lr: must be a positive number"),
     (["--energy-weight", "0.1"], "--energy-weight needs --activation qcfs"),
     (["--activation", "qcfs", "--energy-weight", "-1"], r"--energy-weight: must be in \[0, 1000\]"),
+    (["--distill-weight", "1"], "--distill-weight: needs --teacher"),
+    (["--temperature", "2"], "--temperature: needs --teacher"),
+    (["--teacher", "t.pt", "--temperature", "0"], r"--temperature: must be in \[0.01, 1000\]"),
+    (["--teacher", "t.pt", "--distill-weight", "nan"], "--distill-weight: must be"),
+    (["--teacher", "t.pt", "--distill-weight", "-1"], r"--distill-weight: must be in \[0, 1000\]"),
+    (["--teacher", "checkpoints/lenet5_best.pt"], "training would overwrite its own teacher"),
+    (["--input-levels", "0"], r"--input-levels: must be in \[1, 255\]"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     check_refused(main, argv, message, capsys)
@@ -433,6 +472,8 @@ def test_bad_arguments_give_one_line(argv, message, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--init-from", "{file}"], "is not a readable checkpoint"),
+    (["--teacher", "{file}"], "is not a readable checkpoint"),
+    (["--teacher", "{dir}/none.pt"], "no checkpoint at"),
     (["--checkpoint", "{file}/sub/ck.pt"], "cannot write to"),
     (["--checkpoint", "{dir}"], "is a folder; give a file name"),
     ([], "MNIST files missing from"),

@@ -112,8 +112,8 @@ def test_a_second_run_reuses_networks_and_conversions(study, tmp_path, monkeypat
     assert seeds.main(argv)["runs"] == saved["runs"]
     out = capsys.readouterr().out
     assert out.count("(made with the same arguments)") == 6  # the three networks of both seeds
-    conversions = len(per_seed[0])  # 16 of the ReLU network, 4 of L = 4 and 1 of L = 2
-    assert conversions == 21
+    conversions = len(per_seed[0])  # 17 of the ReLU network, 4 of L = 4 and 1 of L = 2
+    assert conversions == 22
     reused = [int(n) for n in re.findall(r"seed \d: reusing (\d+) conversions", out)]
     assert sum(reused) == 2 * conversions and SIMULATED not in out
     seeds.main([*argv, "--timesteps", "3"])  # a change the conversions depend on: run again
@@ -147,9 +147,9 @@ def _drop_a_field(path):
 # One row per cache a user might spoil or edit: the file, how, and what the run says it redoes.
 SPOILED_CACHES = [
     ("out/seed1.json", lambda p: p.write_text(p.read_text()[:500]),
-     "seed1.json does not read as this study writes it: making it again", 21),
+     "seed1.json does not read as this study writes it: making it again", 22),
     ("out/seed1.json", lambda p: p.write_text("[1, 2, 3]"),
-     "seed1.json does not read as this study writes it: making it again", 21),
+     "seed1.json does not read as this study writes it: making it again", 22),
     ("out/seed1.json", _drop_a_field, "'γ = 4' does not read as this study writes it", 1),
     ("ck/relu_seed2_history.json", lambda p: p.write_text('[{"epoch": 1'),
      "relu_seed2_history.json does not read as this study writes it", 0),

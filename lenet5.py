@@ -11,6 +11,9 @@ Example:
     python lenet5.py --epochs 1 --limit-train 2000   # a quick smoke run
     python lenet5.py --activation qcfs --levels 16 --energy-weight 0.1 \\
         --init-from checkpoints/lenet5_best.pt    # QCFS, trained against its SNN's energy
+    python lenet5.py --activation qcfs --levels 8 --input-levels 4 \\
+        --init-from checkpoints/lenet5_best.pt --teacher checkpoints/lenet5_best.pt
+        # on the image rounded to 4 levels (its SNN takes it as spikes), distilled from the ReLU
 
 Writes:
     checkpoints/lenet5_best.pt            best weights (by validation accuracy), percentiles, args

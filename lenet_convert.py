@@ -21,6 +21,7 @@ Examples:
     python lenet_convert.py --norm neuron --reset zero --spicalib 4   # BrainCog's other options
     python lenet_convert.py --checkpoint checkpoints/lenet5_qcfs_best.pt --exit-rule margin
     python lenet_convert.py --look-inside 0 late     # one digit's spikes, layer by layer
+    python lenet_convert.py --input spikes           # the image as spikes: C1 costs no MAC
 
 Writes (into --out-dir, default results/):
     snn_accuracy.png    accuracy against time step, the ANN's as a line

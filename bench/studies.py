@@ -399,6 +399,9 @@ class Tasks:
             return task, self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as e:  # a bug, not a user's error: its trace
             raise e.as_instanceof_cause() from None
+        except self.ray.exceptions.RayError as e:  # Ray lost it: a node or a worker died
+            raise UserError(f"Ray lost the task '{task.what}' ({cli.first_line(e)}); run the "
+                            "same command again to go on from what is kept") from None
 
     def _finished(self, key):
         task, start = self.running.pop(key)

@@ -362,7 +362,8 @@ def test_converted_network_reaches_its_ann(trained, tmp_path):
                 "checkpoint"):
         assert key in saved
     defaults = Settings(percentile=percentile_key(PERCENTILE))._asdict()
-    assert saved["settings"] == defaults | {"activation": "relu", "levels": None}
+    assert saved["settings"] == defaults | {"activation": "relu", "levels": None,
+                                            "input_neuron": None, "trained_input_levels": None}
     efficiency = saved["efficiency"]
     assert efficiency["ann_macs_per_image"] == 416_520 and len(efficiency["snn_energy_pj"]) == 64
     assert set(efficiency["firing_rate"]) == {"act1", "act3", "act5", "act6"}

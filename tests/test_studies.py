@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import seeds
+import studies
 from conftest import TINY
 from helpers import ROOT, without_timings
 
@@ -107,7 +108,7 @@ def test_a_failed_task_is_one_line_and_the_others_are_kept(study, tmp_path, monk
     assert failed == ["seed 2, qcfs L=4: training failed: training diverged in epoch 1 (loss "
                       "nan); what needs it is not made, everything else is"]
     kept = json.loads((tmp_path / "out" / "seed2.json").read_text())
-    assert len(kept) == 17 and not any(name.startswith("qcfs L=4") for name in kept)
+    assert len(kept) == 18 and not any(name.startswith("qcfs L=4") for name in kept)
 
 
 def test_an_interrupted_study_resumes_with_what_it_made(study, tmp_path, monkeypatch, capsys):
@@ -203,6 +204,65 @@ def test_a_cluster_that_wants_an_auth_token_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("study", ["seeds", "energy", "recipes"])
+class _LostRay:
+    """Stands in for Ray: a cluster of one node whose node dies under the first task."""
+
+    class exceptions:  # noqa: N801  (as Ray names its module)
+        class RayError(Exception):
+            pass
+
+        class RayTaskError(RayError):
+            pass
+
+        class NodeDiedError(RayError):
+            pass
+
+    def cluster_resources(self):
+        return {"CPU": 2}
+
+    def nodes(self):
+        return [{"Alive": True}]
+
+    def remote(self, *arguments):  # ray.remote(function), then its .remote(arguments)
+        return self if len(arguments) == 1 else object()
+
+    def options(self, **_):
+        return self
+
+    def put(self, value):
+        return value
+
+    def wait(self, refs, num_returns):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        raise self.exceptions.NodeDiedError("Task failed because the node it was running on is "
+                                            "dead or unavailable.\nMore lines of Ray's.")
+
+    def cancel(self, ref, force):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def test_a_task_that_ray_loses_is_one_line_and_what_was_made_is_kept(study, tmp_path,
+                                                                     monkeypatch):
+    argv = _copy_without(study, tmp_path, monkeypatch, "ck/relu_seed2.pt", "out/seed2.json")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(studies, "start_ray", lambda *_: _LostRay())
+    argv.remove("--workers")
+    argv.remove("0")
+    with pytest.raises(SystemExit) as ended:  # its message is the one line on stderr, rc 1
+        seeds.main(argv)
+    said = ended.value.code
+    assert isinstance(said, str) and "\n" not in said
+    assert re.fullmatch(r"seeds.py: error: Ray lost the task 'seed 2, relu: training' \(Task "
+                        r"failed because the node it was running on is dead or unavailable\.?\); "
+                        r"run the same command again to go on from what is kept", said), said
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_a_study_without_its_data_says_so_before_any_task(study, tmp_path, capsys):
     main = importlib.import_module(study).main
     with pytest.raises(SystemExit, match=f"MNIST files missing from {tmp_path}/none"):

@@ -35,7 +35,6 @@ RESET = "subtract"  # after spiking, lose s thresholds; "zero": the potential go
 SPICALIB = 0  # spike calibration's allowance in steps; 0: off
 EXIT_RULE = "none"  # per-image early exit: "margin" or "confidence" of the averaged output
 ANN_MARGIN = 0.001  # "at the ANN's level": accuracy within 0.1 percentage points of the ANN's
-INPUT = "analog"  # the image as a constant current into C1 (BrainCog's); "spikes": an input layer
 INPUT_LEVELS = 8  # L_in of --input spikes where the checkpoint was not trained with one
 
 READOUTS = ("analog", "spikes")

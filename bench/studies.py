@@ -57,7 +57,8 @@ JOIN_SECONDS = 60  # how long joining a Ray cluster (--address) may take before 
 JOIN_PROBE = ("import logging, sys, ray; ray.init(address=sys.argv[1], include_dashboard=False, "
               "log_to_driver=False, logging_level=logging.ERROR); ray.shutdown()")
 THREADS = 1  # torch threads per task: small LeNet trainings use more than one or two poorly
-NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from")  # args that may differ on reuse
+NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from", "teacher")  # paths: may differ
+TASK_INPUTS = {"start.pt": "--init-from", "teacher.pt": "--teacher"}  # what a training reads
 HISTORY_KEYS = ("epoch", "train_accuracy", "val_accuracy", "seconds")  # read from a history
 
 
@@ -193,15 +194,16 @@ def network(tasks, what, argv, retrain, then, reads=()):
     already (made with the same arguments, with what the study `reads`: see `reusable`) and
     `retrain` is false; then `then(trained)`.
 
-    The training is a task (`train_network`) that gets the bytes of the checkpoint it starts
-    from; the checkpoint and history it returns are promoted here as lenet5.py does it.
+    The training is a task (`train_network`) that gets the bytes of the checkpoints it starts
+    from and learns from (--init-from, --teacher); the checkpoint and history it returns are
+    promoted here as lenet5.py does it.
     """
     path = argv_path(argv, "--checkpoint")
     if not retrain and reusable(path, argv, reads):
         say(f"reusing {path} (made with the same arguments)")
         then(False)
         return
-    start = argv_path(argv, "--init-from")
+    given = {name: argv_path(argv, option) for name, option in TASK_INPUTS.items()}
 
     def made(files):
         with cli.held(path):  # as lenet5.py holds it: no run of its own writes there meanwhile
@@ -214,23 +216,26 @@ def network(tasks, what, argv, retrain, then, reads=()):
                                                       if replaced else ""))
         then(True)
     tasks.add(f"{what}: training", "studies", "train_network",
-              (argv, start and tasks.share(start.read_bytes())), made, first=True)
+              (argv, {name: tasks.share(p.read_bytes()) for name, p in given.items() if p}),
+              made, first=True)
 
 
 # ----------------------------------------------------------------------------- what tasks run
 
 
-def train_network(argv, start):
-    """Train with lenet5.py's command line `argv`, starting from the checkpoint bytes `start` (or
-    from scratch); {file name: bytes} of the checkpoint and history it made, for the paths in
-    `argv`. The checkpoint records `argv`'s paths, not this task's temporary ones."""
+def train_network(argv, given):
+    """Train with lenet5.py's command line `argv`, given the bytes of the checkpoints its
+    --init-from and --teacher name ({TASK_INPUTS name: bytes}, those it names); {file name:
+    bytes} of the checkpoint and history it made, for the paths in `argv`. The checkpoint records
+    `argv`'s paths, not this task's temporary ones."""
     args = lenet5.parse_args(argv)
-    asked = {"checkpoint": str(args.checkpoint), "data_dir": str(args.data_dir),
-             "init_from": args.init_from and str(args.init_from)}
+    asked = {"checkpoint": str(args.checkpoint), "data_dir": str(args.data_dir)} | {
+        option: getattr(args, option) and str(getattr(args, option))
+        for option in ("init_from", "teacher")}
     args.data_dir = on_this_node(args.data_dir)
-    with checkpoint_files({"start.pt": start} if start else {}) as (folder, paths):
+    with checkpoint_files(given) as (folder, paths):
         args.checkpoint = folder / args.checkpoint.name
-        args.init_from = paths.get("start.pt")
+        args.init_from, args.teacher = paths.get("start.pt"), paths.get("teacher.pt")
         best = lenet5.run(args)
         best["args"] |= asked
         made = io.BytesIO()

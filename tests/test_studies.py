@@ -3,6 +3,7 @@ process gives, bit for bit; a failed task is said in one line and the rest is ke
 interrupted study resumes with what it had made."""
 
 import importlib
+import io
 import json
 import os
 import re
@@ -13,8 +14,9 @@ import sys
 import pytest
 import seeds
 import studies
+import torch
 from conftest import TINY
-from helpers import ROOT, without_timings
+from helpers import DATA, ROOT, without_timings
 
 import lenet5
 from cli import UserError
@@ -261,6 +263,22 @@ def test_a_task_that_ray_loses_is_one_line_and_what_was_made_is_kept(study, tmp_
                         r"failed because the node it was running on is dead or unavailable\.?\); "
                         r"run the same command again to go on from what is kept", said), said
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_training_task_reads_its_start_and_teacher_from_the_bytes_it_is_given(
+        trained, tmp_path, monkeypatch):
+    """On a node of its own a task cannot read the driver's files: it gets their bytes."""
+    argv = ["--activation", "qcfs", "--levels", "2", "--init-from", "elsewhere/relu.pt",
+            "--teacher", "elsewhere/relu.pt", "--epochs", "1", "--limit-train", "500",
+            "--val-size", "500", "--device", "cpu", "--data-dir", str(DATA), "--checkpoint",
+            "ck/taught.pt"]
+    monkeypatch.chdir(tmp_path)  # where neither path is
+    data = trained.read_bytes()
+    files = studies.train_network(argv, {"start.pt": data, "teacher.pt": data})
+    made = torch.load(io.BytesIO(files["taught.pt"]), weights_only=True)
+    assert made["args"]["init_from"] == made["args"]["teacher"] == "elsewhere/relu.pt"
+    assert made["args"]["distill_weight"] == lenet5.DISTILL_WEIGHT
+    assert set(files) == {"taught.pt", "taught_history.json"}
 
 
 def test_a_study_without_its_data_says_so_before_any_task(study, tmp_path, capsys):

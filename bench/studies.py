@@ -58,7 +58,8 @@ JOIN_PROBE = ("import logging, sys, ray; ray.init(address=sys.argv[1], include_d
               "log_to_driver=False, logging_level=logging.ERROR); ray.shutdown()")
 THREADS = 1  # torch threads per task: small LeNet trainings use more than one or two poorly
 NOT_COMPARED = ("checkpoint", "device", "data_dir", "init_from", "teacher")  # paths: may differ
-TASK_INPUTS = {"start.pt": "--init-from", "teacher.pt": "--teacher"}  # what a training reads
+TASK_INPUTS = {"start.pt": "--init-from", "teacher.pt": "--teacher"}  # what a training reads:
+# each file's bytes is an argument of its own (Ray resolves only those, not what a dict holds)
 HISTORY_KEYS = ("epoch", "train_accuracy", "val_accuracy", "seconds")  # read from a history
 
 
@@ -216,24 +217,25 @@ def network(tasks, what, argv, retrain, then, reads=()):
                                                       if replaced else ""))
         then(True)
     tasks.add(f"{what}: training", "studies", "train_network",
-              (argv, {name: tasks.share(p.read_bytes()) for name, p in given.items() if p}),
-              made, first=True)
+              (argv, *(p and tasks.share(p.read_bytes()) for p in given.values())), made,
+              first=True)
 
 
 # ----------------------------------------------------------------------------- what tasks run
 
 
-def train_network(argv, given):
+def train_network(argv, *given):
     """Train with lenet5.py's command line `argv`, given the bytes of the checkpoints its
-    --init-from and --teacher name ({TASK_INPUTS name: bytes}, those it names); {file name:
-    bytes} of the checkpoint and history it made, for the paths in `argv`. The checkpoint records
-    `argv`'s paths, not this task's temporary ones."""
+    --init-from and --teacher name (in the order of TASK_INPUTS; None where it names none);
+    {file name: bytes} of the checkpoint and history it made, for the paths in `argv`. The
+    checkpoint records `argv`'s paths, not this task's temporary ones."""
     args = lenet5.parse_args(argv)
     asked = {"checkpoint": str(args.checkpoint), "data_dir": str(args.data_dir)} | {
         option: getattr(args, option) and str(getattr(args, option))
         for option in ("init_from", "teacher")}
     args.data_dir = on_this_node(args.data_dir)
-    with checkpoint_files(given) as (folder, paths):
+    with checkpoint_files({name: data for name, data in zip(TASK_INPUTS, given, strict=True)
+                           if data is not None}) as (folder, paths):
         args.checkpoint = folder / args.checkpoint.name
         args.init_from, args.teacher = paths.get("start.pt"), paths.get("teacher.pt")
         best = lenet5.run(args)

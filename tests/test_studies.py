@@ -274,7 +274,7 @@ def test_a_training_task_reads_its_start_and_teacher_from_the_bytes_it_is_given(
             "ck/taught.pt"]
     monkeypatch.chdir(tmp_path)  # where neither path is
     data = trained.read_bytes()
-    files = studies.train_network(argv, {"start.pt": data, "teacher.pt": data})
+    files = studies.train_network(argv, data, data)
     made = torch.load(io.BytesIO(files["taught.pt"]), weights_only=True)
     assert made["args"]["init_from"] == made["args"]["teacher"] == "elsewhere/relu.pt"
     assert made["args"]["distill_weight"] == lenet5.DISTILL_WEIGHT

@@ -1,10 +1,12 @@
 """Training against the SNN's own energy: QCFS networks trained with lenet5.py --energy-weight.
 
 For each seed: the ReLU network (bench/seeds.py's, reused when it was made with the same
-arguments) and, fine-tuned from it for --fine-tune-epochs, a QCFS network for each of --levels
-and each of --weights (`lenet5.py --activation qcfs --levels L --energy-weight W`). Weight 0 is
-always among them: the same schedule without the penalty, so that every penalised network has
-its pair (same seed, same L, same start) and every difference claimed is a paired one.
+arguments) and, fine-tuned from it for --fine-tune-epochs, a QCFS network for each combination
+of --levels, --weights, --input-levels and --distill (`lenet5.py --activation qcfs --levels L
+--energy-weight W`, with `--input-levels L_in` for the image as spikes and `--teacher <the ReLU
+network> --distill-weight A` for distillation). Each has its pair, always trained too: the same
+seed, L, start and schedule on the analog image without penalty or teacher (`Recipe.pair`), so
+every difference claimed is a paired one.
 
 Validation chooses. With gamma = L a QCFS network's SNN gives its ANN's answers after one step,
 and what that step costs is what lenet5.py trains on and records (its checkpoint's
@@ -19,8 +21,9 @@ accuracy and energy per image after each step, mean and std over the seeds, pair
 the network without the penalty and compared with the same seed's ReLU ANN; the front of
 accuracy against energy (the points no other beats on both), of this study's networks without
 the penalty and with it, beside the levels study's front (--front, a seeds.json of
-bench/seeds.py); and whether the target is met: an SNN within MARGIN of the ReLU ANN's mean
-test accuracy by t = 2 at no more than TARGET_ENERGY times the ANN's energy per image.
+bench/seeds.py, or an energy.json of an earlier run of this study); and whether the target is
+met: an SNN within MARGIN of the ReLU ANN's mean test accuracy by t = TARGET_STEPS at no more
+than TARGET_ENERGY times the ANN's energy per image.
 
 Tasks run on Ray or, with --workers 0, one after another in this process (see studies.py).
 
@@ -29,6 +32,8 @@ Example:
                                                       # hour on 2 CPU cores (docs/results.md)
     python bench/energy.py --seeds 1 2 3 4 5 --levels 8 16 --weights 0 0.03 0.1 \\
         --out-dir results/energy5                     # the chosen ones over 5 seeds
+    python bench/energy.py --seeds 1 2 3 --levels 8 --weights 0.03 0.1 --input-levels 4 8 \\
+        --distill 0 1 --out-dir results/energy_spikes    # the image as spikes, distillation
     python bench/energy.py --seeds 1 --levels 2 --weights 10 --limit-train 2000 --epochs 2 \\
         --fine-tune-epochs 1 --limit 500 --timesteps 2    # a quick look (a minute)
 
@@ -367,13 +372,15 @@ def plot_fronts(study, path):
                 linestyle=line)
         ax.annotate("t=1", (energy[0], 100 * entry["snn_mean"][0]), fontsize=6,
                     xytext=(2, -8), textcoords="offset points")
-    styles = {"levels study": ("tab:gray", "--"), "without the penalty": ("k", ":"),
-              BOTH: ("k", "-")}
-    for name, (colour, line) in styles.items():
+    given = study["front_file"]  # the front of "levels study": --front's
+    styles = {"levels study": ("tab:gray", "--", f"front of {given}"),
+              "without the penalty": ("k", ":", "front: the pairs (w = 0, analog, no teacher)"),
+              BOTH: ("k", "-", f"front: {given}'s and this study's")}
+    for name, (colour, line, label) in styles.items():
         front = study["fronts"][name]
         ax.plot([p["energy_uj"] for p in front], [p["accuracy"] for p in front], color=colour,
                 linestyle=line, linewidth=2, alpha=0.6, drawstyle="steps-post", zorder=0,
-                label=f"front: {name}")
+                label=label)
     relu, ann_uj = study["relu_ann_accuracy"], study["ann_energy_pj"] / 1e6
     ax.axhline(100 * (relu["mean"] - MARGIN), color="tab:red", linewidth=1,
                label=f"ReLU ANN's mean - {100 * MARGIN:g} pp")
@@ -382,7 +389,7 @@ def plot_fronts(study, path):
     ax.plot(ann_uj, 100 * relu["mean"], marker="*", markersize=15, color="gold",
             markeredgecolor="k", linestyle="none", label="ReLU ANN (mean)")
     ax.set_xscale("log")
-    ax.set_xticks([0.5, 0.6, 0.7, 0.8, 0.9, 1, 1.2, 1.5, 2, 3, 4])
+    ax.set_xticks([0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 1.2, 1.5, 2, 3, 4])
     ax.xaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
     ax.set_xlabel("estimated energy per image, mean over the seeds (µJ; memory traffic ignored)")
@@ -527,6 +534,7 @@ def main(argv=None):
         test = summarise_test(args.seeds, per_seed, relu, ann_pj)
         study = {"seeds": args.seeds, "levels": args.levels, "weights": args.weights,
                  "input_levels": args.input_levels, "distill": args.distill,
+                 "front_file": str(studies.task_path(args.front)),
                  "temperature": args.temperature,
                  "fine_tune_epochs": args.fine_tune_epochs, "timesteps": args.timesteps,
                  "test_images": args.limit or TEST_IMAGES, "relu_ann_accuracy": stats(relu),

@@ -205,7 +205,6 @@ def test_a_cluster_that_wants_an_auth_token_says_so(tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
-@pytest.mark.parametrize("study", ["seeds", "energy", "recipes"])
 class _LostRay:
     """Stands in for Ray: a cluster of one node whose node dies under the first task."""
 
@@ -281,6 +280,7 @@ def test_a_training_task_reads_its_start_and_teacher_from_the_bytes_it_is_given(
     assert set(files) == {"taught.pt", "taught_history.json"}
 
 
+@pytest.mark.parametrize("study", ["seeds", "energy", "recipes"])
 def test_a_study_without_its_data_says_so_before_any_task(study, tmp_path, capsys):
     main = importlib.import_module(study).main
     with pytest.raises(SystemExit, match=f"MNIST files missing from {tmp_path}/none"):

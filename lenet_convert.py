@@ -37,6 +37,7 @@ import cli  # first: see its docstring
 # isort: split
 import copy
 import math
+import textwrap
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -587,8 +588,8 @@ def plot_accuracy(result, path):
             ax.set_ylim(0, 100)
             ax.set_title("full range")
         ax.legend(loc="lower right")
-    fig.suptitle(f"LeNet5 SNN on {result['test_images']} MNIST test images: "
-                 f"{settings_text(result['settings'])}", fontsize=10)
+    fig.suptitle(textwrap.fill(f"LeNet5 SNN on {result['test_images']} MNIST test images: "
+                               f"{settings_text(result['settings'])}", 150), fontsize=10)
     save_figure(fig, path)
 
 

@@ -9,11 +9,11 @@ scales the spiking network with them.
 Example:
     python lenet5.py                       # defaults: 3 to 6 minutes on 2 CPU cores
     python lenet5.py --epochs 1 --limit-train 2000   # a quick smoke run
-    python lenet5.py --activation qcfs --levels 16 --energy-weight 0.1 \\
-        --init-from checkpoints/lenet5_best.pt    # QCFS, trained against its SNN's energy
-    python lenet5.py --activation qcfs --levels 8 --input-levels 4 \\
-        --init-from checkpoints/lenet5_best.pt --teacher checkpoints/lenet5_best.pt
-        # on the image rounded to 4 levels (its SNN takes it as spikes), distilled from the ReLU
+    python lenet5.py --activation qcfs --init-from checkpoints/lenet5_best.pt
+        # QCFS, L = 8, on the image rounded to 4 levels (its SNN takes it as spikes), against
+        # its SNN's energy (W = 0.03), distilled from the ReLU network it starts from
+    python lenet5.py --activation qcfs --levels 4 --energy-weight 0 --input-levels analog \\
+        --distill-weight 0 --init-from checkpoints/lenet5_best.pt   # plain QCFS
 
 Writes:
     checkpoints/lenet5_best.pt            best weights (by validation accuracy), percentiles, args
@@ -73,15 +73,22 @@ from percentile_tables import (
 
 # ----------------------------------------------------------------------------- defaults
 TRAINING = {"epochs": 25, "lr": 0.05}  # from scratch: epochs, peak learning rate
-FINE_TUNING = {"epochs": 40, "lr": 0.01}  # from --init-from, e.g. a ReLU net into QCFS: the
-# best recipe on validation (bench/recipes.py; 20 epochs gave 0.04 pp less)
+FINE_TUNING = {"epochs": 8, "lr": 0.01}  # from --init-from, e.g. a ReLU net into QCFS
 BATCH_SIZE = 128  # training batch size
 WEIGHT_DECAY = 5e-4  # L2 weight decay of SGD
 MAX_SHIFT = 2  # augmentation: random shift of each training image, in pixels
 SEED = 1  # seed for everything: split, initialisation, shuffling, shifts
 VAL_SIZE = 5000  # validation images carved from the 60,000 training images
-LEVELS = 4  # QCFS quantisation levels L (at most MAX_LEVELS)
-DISTILL_WEIGHT, TEMPERATURE = 1.0, 4.0  # knowledge distillation from --teacher, when asked
+# A QCFS network's recipe by default, the one the energy study chose on validation
+# (bench/energy.py, docs/results.md): L = 8 levels, trained against its SNN's first-step energy
+# with weight 0.03, on the image rounded to 4 levels (its SNN takes it as spikes) and, when
+# fine-tuned, distilled from the network it starts from (weight 1, temperature 2), 8 epochs
+LEVELS = 8  # QCFS quantisation levels L (at most MAX_LEVELS)
+QCFS_ENERGY_WEIGHT, QCFS_INPUT_LEVELS = 0.03, 4
+DISTILL_WEIGHT, TEMPERATURE = 1.0, 2.0  # knowledge distillation, when there is a teacher
+QCFS_ONLY = ("levels", "channel_thresholds", "threshold_lr", "threshold_decay",
+             "energy_weight")  # options a ReLU network does not depend on
+ANALOG = "analog"  # --input-levels: the image as it is
 
 
 # ----------------------------------------------------------------------------- model
@@ -460,10 +467,12 @@ def parse_args(argv=None):
     parser.add_argument("--levels", type=positive_int(MAX_LEVELS), default=LEVELS,
                         help="QCFS quantisation levels L (the SNN matches the ANN in "
                              "expectation after L steps)")
-    parser.add_argument("--input-levels", type=positive_int(MAX_INPUT_LEVELS), default=None,
-                        metavar="L_IN", help="train on each image rounded to L_IN levels, as the "
+    parser.add_argument("--input-levels", type=input_levels_arg, default=None,
+                        metavar="L_IN", help="train on each image rounded to L_IN levels (1 to "
+                        f"{MAX_INPUT_LEVELS}), as the "
                         "SNN's spiking input layer fires it in the first step (recorded: the "
-                        "conversion then takes the image as spikes); default: the analog image")
+                        f"conversion then takes the image as spikes), or '{ANALOG}' (default: "
+                        f"{QCFS_INPUT_LEVELS} for QCFS, {ANALOG} for ReLU)")
     parser.add_argument("--channel-thresholds", action="store_true",
                         help="QCFS: one trained lambda per channel (a convolution's output "
                              "channel, a linear layer's neuron) instead of one per layer")
@@ -472,23 +481,24 @@ def parse_args(argv=None):
     parser.add_argument("--threshold-decay", type=cli.non_negative_float, default=None,
                         metavar="WD", help="QCFS: weight decay of the thresholds lambda "
                         "(default: --weight-decay)")
-    parser.add_argument("--energy-weight", type=cli.float_in(0, MAX_ENERGY_WEIGHT), default=0.0,
+    parser.add_argument("--energy-weight", type=cli.float_in(0, MAX_ENERGY_WEIGHT), default=None,
                         metavar="W",
                         help="QCFS: add W times the converted SNN's energy per image in its "
                              "first step (µJ, gamma = L, as lenet_convert.py estimates it) to "
-                             "the loss: fewer spikes; 0: measured, not trained on")
+                             f"the loss: fewer spikes; 0: measured, not trained on (default: "
+                             f"{QCFS_ENERGY_WEIGHT:g})")
     parser.add_argument("--teacher", type=cli.path_arg, default=None, metavar="CHECKPOINT",
                         help="knowledge distillation: add --distill-weight times the KL "
                              "divergence from this network's outputs, softened by "
-                             "--temperature, to the loss (e.g. the ReLU network a QCFS one is "
-                             "fine-tuned from)")
+                             "--temperature, to the loss (default: for QCFS with --init-from, "
+                             "that network; else none)")
     parser.add_argument("--distill-weight", type=cli.float_in(0, MAX_DISTILL_WEIGHT),
                         default=None, metavar="A",
-                        help=f"with --teacher: the distillation term's weight (default: "
-                             f"{DISTILL_WEIGHT:g})")
+                        help=f"with a teacher: the distillation term's weight (default: "
+                             f"{DISTILL_WEIGHT:g}); 0: no distillation")
     parser.add_argument("--temperature", type=cli.float_in(MIN_TEMPERATURE, MAX_TEMPERATURE),
                         default=None, metavar="T",
-                        help=f"with --teacher: the softening temperature (default: "
+                        help=f"with a teacher: the softening temperature (default: "
                              f"{TEMPERATURE:g})")
     parser.add_argument("--init-from", type=cli.path_arg, default=None, metavar="CHECKPOINT",
                         help="start from this checkpoint's weights (fine-tuning); for QCFS each "
@@ -513,22 +523,39 @@ def parse_args(argv=None):
     if args.checkpoint is None:
         name = "lenet5_best.pt" if args.activation == "relu" else "lenet5_qcfs_best.pt"
         args.checkpoint = Path("checkpoints") / name
-    if args.energy_weight and args.activation != "qcfs":
+    qcfs = args.activation == "qcfs"
+    if args.energy_weight and not qcfs:
         parser.error("--energy-weight needs --activation qcfs (a ReLU network's spikes are not "
                      "its activations)")
+    if args.energy_weight is None:
+        args.energy_weight = QCFS_ENERGY_WEIGHT if qcfs else 0.0
+    if args.input_levels is None:
+        args.input_levels = QCFS_INPUT_LEVELS if qcfs else None
+    elif args.input_levels == ANALOG:
+        args.input_levels = None
+    if args.distill_weight == 0:  # no distillation, whoever would teach
+        args.teacher, args.distill_weight = None, None
+    elif args.teacher is None and qcfs and args.init_from:
+        args.teacher = args.init_from  # a QCFS network learns from the one it starts from
     for option, default in (("distill_weight", DISTILL_WEIGHT), ("temperature", TEMPERATURE)):
         if args.teacher is None and getattr(args, option) is not None:
-            parser.error(f"argument --{option.replace('_', '-')}: needs --teacher")
+            parser.error(f"argument --{option.replace('_', '-')}: needs a teacher (--teacher, "
+                         "or --init-from with --activation qcfs)")
         if getattr(args, option) is None and args.teacher is not None:
             setattr(args, option, default)
-    if args.teacher and args.teacher.resolve() == args.checkpoint.resolve():
-        parser.error(f"--teacher and --checkpoint are the same file ({args.checkpoint}): "
-                     "training would overwrite its own teacher")
     if args.init_from and args.init_from.resolve() == args.checkpoint.resolve():
         parser.error(f"--init-from and --checkpoint are the same file ({args.checkpoint}): "
                      "training would overwrite its own starting point; choose another "
                      "--checkpoint")
+    if args.teacher and args.teacher.resolve() == args.checkpoint.resolve():
+        parser.error(f"--teacher and --checkpoint are the same file ({args.checkpoint}): "
+                     "training would overwrite its own teacher")
     return args
+
+
+def input_levels_arg(text):
+    """An argparse type: 'analog' or an input level count L_in."""
+    return ANALOG if text == ANALOG else positive_int(MAX_INPUT_LEVELS)(text)
 
 
 def kept(args):

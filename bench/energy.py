@@ -66,7 +66,6 @@ import options  # noqa: E402
 from checkpoint import (  # noqa: E402
     MAX_DISTILL_WEIGHT,
     MAX_ENERGY_WEIGHT,
-    MAX_INPUT_LEVELS,
     MAX_LEVELS,
     MAX_TEMPERATURE,
     MIN_TEMPERATURE,
@@ -153,12 +152,11 @@ def qcfs_argv(seed, recipe, relu, args):
             "--data-dir", str(studies.task_path(args.data_dir)),
             "--checkpoint", str(args.checkpoint_dir / "energy" / name),
             "--activation", "qcfs", "--levels", str(recipe.levels), "--init-from", str(relu),
-            "--energy-weight", f"{recipe.weight:g}", "--epochs", str(args.fine_tune_epochs)]
-    if recipe.input_levels:
-        argv += ["--input-levels", str(recipe.input_levels)]
+            "--energy-weight", f"{recipe.weight:g}", "--epochs", str(args.fine_tune_epochs),
+            "--input-levels", str(recipe.input_levels or lenet5.ANALOG),
+            "--distill-weight", f"{recipe.distill:g}"]
     if recipe.distill:
-        argv += ["--teacher", str(relu), "--distill-weight", f"{recipe.distill:g}",
-                 "--temperature", f"{args.temperature:g}"]
+        argv += ["--teacher", str(relu), "--temperature", f"{args.temperature:g}"]
     return argv + (["--limit-train", str(args.limit_train)] if args.limit_train else [])
 
 
@@ -441,18 +439,14 @@ def print_study(study):
 # ----------------------------------------------------------------------------- command line
 
 
-def input_levels_arg(text):
-    """An argparse type: 'analog' (None) or an input level count L_in."""
-    return None if text == "analog" else positive_int(MAX_INPUT_LEVELS)(text)
-
-
 def parse_args(argv=None):
     parser = studies.study_parser(__doc__, SEEDS, OUT_DIR)
     parser.add_argument("--levels", type=positive_int(MAX_LEVELS), nargs="+",
                         default=list(LEVELS), help="QCFS levels L")
     parser.add_argument("--weights", type=cli.float_in(0, MAX_ENERGY_WEIGHT), nargs="+",
                         default=list(WEIGHTS), help="energy weights W (lenet5.py --energy-weight)")
-    parser.add_argument("--input-levels", type=input_levels_arg, nargs="+", default=[None],
+    parser.add_argument("--input-levels", type=lenet5.input_levels_arg, nargs="+",
+                        default=[lenet5.ANALOG],
                         metavar="L_IN", help="the image each network trains on and its SNN "
                         "takes: analog, or as spikes of L_in levels (lenet5.py --input-levels)")
     parser.add_argument("--distill", type=cli.float_in(0, MAX_DISTILL_WEIGHT), nargs="+",
@@ -476,6 +470,7 @@ def parse_args(argv=None):
                              "energy.json: the front of both studies there); by default the "
                              "levels study's")
     args = studies.parse_study_args(parser, argv)
+    args.input_levels = [None if n == lenet5.ANALOG else n for n in args.input_levels]
     try:
         args.levels_front = levels_front(args.front)
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -1,6 +1,7 @@
 """Choices made on validation: the QCFS training recipe, and how a QCFS network is converted.
 
-For each seed, each recipe trains a QCFS network with lenet5.py, from the seed's ReLU network
+For each seed, each recipe trains a plain QCFS network with lenet5.py (L = 4 unless it says,
+no energy term, the analog image, no teacher: PLAIN), from the seed's ReLU network
 (the one bench/seeds.py trains, reused when it was made with the same arguments) or from
 scratch, in one or more stages (each starting from the one before); every network trained with
 the same arguments before is reused. The recipes are judged on the 5,000 validation images
@@ -70,6 +71,8 @@ RECIPES = {  # name: stages, each (its code, lenet5.py's arguments); the first s
     "from scratch, 40 epochs": [("F", ["scratch", "--epochs", "40"])],
     "lambda learning rate 0.1": [("D", ["--epochs", "20", "--threshold-lr", "0.1"])],
 }
+PLAIN = ["--levels", "4", "--energy-weight", "0", "--input-levels", lenet5.ANALOG,
+         "--distill-weight", "0"]  # the recipes are of plain QCFS, L = 4, as when they were run
 CONVERSIONS = [(gamma, v0) for gamma in (1, 2, "L", "2L") for v0 in (0.5, 0.25)]  # gamma, V0
 CONVERSION_STEPS = 8  # steps simulated on validation for each conversion
 CONVERSION_MARGIN = 0.0005  # "within 0.05 pp of the ReLU ANN"
@@ -80,7 +83,7 @@ def stage_argv(seed, code, extra, init_from, args):
     argv = ["--seed", str(seed), "--device", args.device,
             "--data-dir", str(studies.task_path(args.data_dir)),
             "--checkpoint", str(args.checkpoint_dir / "recipes" / f"{code}_seed{seed}.pt"),
-            "--activation", "qcfs"]
+            "--activation", "qcfs", *PLAIN]
     if "scratch" not in extra:
         argv += ["--init-from", str(init_from)]
     argv += [a for a in extra if a != "scratch"]

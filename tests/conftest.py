@@ -22,15 +22,17 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qcfs(trained, tmp_path_factory):
-    """A QCFS LeNet5 (L = 2) fine-tuned briefly from `trained` by lenet5.py's command line."""
+    """A plain QCFS LeNet5 (L = 2; no energy term, the analog image, no teacher) fine-tuned
+    briefly from `trained` by lenet5.py's command line."""
     path = tmp_path_factory.mktemp("qcfs") / "qcfs.pt"
     lenet5.main(["--activation", "qcfs", "--levels", "2", "--init-from", str(trained),
+                 "--energy-weight", "0", "--input-levels", "analog", "--distill-weight", "0",
                  "--epochs", "1", "--limit-train", "2000", "--val-size", "1000", "--lr", "0.01",
                  "--device", "cpu", "--data-dir", str(DATA), "--checkpoint", str(path)])
     return path
 
 
-TINY = ["--seeds", "1", "2", "--levels", "2", "4", "--limit-train", "1000", "--epochs", "2",
+TINY = ["--seeds", "1", "2", "--levels", "2", "8", "--limit-train", "1000", "--epochs", "2",
         "--limit", "200", "--timesteps", "4", "--device", "cpu", "--data-dir", str(DATA),
         "--checkpoint-dir", "ck", "--out-dir", "out"]  # folders relative to where it runs
 

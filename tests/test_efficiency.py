@@ -58,8 +58,8 @@ def test_first_step_energy_is_what_the_simulator_counts_at_t1(trained, tmp_path,
     path = tmp_path / "qcfs.pt"
     lenet5.main(["--activation", "qcfs", "--levels", "5", "--init-from", str(trained),
                  "--epochs", "1", "--limit-train", "500", "--val-size", "500", "--device", "cpu",
-                 "--data-dir", str(DATA), "--checkpoint", str(path), "--energy-weight", "0.05"]
-                + ["--channel-thresholds"] * per_channel)
+                 "--data-dir", str(DATA), "--checkpoint", str(path), "--energy-weight", "0.05",
+                 "--input-levels", "analog"] + ["--channel-thresholds"] * per_channel)
     checkpoint, ann = load_ann(path, "cpu")
     images, labels = load_mnist(DATA, train=False)
     batches = Batches(images[:300], labels[:300], batch_size=100)

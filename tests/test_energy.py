@@ -249,8 +249,8 @@ def test_recipes_pair_each_network_with_the_analog_one_without_penalty_or_teache
     argv = energy.qcfs_argv(3, energy.Recipe(4, 0.5, 8, 1.0), Path("relu.pt"), args)
     assert argv[argv.index("--input-levels") + 1] == "8"
     assert argv[argv.index("--teacher") + 1] == "relu.pt" == argv[argv.index("--init-from") + 1]
-    assert argv[argv.index("--temperature") + 1] == "4"
-    assert Path(argv[argv.index("--checkpoint") + 1]).name == "qcfs_L4_w0.5_in8_kd1_T4_e8_seed3.pt"
+    assert argv[argv.index("--temperature") + 1] == "2"
+    assert Path(argv[argv.index("--checkpoint") + 1]).name == "qcfs_L4_w0.5_in8_kd1_T2_e8_seed3.pt"
 
 
 def test_a_network_on_spikes_and_taught_is_trained_converted_and_paired(sweep, capsys):
@@ -271,5 +271,5 @@ def test_a_network_on_spikes_and_taught_is_trained_converted_and_paired(sweep, c
     assert result["snn_energy_pj"][0] < study["per_seed"][1]["test"]["L=2, w=0: gamma = L"][
         "snn_energy_pj"][0] - 117_600 * 4.6 / 2  # no MACs: much less than the pair
     assert "minus_unpenalised" in study["test"][key]
-    trained = load_checkpoint(tmp / "ck" / "energy" / "qcfs_L2_w10_in4_kd1_T4_e1_seed1.pt")
+    trained = load_checkpoint(tmp / "ck" / "energy" / "qcfs_L2_w10_in4_kd1_T2_e1_seed1.pt")
     assert trained["input_levels"] == 4 and trained["args"]["teacher"].endswith("relu_seed1.pt")

@@ -158,14 +158,14 @@ def test_distillation_is_the_softened_kl_divergence_times_t_squared():
 
 
 def test_a_teacher_changes_the_training_and_is_recorded(trained, tmp_path, capsys):
-    """Same seed, same start: with a teacher the losses differ, and the checkpoint says from
-    whom, with what weight and temperature; without one they are recorded empty."""
+    """Same seed, same start: with a teacher (by default, the network a QCFS one starts from)
+    the losses differ, and the checkpoint says from whom, with what weight and temperature;
+    without one (--distill-weight 0) they are recorded empty."""
     common = ["--activation", "qcfs", "--levels", "4", "--init-from", str(trained), "--epochs",
               "1", "--limit-train", "600", "--val-size", "500", "--device", "cpu", "--data-dir",
               str(DATA)]
-    main([*common, "--checkpoint", str(tmp_path / "plain.pt")])
-    main([*common, "--checkpoint", str(tmp_path / "taught.pt"), "--teacher", str(trained),
-          "--temperature", "3"])
+    main([*common, "--checkpoint", str(tmp_path / "plain.pt"), "--distill-weight", "0"])
+    main([*common, "--checkpoint", str(tmp_path / "taught.pt"), "--temperature", "3"])
     assert f"distillation from {trained} at temperature 3" in capsys.readouterr().out
     plain, taught = (load_checkpoint(tmp_path / name) for name in ("plain.pt", "taught.pt"))
     assert plain["args"]["teacher"] is None and plain["args"]["distill_weight"] is None
@@ -424,6 +424,28 @@ def test_defaults_depend_on_the_activation_and_on_fine_tuning():
     assert lenet5.parse_args(["--init-from", "a.pt"]).epochs == lenet5.FINE_TUNING["epochs"]
 
 
+def _recipe(args):
+    return (args.levels, args.energy_weight, args.input_levels, args.teacher and str(args.teacher),
+            args.distill_weight, args.temperature)
+
+
+@pytest.mark.parametrize("argv, recipe", [
+    ([], (lenet5.LEVELS, 0.0, None, None, None, None)),  # ReLU: the analog image, no teacher
+    (["--input-levels", "4"], (lenet5.LEVELS, 0.0, 4, None, None, None)),
+    (["--init-from", "a.pt"], (lenet5.LEVELS, 0.0, None, None, None, None)),
+    (["--activation", "qcfs", "--init-from", "a.pt"],  # the chosen recipe, taught by its start
+     (8, 0.03, 4, "a.pt", 1.0, 2.0)),
+    (["--activation", "qcfs"], (8, 0.03, 4, None, None, None)),  # from scratch: nobody teaches
+    (["--activation", "qcfs", "--init-from", "a.pt", "--teacher", "b.pt", "--temperature", "3"],
+     (8, 0.03, 4, "b.pt", 1.0, 3.0)),
+    (["--activation", "qcfs", "--init-from", "a.pt", "--levels", "4", "--energy-weight", "0",
+      "--input-levels", "analog", "--distill-weight", "0"],  # plain QCFS, as the studies pair it
+     (4, 0.0, None, None, None, None)),
+])
+def test_the_qcfs_recipe_by_default_and_each_part_turned_off(argv, recipe):
+    assert _recipe(lenet5.parse_args(argv)) == recipe
+
+
 def test_same_seed_gives_the_same_weights(tmp_path):
     first = torch.load(_quick_run(tmp_path, "a.pt"), weights_only=True)["model_state"]
     second = torch.load(_quick_run(tmp_path, "b.pt"), weights_only=True)["model_state"]
@@ -457,13 +479,19 @@ def test_same_seed_gives_the_same_weights(tmp_path):
     (["--threshold-lr", "0"], "--threshold-lr: must be a positive number"),
     (["--energy-weight", "0.1"], "--energy-weight needs --activation qcfs"),
     (["--activation", "qcfs", "--energy-weight", "-1"], r"--energy-weight: must be in \[0, 1000\]"),
-    (["--distill-weight", "1"], "--distill-weight: needs --teacher"),
-    (["--temperature", "2"], "--temperature: needs --teacher"),
+    (["--distill-weight", "1"], "--distill-weight: needs a teacher"),
+    (["--temperature", "2"], "--temperature: needs a teacher"),
+    (["--activation", "qcfs", "--init-from", "a.pt", "--distill-weight", "0", "--temperature",
+      "2"], "--temperature: needs a teacher"),
     (["--teacher", "t.pt", "--temperature", "0"], r"--temperature: must be in \[0.01, 1000\]"),
     (["--teacher", "t.pt", "--distill-weight", "nan"], "--distill-weight: must be"),
     (["--teacher", "t.pt", "--distill-weight", "-1"], r"--distill-weight: must be in \[0, 1000\]"),
     (["--teacher", "checkpoints/lenet5_best.pt"], "training would overwrite its own teacher"),
     (["--input-levels", "0"], r"--input-levels: must be in \[1, 255\]"),
+    (["--input-levels", "analogue"], "--input-levels: expected a positive integer"),
+    (["--activation", "qcfs", "--init-from", "checkpoints/lenet5_best.pt", "--checkpoint",
+      "checkpoints/lenet5_best.pt"],  # its own teacher too: the starting point is named
+     "training would overwrite its own starting point"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     check_refused(main, argv, message, capsys)

@@ -16,6 +16,7 @@ import seeds  # noqa: E402
 import studies  # noqa: E402
 
 SIMULATED = ": simulated, "  # the line of each conversion the study runs
+PER_SEED = 23  # conversions of a seed: 17 of the ReLU network, 5 of L = 8 and 1 of L = 2
 GIVEN_KEY, EXIT_KEY = "as given", "early exit (margin)"  # two of a seed's conversions
 
 
@@ -24,7 +25,7 @@ def test_each_seed_runs_what_lenet_convert_gives(study):
     assert saved["seeds"] == [1, 2] and saved["timesteps"] == 4 and saved["test_images"] == 200
     assert set(saved["runs"]) == {"relu", "relu_braincog_reference", "qcfs"}
     for i, seed in enumerate((1, 2)):
-        for name, file in (("relu", "relu"), ("qcfs", "qcfs_L4")):
+        for name, file in (("relu", "relu"), ("qcfs", "qcfs_L8")):
             checkpoint = tmp / "ck" / f"{file}_seed{seed}.pt"
             single = lenet_convert.main(["--checkpoint", str(checkpoint), "--limit", "200",
                                          "--timesteps", "4", "--device", "cpu", "--data-dir",
@@ -46,7 +47,7 @@ def test_summary_and_paired_differences_are_over_the_seeds(study):
     assert gamma["per_seed"] == [[a - b for a, b in zip(run["γ = 4"]["snn_accuracy"],
                                                          run["as given"]["snn_accuracy"],
                                                          strict=True)] for run in per_seed]
-    assert saved["paired"]["qcfs L=4: γ = 1"]["against"] == "qcfs L=4: as given"
+    assert saved["paired"]["qcfs L=8: γ = 1"]["against"] == "qcfs L=8: as given"
     for knob, entry in saved["paired"].items():  # each against its own network's default
         assert entry["against"] == knob.rpartition(": ")[0] + (": " if ": " in knob else "") + (
             "as given")
@@ -58,13 +59,13 @@ def test_summary_and_paired_differences_are_over_the_seeds(study):
 def test_early_exit_and_levels_are_summarised_per_seed(study):
     _, _, saved, per_seed = study
     early = saved["early_exit"]
-    qcfs_exit = "qcfs L=4: early exit (margin)"
+    qcfs_exit = "qcfs L=8: early exit (margin)"
     assert set(early) == {"early exit (margin)", qcfs_exit}
     steps = [run[qcfs_exit]["early_exit"]["mean_steps"] for run in per_seed]
     assert early[qcfs_exit]["mean_steps"]["per_seed"] == steps
     assert early[qcfs_exit]["mean_steps"]["mean"] == pytest.approx(sum(steps) / 2)
     levels = saved["levels"]
-    assert set(levels) == {"L=2", "L=4"} and set(levels["L=2"]) == {"gamma = 2", "gamma = L"}
+    assert set(levels) == {"L=2", "L=8"} and set(levels["L=2"]) == {"gamma = 2", "gamma = L"}
     relu_ann = saved["runs"]["relu"]["ann"]
     for levels_name, rules in levels.items():
         for rule, entry in rules.items():
@@ -75,7 +76,7 @@ def test_early_exit_and_levels_are_summarised_per_seed(study):
                 lenet_convert.first_step_within(r["snn_accuracy"], ann, 0.0005)
                 for r, ann in zip(runs, relu_ann, strict=True)]
             if levels_name == "L=2":  # paired against the default levels, the same gamma rule
-                base = [run[levels["L=4"][rule]["run"]] for run in per_seed]
+                base = [run[levels["L=8"][rule]["run"]] for run in per_seed]
                 assert entry["minus_default_levels"]["ann"] == [
                     a["ann_accuracy"] - b["ann_accuracy"] for a, b in zip(runs, base, strict=True)]
 
@@ -112,8 +113,8 @@ def test_a_second_run_reuses_networks_and_conversions(study, tmp_path, monkeypat
     assert seeds.main(argv)["runs"] == saved["runs"]
     out = capsys.readouterr().out
     assert out.count("(made with the same arguments)") == 6  # the three networks of both seeds
-    conversions = len(per_seed[0])  # 17 of the ReLU network, 4 of L = 4 and 1 of L = 2
-    assert conversions == 22
+    conversions = len(per_seed[0])
+    assert conversions == PER_SEED
     reused = [int(n) for n in re.findall(r"seed \d: reusing (\d+) conversions", out)]
     assert sum(reused) == 2 * conversions and SIMULATED not in out
     seeds.main([*argv, "--timesteps", "3"])  # a change the conversions depend on: run again
@@ -132,7 +133,7 @@ def test_a_second_run_reuses_networks_and_conversions(study, tmp_path, monkeypat
     (["--levels", "4", str(10**20)], r"--levels: must be in \[1, 1024\]"),
     (["--timesteps", str(10**20)], r"--timesteps: must be in \[1, 100000\]"),
     (["--limit", "20000"], r"--limit: must be in \[1, 10000\]"),
-    (["--levels", "8"], "--levels: must include lenet5.py's default, 4"),
+    (["--levels", "4"], "--levels: must include lenet5.py's default, 8"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     check_refused(seeds.main, argv, message, capsys)
@@ -147,9 +148,9 @@ def _drop_a_field(path):
 # One row per cache a user might spoil or edit: the file, how, and what the run says it redoes.
 SPOILED_CACHES = [
     ("out/seed1.json", lambda p: p.write_text(p.read_text()[:500]),
-     "seed1.json does not read as this study writes it: making it again", 22),
+     "seed1.json does not read as this study writes it: making it again", PER_SEED),
     ("out/seed1.json", lambda p: p.write_text("[1, 2, 3]"),
-     "seed1.json does not read as this study writes it: making it again", 22),
+     "seed1.json does not read as this study writes it: making it again", PER_SEED),
     ("out/seed1.json", _drop_a_field, "'γ = 4' does not read as this study writes it", 1),
     ("ck/relu_seed2_history.json", lambda p: p.write_text('[{"epoch": 1'),
      "relu_seed2_history.json does not read as this study writes it", 0),

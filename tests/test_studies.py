@@ -67,7 +67,7 @@ def test_a_two_node_cluster_gives_what_one_process_gives(study, tmp_path):
     (tmp_path / "ck").mkdir()
     for name in ("relu_seed1.pt", "relu_seed1_history.json"):  # the QCFS network is trained
         shutil.copy(tmp / "ck" / name, tmp_path / "ck" / name)
-    argv = [*TINY[:TINY.index("--seeds")], "--seeds", "1", "--levels", "4",
+    argv = [*TINY[:TINY.index("--seeds")], "--seeds", "1", "--levels", "8",
             *TINY[TINY.index("--limit-train"):], "--address", f"127.0.0.1:{PORT}"]
     done = in_private_network(
         f"ray start --head --port {PORT} --num-cpus 1 --include-dashboard false && "
@@ -75,8 +75,8 @@ def test_a_two_node_cluster_gives_what_one_process_gives(study, tmp_path):
         f"{study_command(argv)}; status=$?; ray stop --force; exit $status", tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "on Ray: 2 nodes, 2 CPUs" in done.stdout
-    assert "reusing ck/relu_seed1.pt" in done.stdout and "qcfs L=4: trained" in done.stdout
-    same_files(tmp / "ck", tmp_path / "ck", ["qcfs_L4_seed1.pt"])
+    assert "reusing ck/relu_seed1.pt" in done.stdout and "qcfs L=8: trained" in done.stdout
+    same_files(tmp / "ck", tmp_path / "ck", ["qcfs_L8_seed1.pt"])
     on_cluster = json.loads((tmp_path / "out" / "seed1.json").read_text())
     assert list(on_cluster) == [n for n in per_seed[0] if not n.startswith("qcfs L=2")]
     assert without_timings(on_cluster) == without_timings(
@@ -95,22 +95,22 @@ def _copy_without(study, tmp_path, monkeypatch, *names):
 
 
 def test_a_failed_task_is_one_line_and_the_others_are_kept(study, tmp_path, monkeypatch, capsys):
-    argv = _copy_without(study, tmp_path, monkeypatch, "ck/qcfs_L4_seed2.pt", "out/seed2.json")
+    argv = _copy_without(study, tmp_path, monkeypatch, "ck/qcfs_L8_seed2.pt", "out/seed2.json")
     train = lenet5.run
 
     def diverging(args):
-        if args.seed == 2 and args.levels == 4:
+        if args.seed == 2 and args.levels == 8:
             raise UserError("training diverged in epoch 1 (loss nan); its checkpoint is untouched")
         return train(args)
     monkeypatch.setattr(lenet5, "run", diverging)
-    with pytest.raises(SystemExit, match=r"1 task\(s\) failed \(seed 2, qcfs L=4: training\)"):
+    with pytest.raises(SystemExit, match=r"1 task\(s\) failed \(seed 2, qcfs L=8: training\)"):
         seeds.main(argv)
     out = capsys.readouterr().out
     failed = [line for line in out.splitlines() if "failed" in line]
-    assert failed == ["seed 2, qcfs L=4: training failed: training diverged in epoch 1 (loss "
+    assert failed == ["seed 2, qcfs L=8: training failed: training diverged in epoch 1 (loss "
                       "nan); what needs it is not made, everything else is"]
     kept = json.loads((tmp_path / "out" / "seed2.json").read_text())
-    assert len(kept) == 18 and not any(name.startswith("qcfs L=4") for name in kept)
+    assert len(kept) == 18 and not any(name.startswith("qcfs L=8") for name in kept)
 
 
 def test_an_interrupted_study_resumes_with_what_it_made(study, tmp_path, monkeypatch, capsys):

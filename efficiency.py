@@ -178,11 +178,12 @@ def plot_energy_axis(ax, results, labels, styles):
     ax.grid(True, which="both", alpha=0.3)
 
 
-def plot_efficiency(result, path):
-    """Firing rate per layer, SynOps per image against T, accuracy against energy per image."""
+def plot_efficiency(result, path, extra=None):
+    """Firing rate per layer, SynOps per image against T, accuracy against energy per image;
+    `extra(ax, result)`, if given, draws a fourth panel."""
     eff, timesteps = result["efficiency"], result["timesteps"]
     steps = range(1, timesteps + 1)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3 + bool(extra), figsize=(15 + 5 * bool(extra), 4.2))
     rates = eff["firing_rate"]
     axes[0].bar(list(rates), list(rates.values()))
     axes[0].set_ylabel(f"firing rate (spikes / neuron / step, T = {timesteps})")
@@ -200,6 +201,8 @@ def plot_efficiency(result, path):
     plot_energy_axis(axes[2], [result], ["SNN, one point per step"], [{"color": "tab:blue"}])
     axes[2].set_title("accuracy against energy (memory traffic ignored)")
     axes[2].legend(loc="lower right")
+    if extra:
+        extra(axes[3], result)
     fig.suptitle(f"LeNet5 SNN efficiency on {result['test_images']} MNIST test images: "
                  f"{settings_text(result['settings'])}", fontsize=10)
     save_figure(fig, path)

@@ -48,6 +48,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import efficiency
+import energy_models
 from checkpoint import OUTPUT_LAYER, load_checkpoint
 from cli import UserError
 from constant_input import in_closed_form, stages
@@ -542,19 +543,23 @@ def result_of(conversion, snn, batches, device, accuracy, counts, seconds):
     rates, SynOps and energy from its spike `counts` ({module: [T, *units]})."""
     ann_accuracy = evaluate(conversion.ann, batches, device)
     images, timesteps = len(batches.labels), len(accuracy)
+    eff = efficiency.efficiency(snn, counts, images, timesteps, neuron_names(snn),
+                                efficiency.input_shapes(conversion.ann))
+    level = first_step_within(accuracy, ann_accuracy)
     return {
         "ann_accuracy": ann_accuracy,
         "snn_accuracy": accuracy,
         "timesteps": timesteps,
-        AT_ANN_LEVEL_KEY: first_step_within(accuracy, ann_accuracy),
+        AT_ANN_LEVEL_KEY: level,
         "settings": settings_record(conversion),
         "first_layer_in_closed_form": in_closed_form(snn),  # how it was simulated (`stages`)
         "checkpoint": str(conversion.path),
         "test_images": images,
         "device": str(device),
         "simulation_seconds": round(seconds, 2),
-        "efficiency": efficiency.efficiency(snn, counts, images, timesteps, neuron_names(snn),
-                                            efficiency.input_shapes(conversion.ann)),
+        "efficiency": eff,
+        "energy_models": energy_models.energies(snn, eff, counts, images, batches, device,
+                                                IMAGE_SHAPE, also=level),
     }
 
 
@@ -614,6 +619,7 @@ def print_table(result):
         print(f"{level}: not within {result['timesteps']} steps")
     print("firing rates: " + ", ".join(f"{name} {rate:.3f}"
                                        for name, rate in eff["firing_rate"].items()))
+    print(energy_models.summary(result["energy_models"], reached[0] if reached else 1))
 
 
 # ----------------------------------------------------------------------------- main
@@ -655,7 +661,8 @@ def main(argv=None):
             early = early_exit.run(conversion, snn, batches, validation, args.timesteps, device)
         with cli.file_set(args.out_dir) as files:
             plot_accuracy(result, files.path("snn_accuracy.png"))
-            efficiency.plot_efficiency(result, files.path("snn_efficiency.png"))
+            efficiency.plot_efficiency(result, files.path("snn_efficiency.png"),
+                                       energy_models.plot_memory_axis)
             cli.write_json(files.path("snn_accuracy.json"), result)
             if exit_rule:
                 record = early_exit.write(result, early, batches.images, files)

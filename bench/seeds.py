@@ -91,6 +91,8 @@ CACHED = {
     "checkpoint": lambda v: isinstance(v, str),
     "synops_by_layer": lambda v: isinstance(v, dict) and all(
         cli.conforms(x, [AMOUNT]) for x in v.values()),
+    "energy_models": {"snn_memory_pj": [AMOUNT], "ann_memory_pj": AMOUNT,
+                      "qnn": lambda v: isinstance(v, list) and bool(v)},
 }
 CACHED_EARLY_EXIT = dict.fromkeys(early_exit.SUMMARY_KEYS, AMOUNT) | {
     "deadline": STEP, "fixed_timesteps": STEP, "mean_steps": Number(1, MAX_TIMESTEPS),
@@ -138,6 +140,8 @@ def convert(start, path, label, settings, run):
              "snn_energy_pj": result["efficiency"]["snn_energy_pj"],
              "synops_by_layer": result["efficiency"]["synops_by_layer"],
              "ann_energy_pj": result["efficiency"]["ann_energy_pj"]}
+    if "energy_models" in result:  # with memory traffic, against the QNN (not early exit's)
+        kept["energy_models"] = {k: v for k, v in result["energy_models"].items() if k != "table"}
     if "early_exit" in result:
         kept["early_exit"] = {key: result["early_exit"][key] for key in early_exit.SUMMARY_KEYS}
     return kept
@@ -218,7 +222,8 @@ def _result(entry):
     if not cli.conforms(entry, CACHED):
         return False
     steps = entry["run"]["timesteps"]
-    per_step = [entry["snn_accuracy"], entry["snn_energy_pj"], *entry["synops_by_layer"].values()]
+    per_step = [entry["snn_accuracy"], entry["snn_energy_pj"], *entry["synops_by_layer"].values(),
+                entry["energy_models"]["snn_memory_pj"]]
     exits = entry["settings"]["exit_rule"] != "none"
     return (all(len(values) == steps for values in per_step)
             and (entry[AT_ANN_LEVEL_KEY] or 0) <= steps and exits == ("early_exit" in entry)

@@ -16,6 +16,7 @@ from pathlib import Path
 import cli
 import early_exit
 import efficiency
+import energy_models
 import lenet_convert
 from checkpoint import OUTPUT_LAYER
 from lenet_convert import (
@@ -137,8 +138,12 @@ def compare_settings(settings, percentiles, every_knob=True):
     return variants
 
 
+MEMORY_COLUMNS = ("snn_memory_uj", "over_ann_compute", "over_ann_memory", "over_qnn_memory")
+
+
 def compare_rows(results):
-    """One table row per result: accuracy at 1, 2, 4, ... steps, SynOps and energy.
+    """One table row per result: accuracy at 1, 2, 4, ... steps, SynOps and energy; at the
+    first step within 0.1 pp of the ANN, the energies with memory traffic (energy_models.py).
 
     For early exit, the steps are a cap (docs/method.md §9); `early_exit_*` give its own
     accuracy, mean steps and energy per image with the cap at T.
@@ -155,6 +160,8 @@ def compare_rows(results):
                 "synops_there": round(reached[1]) if reached else None,
                 "energy_there_uJ": round(reached[2] / 1e6, 3) if reached else None,
                 "ann_energy_uJ": round(eff["ann_energy_pj"] / 1e6, 3)}
+        there = energy_models.at_step(result, reached[0]) if reached else {}
+        row |= {key: round(there[key], 3) if there else None for key in MEMORY_COLUMNS}
         early = result.get("early_exit")
         row |= {"early_exit_accuracy": round(100 * early["test_accuracy"], 2) if early else None,
                 "early_exit_mean_steps": round(early["mean_steps"], 3) if early else None,
@@ -207,11 +214,14 @@ def plot_compare(results, path):
 def print_compare(rows):
     steps = [key for key in rows[0] if key.startswith("t=")]
     print(f"{'setting':42s} " + " ".join(f"{s:>6}" for s in steps) + f" {'ANN':>6} "
-          f"{'at ANN':>8} {'µJ there':>8}   early exit: accuracy at mean steps")
+          f"{'at ANN':>8} {'µJ there':>8} {'× ANN':>6} {'memory: µJ':>10} {'× ANN':>6} "
+          f"{'× QNN':>6}   early exit: accuracy at mean steps")
     for row in rows:
         name = f"{Path(row['checkpoint']).stem}: {row['setting']}"[:42]
         there = row[AT_ANN_LEVEL_KEY]
         early = (f"   {row['early_exit_accuracy']:.2f} at {row['early_exit_mean_steps']:.2f}"
                  if row["early_exit_mean_steps"] is not None else "")
+        memory = [row[key] or "-" for key in MEMORY_COLUMNS]
         print(f"{name:42s} " + " ".join(f"{row[s]:6.2f}" for s in steps) + f" {row['ann']:6.2f} "
-              f"{there or '-':>8} {row['energy_there_uJ'] or '-':>8}{early}")
+              f"{there or '-':>8} {row['energy_there_uJ'] or '-':>8} {memory[1]:>6} "
+              f"{memory[0]:>10} {memory[2]:>6} {memory[3]:>6}{early}")

@@ -21,6 +21,7 @@ The model, per image (every constant in ENERGY_TABLE):
 
 import itertools
 import math
+import statistics
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -395,3 +396,57 @@ def plot_memory_axis(ax, result):
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title("with memory traffic: SNN, float ANN, QNN")
     ax.legend(loc="lower right", fontsize=8)
+
+
+def at_step(result, t):
+    """The three energies of a result (lenet_convert.run, or a study's record of it) after
+    step `t`, one of its QNN's steps: µJ per image and the SNN's ratios."""
+    models = result["energy_models"]
+    qnn = next(q for q in models["qnn"] if q["t"] == t)
+    compute = result.get("snn_energy_pj") or result["efficiency"]["snn_energy_pj"]
+    return {"t": t, "snn_compute_uj": compute[t - 1] / 1e6,
+            "snn_memory_uj": models["snn_memory_pj"][t - 1] / 1e6,
+            "ann_memory_uj": models["ann_memory_pj"] / 1e6, "qnn_memory_uj": qnn["memory_pj"] / 1e6,
+            "over_ann_compute": models["snn_over_ann_compute"][t - 1],
+            "over_ann_memory": models["snn_over_ann_memory"][t - 1],
+            "over_qnn_memory": qnn["snn_over_qnn_memory"], "spike_rate": qnn["spike_rate"],
+            "break_even_spike_rate": qnn["break_even_spike_rate"]}
+
+
+def over_seeds(runs, level_key):
+    """{network: {"t=1" and "at ANN level": {figure: mean, std and per seed}}} of `at_step` over
+    the seeds, from {network: its results, one per seed}; `level_key` names each result's first
+    step within 0.1 pp of its ANN."""
+    table = {}
+    for name, results in runs.items():
+        for where, steps in (("t=1", [1] * len(results)),
+                             ("at ANN level", [r[level_key] for r in results])):
+            if None in steps or any("energy_models" not in r for r in results):
+                continue
+            rows = [at_step(r, t) for r, t in zip(results, steps, strict=True)]
+            figures = {}
+            for key in rows[0]:
+                values = [row[key] for row in rows]
+                figures[key] = {"per_seed": values} | ({} if None in values else {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0})
+            table.setdefault(name, {})[where] = figures
+    return table
+
+
+def over_seeds_text(table):
+    """Lines on `over_seeds`: where each network stands against each reference."""
+    def cell(figure, digits=2):
+        if "mean" not in figure:
+            return str(figure["per_seed"])
+        return f"{figure['mean']:.{digits}f} ± {figure['std']:.{digits}f}"
+    lines = ["with memory traffic (mean ± std over the seeds): µJ per image, × the float ANN "
+             "(compute only, with memory), × the bit-matched QNN, spike rate, break-even rate"]
+    for name, places in table.items():
+        for where, f in places.items():
+            lines.append(
+                f"{name:>24s} {where:>12s} (t {cell(f['t'], 1)}): {cell(f['snn_memory_uj'])} µJ, "
+                f"× ANN {cell(f['over_ann_compute'])} / {cell(f['over_ann_memory'])}, × QNN "
+                f"{cell(f['over_qnn_memory'])}, rate {cell(f['spike_rate'], 3)}, break-even "
+                f"{cell(f['break_even_spike_rate'], 3)}")
+    return "\n".join(lines)

@@ -50,6 +50,7 @@ import studies  # noqa: E402
 from studies import argv_path, training_argv  # noqa: E402
 
 import early_exit  # noqa: E402
+import energy_models  # noqa: E402
 import lenet5  # noqa: E402
 import options  # noqa: E402
 from checkpoint import MAX_LEVELS, OUTPUT_LAYER, load_checkpoint  # noqa: E402
@@ -283,7 +284,8 @@ def summarise(seeds, per_seed, timesteps):
     test_images = per_seed[seeds[0]][GIVEN]["test_images"]
     return {"seeds": list(seeds), "timesteps": timesteps, "test_images": test_images,
             "runs": runs, "summary": summary, "paired": paired, "early_exit": exits,
-            "levels": levels_summary(seeds, per_seed),
+            "levels": levels_summary(seeds, per_seed), "memory": energy_models.over_seeds(
+                {n: [per_seed[s][x] for s in seeds] for n, x in NAMES.items()}, AT_ANN_LEVEL_KEY),
             "std": "sample standard deviation over the seeds (n - 1)"}
 
 
@@ -584,6 +586,7 @@ def print_summary(study):
                   + "".join(cell(e["snn_mean"][t - 1], e["snn_std"][t - 1]) for t in (1, 2, 4, 8)
                             if t <= study["timesteps"])
                   + f"   {there[0]} / {there[1]} steps, {energy} µJ")
+    print(energy_models.over_seeds_text(study["memory"]))
 
 
 def _mean_or_list(entry, key, scale=1):

@@ -56,6 +56,19 @@ def test_summary_and_paired_differences_are_over_the_seeds(study):
         saved["paired"])
 
 
+def test_the_energies_with_memory_traffic_are_summarised_over_the_seeds(study):
+    _, _, saved, per_seed = study
+    memory = saved["memory"]
+    assert set(memory) == {"relu", "relu_braincog_reference", "qcfs"}
+    first = memory["qcfs"]["t=1"]
+    per_seed_qnn = [run["qcfs L=8: as given"]["energy_models"]["qnn"][0] for run in per_seed]
+    assert first["over_qnn_memory"]["per_seed"] == [q["snn_over_qnn_memory"] for q in per_seed_qnn]
+    assert first["over_qnn_memory"]["mean"] == pytest.approx(
+        sum(q["snn_over_qnn_memory"] for q in per_seed_qnn) / 2)
+    assert first["snn_compute_uj"]["per_seed"] == pytest.approx(
+        [run["qcfs L=8: as given"]["snn_energy_pj"][0] / 1e6 for run in per_seed])
+
+
 def test_early_exit_and_levels_are_summarised_per_seed(study):
     _, _, saved, per_seed = study
     early = saved["early_exit"]

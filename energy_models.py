@@ -342,6 +342,11 @@ def energies(snn, eff, counts, images, batches, device, image_shape, hw=DEFAULT_
             # spike-driven costs scaled together; None: its spike-free costs alone exceed it
             "break_even_spike_rate": rate * (memory - fixed) / scaled
             if scaled > 0 and memory > fixed else None,
+            # per weighted layer: the factor its incoming spikes would have to be scaled by for
+            # their events to cost what the QNN's layer costs (above 1: they cost less already)
+            "break_even_factor_by_layer": {
+                name: (parts[name][1] - f[t - 1]) / s[t - 1]
+                for name, (s, f) in snn_parts.items() if name in macs and s[t - 1] > 0},
         })
     return {
         "hardware": hw._asdict(),

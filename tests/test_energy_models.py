@@ -100,23 +100,36 @@ def test_the_compute_only_figures_are_efficiencys_and_the_float_anns_compute_mat
                                               for e in eff["snn_energy_pj"]]
 
 
+def _snn_parts(layers, eff, counts, first, scale=1.0):
+    """snn_energy of the measured run with every spike and SynOp scaled by `scale`, the layers
+    counted in closed form spread over the steps as `energies` does."""
+    synops = {name: [scale * (b - a) for a, b in zip([0, *ops], ops, strict=False)]
+              for name, ops in eff["synops_by_layer"].items()}
+    spikes = {}
+    for layer in [layer for layer in layers if layer.kind != "weighted"]:
+        fired = scale * counts[layer.name].flatten(1).sum(1).double() / 300
+        spikes[layer.name] = (fired if len(fired) == 4 else fired.sum().expand(4) / 4).tolist()
+    return snn_energy(layers, Hardware(), synops, spikes, first)
+
+
 def test_at_the_break_even_spike_rate_the_snn_costs_what_its_qnn_costs(measured):
     """Every spike (and so every SynOp) scaled to the break-even rate: the SNN's memory-inclusive
-    energy is then the QNN's."""
+    energy is then the QNN's; and layer by layer, the events into a weighted layer scaled by its
+    own factor cost what the QNN's layer does."""
     _, _, _, eff, models, snn, counts = measured
     layers, checked = layers_of(snn, IMAGE_SHAPE), 0
+    first = models["qnn"][0]["nonzero_macs_by_layer"]["c1"] if eff["first_layer_macs"] else 0
+    unscaled = _snn_parts(layers, eff, counts, first)
     for q in models["qnn"]:
+        t = q["t"]
+        for name, factor in q["break_even_factor_by_layer"].items():
+            scaled, fixed = unscaled[name][0][t - 1], unscaled[name][1][t - 1]
+            assert q["memory_by_layer_pj"][name] == pytest.approx(factor * scaled + fixed)
+        assert set(q["break_even_factor_by_layer"]) == set(eff["synops_by_layer"])
         if q["break_even_spike_rate"] is None:
             continue
-        t, scale = q["t"], q["break_even_spike_rate"] / q["spike_rate"]
-        synops = {name: [scale * (b - a) for a, b in zip([0, *ops], ops, strict=False)]
-                  for name, ops in eff["synops_by_layer"].items()}
-        spikes = {}
-        for layer in [layer for layer in layers if layer.kind != "weighted"]:
-            fired = scale * counts[layer.name].flatten(1).sum(1).double() / 300
-            spikes[layer.name] = (fired if len(fired) == 4 else fired.sum().expand(4) / 4).tolist()
-        first = q["nonzero_macs_by_layer"]["c1"] if eff["first_layer_macs"] else 0
-        parts = snn_energy(layers, Hardware(), synops, spikes, first)
+        parts = _snn_parts(layers, eff, counts, first,
+                           q["break_even_spike_rate"] / q["spike_rate"])
         assert sum(s[t - 1] + f[t - 1] for s, f in parts.values()) == pytest.approx(
             q["memory_pj"], rel=1e-9)
         checked += 1

@@ -60,6 +60,7 @@ import seeds  # noqa: E402
 import studies  # noqa: E402
 from studies import argv_path  # noqa: E402
 
+import energy_models  # noqa: E402
 import lenet5  # noqa: E402
 import lenet_convert  # noqa: E402
 import options  # noqa: E402
@@ -283,6 +284,8 @@ def summarise_test(seed_list, per_seed, relu_ann, ann_energy_pj):
                                             strict=True)]
                      for r, s in zip(results, seed_list, strict=True)])[:2], strict=True))
                 for what in ("snn_accuracy", "snn_energy_pj")}
+        entry["memory"] = energy_models.over_seeds(
+            {key: results}, lenet_convert.AT_ANN_LEVEL_KEY).get(key)
         if "early_exit" in results[0]:
             entry["early_exit"] = {k: stats([r["early_exit"][k] for r in results])
                                    for k in ("test_accuracy", "mean_steps", "energy_pj_per_image")}
@@ -434,6 +437,8 @@ def print_study(study):
                  f"{100 * diff['snn_accuracy']['std'][0]:.2f}" if diff else "")
               + (f"  meets the target at t = {e['meets_target_at']}" if e["meets_target_at"]
                  else ""))
+    print(energy_models.over_seeds_text({key: e["memory"] for key, e in study["test"].items()
+                                         if e.get("memory")}))
 
 
 # ----------------------------------------------------------------------------- command line

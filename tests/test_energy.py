@@ -271,5 +271,9 @@ def test_a_network_on_spikes_and_taught_is_trained_converted_and_paired(sweep, c
     assert result["snn_energy_pj"][0] < study["per_seed"][1]["test"]["L=2, w=0: gamma = L"][
         "snn_energy_pj"][0] - 117_600 * 4.6 / 2  # no MACs: much less than the pair
     assert "minus_unpenalised" in study["test"][key]
+    memory = study["test"][key]["memory"]["t=1"]  # and with memory traffic, against its QNN
+    assert memory["over_qnn_memory"]["per_seed"] == [
+        result["energy_models"]["qnn"][0]["snn_over_qnn_memory"]]
+    assert "with memory traffic" in capsys.readouterr().out
     trained = load_checkpoint(tmp / "ck" / "energy" / "qcfs_L2_w10_in4_kd1_T2_e1_seed1.pt")
     assert trained["input_levels"] == 4 and trained["args"]["teacher"].endswith("relu_seed1.pt")

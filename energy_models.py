@@ -39,8 +39,6 @@ DRAM_PJ_PER_64_BITS = 1300.0  # the low end of Horowitz's 1.3 to 2.6 nJ
 STATE_BITS = 32  # potentials, biases, currents, sums, the float ANN's activations
 IMAGE_BITS = 8  # an MNIST pixel
 MANTISSA_BITS = 24  # a float32 multiply's cost is its 24 x 24-bit mantissa product
-WEIGHT_BITS = (32, 8)  # float32, or int8 (then the sums are int32)
-WEIGHTS_IN = ("sram", "dram")  # each layer's weights in an SRAM of their size, or in DRAM
 ENERGY_TABLE = {
     "float32 multiply / add (pJ)": [FP32_MULT, FP32_ADD],
     "int8 multiply / int32 add (pJ)": [INT8_MULT, INT32_ADD],

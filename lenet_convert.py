@@ -558,8 +558,9 @@ def result_of(conversion, snn, batches, device, accuracy, counts, seconds):
         "device": str(device),
         "simulation_seconds": round(seconds, 2),
         "efficiency": eff,
-        "energy_models": energy_models.energies(snn, eff, counts, images, batches, device,
-                                                IMAGE_SHAPE, also=level),
+        "energy_models": energy_models.energies(
+            snn, eff, counts, images, batches, device, IMAGE_SHAPE, energy_models.Hardware(
+                conversion.settings.weight_bits, conversion.settings.weights_in), level),
     }
 
 

@@ -43,6 +43,8 @@ NORMS = ("layer", "channel", "neuron")  # per layer; per convolution channel; an
 RESETS = ("subtract", "zero")
 EXIT_RULES = ("none", "margin", "confidence")
 LOOK_INSIDE_KINDS = ("late", "wrong")  # test images --look-inside finds (look_inside.py)
+WEIGHT_BITS = (32, 8)  # the energy model's weights: float32, or int8 (energy_models.Hardware)
+WEIGHTS_IN = ("sram", "dram")  # in an SRAM sized to each layer's weights, or in DRAM
 
 
 class Settings(NamedTuple):
@@ -69,6 +71,8 @@ class Settings(NamedTuple):
     exit_margin: float = ANN_MARGIN
     exit_deadline: int | None = None
     input_levels: int | None = None
+    weight_bits: int = WEIGHT_BITS[0]  # what the energy model with memory traffic assumes
+    weights_in: str = WEIGHTS_IN[0]
 
 
 DEFAULT_SETTINGS = Settings()
@@ -183,6 +187,12 @@ def parse_args(argv=None, description=None):
     parser.add_argument("--input-levels", type=cli.positive_int(MAX_INPUT_LEVELS), default=None,
                         metavar="L_IN", help="the input layer's levels L_in (implies --input "
                         f"spikes); default: the checkpoint's, else {INPUT_LEVELS}")
+    parser.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=WEIGHT_BITS[0],
+                        help="energy with memory traffic: the weights' width (32: float32, 8: "
+                             "int8 with int32 sums; docs/method.md §7)")
+    parser.add_argument("--weights-in", choices=WEIGHTS_IN, default=WEIGHTS_IN[0],
+                        help="energy with memory traffic: the weights in an SRAM sized to each "
+                             "layer, or in DRAM")
     parser.add_argument("--norm", choices=NORMS, default=NORM,
                         help="one activation scale per layer; per output channel of each "
                              "convolution (BrainCog's channelnorm); or that and per neuron of "

@@ -1,5 +1,6 @@
 """The memory-inclusive energy and the bit-matched QNN (energy_models.py) against hand counts."""
 
+import json
 from collections import OrderedDict
 
 import pytest
@@ -9,6 +10,7 @@ from helpers import DATA
 
 import efficiency
 import energy_models
+import lenet_convert
 from energy_models import Hardware, Layer, access_pj, ann_energy, layers_of, snn_energy
 from lenet5 import evaluate
 from lenet_convert import SpikeNode, build_snn, evaluate_snn, load_ann, neuron_names
@@ -134,3 +136,17 @@ def test_at_the_break_even_spike_rate_the_snn_costs_what_its_qnn_costs(measured)
             q["memory_pj"], rel=1e-9)
         checked += 1
     assert checked
+
+
+def test_the_hardware_is_asked_on_the_command_line_and_leaves_the_compute_count(trained, tmp_path):
+    common = ["--checkpoint", str(trained), "--limit", "200", "--timesteps", "2", "--device",
+              "cpu", "--data-dir", str(DATA)]
+    default = lenet_convert.main([*common, "--out-dir", str(tmp_path / "a")])
+    asked = lenet_convert.main([*common, "--out-dir", str(tmp_path / "b"), "--weight-bits", "8",
+                                "--weights-in", "dram"])
+    assert default["energy_models"]["hardware"] == {"weight_bits": 32, "weights_in": "sram"}
+    assert asked["energy_models"]["hardware"] == {"weight_bits": 8, "weights_in": "dram"}
+    assert asked["efficiency"] == default["efficiency"]  # the compute-only count, unchanged
+    assert asked["energy_models"]["snn_memory_pj"] != default["energy_models"]["snn_memory_pj"]
+    saved = json.loads((tmp_path / "b" / "snn_accuracy.json").read_text())
+    assert saved["energy_models"]["hardware"]["weights_in"] == "dram"

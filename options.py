@@ -45,6 +45,7 @@ EXIT_RULES = ("none", "margin", "confidence")
 LOOK_INSIDE_KINDS = ("late", "wrong")  # test images --look-inside finds (look_inside.py)
 WEIGHT_BITS = (32, 8)  # the energy model's weights: float32, or int8 (energy_models.Hardware)
 WEIGHTS_IN = ("sram", "dram")  # in an SRAM sized to each layer's weights, or in DRAM
+HARDWARE = ("weight_bits", "weights_in")  # the Settings of the energy model, not of the SNN
 
 
 class Settings(NamedTuple):

@@ -388,9 +388,12 @@ def plot_memory_axis(ax, result):
     qnn = models["qnn"]
     ax.plot([q["memory_pj"] / 1e6 for q in qnn], [100 * q["accuracy"] for q in qnn], marker="D",
             linestyle=":", color="tab:green", label="bit-matched QNN of step t")
-    for q in qnn:
-        ax.annotate(f"t={q['t']}", (q["memory_pj"] / 1e6, 100 * q["accuracy"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, -9))
+    last = 0.0
+    for q in qnn:  # a label where it does not sit on the one before (log axis: 30 % apart)
+        if q["memory_pj"] > 1.3 * last:
+            last = q["memory_pj"]
+            ax.annotate(f"t={q['t']}", (last / 1e6, 100 * q["accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, -9))
     ax.set_xscale("log")
     ax.set_xlabel("energy per image with memory traffic (µJ)")
     ax.set_ylabel("test accuracy (%)")

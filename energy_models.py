@@ -140,7 +140,9 @@ def layers_of(snn, image_shape):
 
 class Quantise(nn.Module):
     """A SpikeNode's count after t steps on a constant input, as an activation: y = theta / t *
-    clamp(floor(t * gain * x / theta + v0), 0, t * gamma), (ceil(log2(t * gamma + 1)) bits)."""
+    clamp(floor(t * gain * x / theta + v0), 0, t * gamma), (ceil(log2(t * gamma + 1)) bits): the
+    C_t of constant_input.py in exact arithmetic (that one repairs float32 rounding to match a
+    stepped neuron, which the QNN, a function of its own, does not need)."""
 
     def __init__(self, node, steps):
         super().__init__()

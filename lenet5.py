@@ -69,6 +69,7 @@ from percentile_tables import (
     calibration_set,
     check_tables,
     percentile_tables,
+    recorded_percentile,
 )
 
 # ----------------------------------------------------------------------------- defaults
@@ -331,27 +332,13 @@ def init_from(model, path, key):
             continue
         lam = state.get(f"{name}.threshold")
         if lam is None:  # a ReLU there
-            lam = torch.tensor(_percentiles_of(checkpoint, name, key, layer.threshold.dim() > 0,
-                                               path))
+            lam = torch.tensor(recorded_percentile(checkpoint, name, key,
+                                                   layer.threshold.dim() > 0, path))
         if lam.dim() > layer.threshold.dim():
             raise UserError(f"{path} has one lambda per channel: it cannot start a network with "
                             "one per layer (add --channel-thresholds)")
         state[f"{name}.threshold"] = lam.expand_as(layer.threshold).clone()
     model.load_state_dict(state)
-
-
-def _percentiles_of(checkpoint, name, key, per_channel, path):
-    """The `key` percentile of layer `name` (a list per channel, where a silent channel takes
-    the layer's), to start a QCFS lambda from."""
-    try:
-        value = float(checkpoint["percentiles"][name][key])
-        if per_channel:
-            return [v if v > 0 else value
-                    for v in checkpoint["channel_percentiles"][name][key]]
-    except (KeyError, TypeError):
-        raise UserError(f"{path} has no {key}th percentile of {name} to start its QCFS "
-                        "threshold from") from None
-    return value
 
 
 # ----------------------------------------------------------------------------- the hook

@@ -81,3 +81,17 @@ def check_tables(checkpoint, model, hooked, path):
         if lengths != {channels[layer]}:
             raise UserError(f"{path}: channel_percentiles[{layer!r}] has {min(lengths)} values "
                             f"per percentile, not one per channel ({channels[layer]})")
+
+
+def recorded_percentile(checkpoint, name, key, per_channel, path):
+    """The `key` percentile of layer `name` (a list per channel, where a silent channel takes
+    the layer's), to start a QCFS lambda from."""
+    try:
+        value = float(checkpoint["percentiles"][name][key])
+        if per_channel:
+            return [v if v > 0 else value
+                    for v in checkpoint["channel_percentiles"][name][key]]
+    except (KeyError, TypeError):
+        raise UserError(f"{path} has no {key}th percentile of {name} to start its QCFS "
+                        "threshold from") from None
+    return value

@@ -15,6 +15,7 @@ import matplotlib.ticker
 import torch
 
 import cli
+import energy_models
 from constant_input import stages
 from lenet5 import evaluate
 from lenet_convert import (
@@ -40,7 +41,9 @@ EXIT_TIMING_REPEATS = 5  # early exit and its fixed-T comparison are each timed 
 EXIT_MERGE = 0.25  # groups shrunk below this fraction of a batch are merged (see _regroup)
 SUMMARY_KEYS = ("threshold", "deadline", "validation_accuracy", "validation_ann_accuracy",
                 "test_accuracy", "mean_steps", "fixed_timesteps", "fixed_accuracy", "seconds",
-                "fixed_seconds", "synops_per_image", "energy_pj_per_image")  # for a study
+                "fixed_seconds", "synops_per_image", "energy_pj_per_image",
+                "memory_pj_per_image", "over_ann_memory", "qnn_memory_pj",
+                "over_qnn_memory")  # for a study
 
 
 # ----------------------------------------------------------------------------- the rule
@@ -300,10 +303,13 @@ def run(conversion, snn, batches, validation, timesteps, device):
     announce(conversion, len(batches.labels), timesteps, device)
     accuracy, counts, seconds, record = run_early_exit(
         snn, conversion.ann, conversion.settings, batches, validation, timesteps, device)
-    result = result_of(conversion, snn, batches, device, accuracy, counts, seconds)
+    result = result_of(conversion, snn, batches, device, accuracy, counts, seconds,
+                       record["fixed_timesteps"])
     eff = result["efficiency"]
     result["early_exit"] = record | {"synops_per_image": eff["synops_per_image"][-1],
-                                     "energy_pj_per_image": eff["snn_energy_pj"][-1]}
+                                     "energy_pj_per_image": eff["snn_energy_pj"][-1]} | (
+        energy_models.early_exit(result["energy_models"], record["mean_steps"],
+                                 record["fixed_timesteps"]))
     return result
 
 
@@ -378,10 +384,16 @@ def print_early_exit(record):
           f"{record['deadline']} ({chosen}): "
           f"{record['test_accuracy']:.2%} at {record['mean_steps']:.2f} steps on average "
           f"({record['synops_per_image'] / 1e3:.0f}k SynOps, "
-          f"{record['energy_pj_per_image'] / 1e6:.3f} µJ per image); fixed T reaches that "
+          f"{record['energy_pj_per_image'] / 1e6:.3f} µJ per image by operations only); fixed "
+          "T reaches that "
           f"accuracy at t = {record['fixed_timesteps']}; time {record['seconds']:.2f}s against "
           f"{record['fixed_seconds']:.2f}s for fixed T = {record['fixed_timesteps']} "
           f"({ratio:.2f}×, {record['timing']})")
+    print(f"  with memory traffic (docs/method.md §7): "
+          f"{record['memory_pj_per_image'] / 1e6:.2f} µJ per image, "
+          f"{record['over_ann_memory']:.2f} × the float ANN, {record['over_qnn_memory']:.2f} × "
+          f"the QNN of fixed T = {record['fixed_timesteps']} "
+          f"({record['qnn_memory_pj'] / 1e6:.2f} µJ)")
     if record.get("within_margin") is False:
         print("  (no threshold came within --exit-margin of the ANN on validation: the most "
               "accurate one was taken)")

@@ -318,6 +318,7 @@ def energies(snn, eff, counts, images, batches, device, image_shape, hw=DEFAULT_
     first_macs = qnn_runs[1][1][first] if eff["first_layer_macs"] else 0
     snn_parts = snn_energy(layers, hw, synops, spikes, first_macs)
     snn_memory = [sum(s[t] + f[t] for s, f in snn_parts.values()) for t in range(timesteps)]
+    without_spikes = [sum(f[t] for _, f in snn_parts.values()) for t in range(timesteps)]
     analog = layers[1:] if layers[0].kind == "neuron" else layers  # the float ANN's input
     ann = ann_energy(analog, hw, eff["ann_macs_by_layer"])
     ann_memory = sum(m for _, m in ann.values())
@@ -354,6 +355,8 @@ def energies(snn, eff, counts, images, batches, device, image_shape, hw=DEFAULT_
         # steps, exact at t = T
         "spikes_spread_evenly": spread,
         "snn_memory_pj": snn_memory,
+        # its part that no spike causes: each step's potentials (once + t * per step)
+        "snn_memory_without_spikes_pj": without_spikes,
         "ann_compute_pj": sum(c for c, _ in ann.values()),
         "ann_memory_pj": ann_memory,
         "snn_over_ann_compute": [e / eff["ann_energy_pj"] for e in eff["snn_energy_pj"]],
@@ -361,6 +364,20 @@ def energies(snn, eff, counts, images, batches, device, image_shape, hw=DEFAULT_
         "qnn": qnn,
         "table": ENERGY_TABLE,
     }
+
+
+def early_exit(models, mean_steps, fixed_steps):
+    """Early exit's memory-inclusive energy per image, from `energies` of its simulation (whose
+    spikes and SynOps are those of the steps each image ran): the spike-driven part as counted,
+    the rest (`snn_memory_without_spikes_pj`, affine in the steps) for the `mean_steps` the
+    images ran; against the float ANN and the QNN of `fixed_steps`, the fixed T that reaches
+    early exit's accuracy (its time is compared with that T's too)."""
+    memory, fixed = models["snn_memory_pj"], models["snn_memory_without_spikes_pj"]
+    per_step = (fixed[-1] - fixed[0]) / (len(fixed) - 1) if len(fixed) > 1 else 0.0
+    energy = memory[-1] - fixed[-1] + fixed[0] + (mean_steps - 1) * per_step
+    qnn = next(q for q in models["qnn"] if q["t"] == fixed_steps)
+    return {"memory_pj_per_image": energy, "over_ann_memory": energy / models["ann_memory_pj"],
+            "qnn_memory_pj": qnn["memory_pj"], "over_qnn_memory": energy / qnn["memory_pj"]}
 
 
 def summary(models, t=1):
@@ -418,7 +435,11 @@ def at_step(result, t):
             "over_ann_compute": models["snn_over_ann_compute"][t - 1],
             "over_ann_memory": models["snn_over_ann_memory"][t - 1],
             "over_qnn_memory": qnn["snn_over_qnn_memory"], "spike_rate": qnn["spike_rate"],
-            "break_even_spike_rate": qnn["break_even_spike_rate"]}
+            "break_even_spike_rate": qnn["break_even_spike_rate"],
+            "by_layer": {name: {"snn_memory_uj": snn / 1e6,
+                                "qnn_memory_uj": qnn["memory_by_layer_pj"].get(name, 0.0) / 1e6,
+                                "break_even_factor": qnn["break_even_factor_by_layer"].get(name)}
+                         for name, snn in qnn["snn_memory_by_layer_pj"].items()}}
 
 
 def over_seeds(runs, level_key):
@@ -432,14 +453,17 @@ def over_seeds(runs, level_key):
             if None in steps or any("energy_models" not in r for r in results):
                 continue
             rows = [at_step(r, t) for r, t in zip(results, steps, strict=True)]
-            figures = {}
-            for key in rows[0]:
-                values = [row[key] for row in rows]
-                figures[key] = {"per_seed": values} | ({} if None in values else {
-                    "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0})
-            table.setdefault(name, {})[where] = figures
+            table.setdefault(name, {})[where] = _spread(rows)
     return table
+
+
+def _spread(rows):
+    """{key: {per_seed, mean, std}} over `rows` (dicts alike, one per seed), nested dicts key by
+    key; no mean where a seed has None."""
+    if isinstance(rows[0], dict):
+        return {key: _spread([row[key] for row in rows]) for key in rows[0]}
+    return {"per_seed": rows} | ({} if None in rows else {
+        "mean": statistics.fmean(rows), "std": statistics.stdev(rows) if len(rows) > 1 else 0.0})
 
 
 def over_seeds_text(table):
@@ -457,4 +481,8 @@ def over_seeds_text(table):
                 f"× ANN {cell(f['over_ann_compute'])} / {cell(f['over_ann_memory'])}, × QNN "
                 f"{cell(f['over_qnn_memory'])}, rate {cell(f['spike_rate'], 3)}, break-even "
                 f"{cell(f['break_even_spike_rate'], 3)}")
+            lines.append(f"{'':>37s}spikes into each layer must fall to (× today's): " + ", ".join(
+                f"{layer} {cell(part['break_even_factor'])}"
+                for layer, part in f["by_layer"].items() if part["break_even_factor"]["per_seed"]
+                [0] is not None))
     return "\n".join(lines)

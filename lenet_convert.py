@@ -537,10 +537,11 @@ def announce(conversion, images, timesteps, device):
           f"{conversion.path}, {settings_text(settings_record(conversion))}")
 
 
-def result_of(conversion, snn, batches, device, accuracy, counts, seconds):
+def result_of(conversion, snn, batches, device, accuracy, counts, seconds, qnn_step=None):
     """The result of a simulation of `conversion`'s `snn` on `batches` (JSON-ready): its
     accuracy per step (a list over T steps) beside the ANN's, the settings, and the firing
-    rates, SynOps and energy from its spike `counts` ({module: [T, *units]})."""
+    rates, SynOps and energy from its spike `counts` ({module: [T, *units]}); the QNN of step
+    `qnn_step` (default: the first at the ANN's level) is run besides those of 1, 2, 4, ..."""
     ann_accuracy = evaluate(conversion.ann, batches, device)
     images, timesteps = len(batches.labels), len(accuracy)
     eff = efficiency.efficiency(snn, counts, images, timesteps, neuron_names(snn),
@@ -560,7 +561,8 @@ def result_of(conversion, snn, batches, device, accuracy, counts, seconds):
         "efficiency": eff,
         "energy_models": energy_models.energies(
             snn, eff, counts, images, batches, device, IMAGE_SHAPE, energy_models.Hardware(
-                conversion.settings.weight_bits, conversion.settings.weights_in), level),
+                conversion.settings.weight_bits, conversion.settings.weights_in),
+            qnn_step or level),
     }
 
 
@@ -615,7 +617,8 @@ def print_table(result):
     if reached:
         t, ops, energy = reached
         print(f"{level}: {t} ({ops / 1e3:.0f}k SynOps, "
-              f"{energy / eff['ann_energy_pj']:.2f} × the ANN's energy per image)")
+              f"{energy / eff['ann_energy_pj']:.2f} × the ANN's energy per image, operations "
+              "only)")
     else:
         print(f"{level}: not within {result['timesteps']} steps")
     print("firing rates: " + ", ".join(f"{name} {rate:.3f}"

@@ -58,6 +58,7 @@ from typing import NamedTuple  # noqa: E402
 
 import seeds  # noqa: E402
 import studies  # noqa: E402
+from fronts import pareto_front  # noqa: E402
 from studies import argv_path  # noqa: E402
 
 import energy_models  # noqa: E402
@@ -260,7 +261,7 @@ def summarise_validation(seed_list, per_seed, names):
             "chosen": min(close, key=lambda n: table[n]["energy_uj"]["mean"], default=None),
             "rule": f"the least mean validation energy among the networks within "
                     f"{100 * MARGIN:g} pp of the same seed's ReLU network (paired mean)",
-            "front": [name for _, _, name, _ in seeds.pareto_front(
+            "front": [name for _, _, name, _ in pareto_front(
                 [(e["energy_uj"]["mean"], e["accuracy"]["mean"], n, 1)
                  for n, e in table.items()])]}
 
@@ -324,10 +325,10 @@ def fronts(test, levels_study):
     and along DOMINANCE, each one's best accuracy at that energy."""
     points, old = front_points(test, levels_study)
     plain = [p for p in points if p[2] == unpenalised(p[2])]  # the pairs
-    made = {"without the penalty": seeds.pareto_front(plain),
-            "with the penalty": seeds.pareto_front(points),
-            "levels study": seeds.pareto_front(old),
-            BOTH: seeds.pareto_front(old + points)}
+    made = {"without the penalty": pareto_front(plain),
+            "with the penalty": pareto_front(points),
+            "levels study": pareto_front(old),
+            BOTH: pareto_front(old + points)}
     grid = [round(DOMINANCE[0] + 0.01 * i, 2)
             for i in range(round((DOMINANCE[1] - DOMINANCE[0]) / 0.01) + 1)]
     along = {name: [best_below(front, e) for e in grid] for name, front in made.items()}

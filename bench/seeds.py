@@ -29,11 +29,13 @@ Example:
 
 Writes (into --out-dir, default results/seeds/):
     seed<S>.json       every conversion of one seed, rewritten as each one is done
-    seeds.json         the runs, their summary, the paired differences and the levels
+    seeds.json         the runs, their summary, the paired differences, the levels, the
+                       energies with memory traffic and the fronts (bench/fronts.py)
     seeds.csv          one row per network (or knob) and step
     seeds.png          accuracy per step (mean, +-1 std, min-max) and the paired differences
     seeds_energy.png   mean accuracy against mean energy per image of every network and
-                       conversion, the points no other beats on both joined
+                       conversion, by operations only and with memory traffic, the points no
+                       other beats on both joined
 """
 
 import sys
@@ -46,7 +48,9 @@ import cli  # noqa: E402  (first: see its docstring)
 import math  # noqa: E402
 import statistics  # noqa: E402
 
+import fronts  # noqa: E402
 import studies  # noqa: E402
+from fronts import RELU, RELU_BRAINCOG  # noqa: E402
 from studies import argv_path, training_argv  # noqa: E402
 
 import early_exit  # noqa: E402
@@ -74,7 +78,7 @@ OUT_DIR = Path("results/seeds")
 MARGINS = (0.001, 0.0005)  # "within 0.1 and 0.05 pp of the ReLU ANN"
 OUTPUTS = ("seeds.json", "seeds.csv", "seeds.png", "seeds_energy.png")  # written as one set
 
-RELU, RELU_BRAINCOG, QCFS = "relu", "relu_braincog_reference", "qcfs"  # the networks summarised
+QCFS = "qcfs"  # the networks summarised: RELU, RELU_BRAINCOG and this
 
 # What a cached conversion (a seed<S>.json entry, `convert`'s result and how it was run) must
 # hold, all the way down, to be reused: every field the study reads, of its kind and range.
@@ -296,7 +300,11 @@ def _runs(results):
             "energy_pj": [r["snn_energy_pj"] for r in results],
             "ann_energy_pj": [r["ann_energy_pj"] for r in results],
             AT_ANN_LEVEL_KEY: [r[AT_ANN_LEVEL_KEY] for r in results],
-            "energy_pj_at_ann_level": [r["energy_pj_at_ann_level"] for r in results]}
+            "energy_pj_at_ann_level": [r["energy_pj_at_ann_level"] for r in results],
+            "memory_pj": [r["energy_models"]["snn_memory_pj"] for r in results],
+            "ann_memory_pj": [r["energy_models"]["ann_memory_pj"] for r in results],
+            "qnn_memory_pj": [{str(q["t"]): q["memory_pj"] for q in r["energy_models"]["qnn"]}
+                              for r in results]}
 
 
 def _summary(run, relu_ann=None):
@@ -306,7 +314,11 @@ def _summary(run, relu_ann=None):
     (ann_mean,), (ann_std,), _, _ = _stats([[a] for a in run["ann"]])
     summary = {"ann_mean": ann_mean, "ann_std": ann_std, "snn_mean": mean, "snn_std": std,
                "snn_min": low, "snn_max": high, "energy_pj_mean": _stats(run["energy_pj"])[0],
-               "ann_energy_pj": run["ann_energy_pj"][0]}
+               "ann_energy_pj": run["ann_energy_pj"][0], "memory_pj_mean": _stats(
+                   run["memory_pj"])[0], "ann_memory_pj": statistics.fmean(run["ann_memory_pj"]),
+               "qnn_memory_pj_mean": {t: statistics.fmean(q[t] for q in run["qnn_memory_pj"])
+                                      for t in run["qnn_memory_pj"][0]
+                                      if all(t in q for q in run["qnn_memory_pj"])}}
     reached = {AT_ANN_LEVEL_KEY: run[AT_ANN_LEVEL_KEY],
                "energy_pj_at_ann_level": run["energy_pj_at_ann_level"]}
     for margin in MARGINS if relu_ann else ():
@@ -426,82 +438,6 @@ def plot_study(study, path):
     save_figure(fig, path)
 
 
-ENERGY_STEPS = 16  # steps along each curve of the accuracy-energy figure
-
-
-def energy_points(study):
-    """Every network and conversion's (mean energy per image in µJ, mean accuracy in %, its
-    name, t) for t = 1 .. ENERGY_STEPS, early exit's as t = None, the ANN's as t = 0; and the
-    names of the curves in order."""
-    summary, points = study["summary"], []
-    curves = {"ReLU, default": summary[RELU], "ReLU, BrainCog's reference": summary[RELU_BRAINCOG]}
-    for levels, rules in study["levels"].items():
-        runs = [entry["run"] for entry in rules.values()]
-        for rule, entry in rules.items():  # L = 2: gamma = 2 and gamma = L are one run, one curve
-            shared = runs.count(entry["run"]) > 1
-            if not shared or rule == "gamma = L":
-                curves[f"QCFS {levels}, {rule}" + (" = 2" if shared else "")] = entry
-    for name, entry in curves.items():
-        points += [(energy / 1e6, 100 * accuracy, name, t) for t, (energy, accuracy) in enumerate(
-            zip(entry["energy_pj_mean"], entry["snn_mean"], strict=True), 1) if t <= ENERGY_STEPS]
-    for knob, entry in study["early_exit"].items():
-        network, _, rule = knob.rpartition(": ")  # "qcfs L=4: early exit (...)" or "early exit"
-        points.append((entry["energy_pj_per_image"]["mean"] / 1e6,
-                       100 * entry["test_accuracy"]["mean"],
-                       f"{network.replace('qcfs', 'QCFS') or 'ReLU'}, {rule}", None))
-    points.append((summary[RELU]["ann_energy_pj"] / 1e6, 100 * summary[RELU]["ann_mean"],
-                   "ReLU ANN", 0))
-    return points, list(curves)
-
-
-def pareto_front(points):
-    """The points no other beats on both axes (less energy, more accuracy), by energy."""
-    front, best = [], -1.0
-    for point in sorted(points, key=lambda p: (p[0], -p[1])):
-        if point[1] > best:
-            front.append(point)
-            best = point[1]
-    return front
-
-
-def plot_energy(study, path):
-    """Mean accuracy against mean energy per image of every network and conversion."""
-    points, curves = energy_points(study)
-    fig, ax = plt.subplots(figsize=(12, 7.5))
-    networks = list(dict.fromkeys(name.partition(", ")[0] for name in curves))
-    for name in curves:  # one hue per network: dark for its default conversion, light and
-        network, _, conversion = name.partition(", ")  # dashed for the other
-        other = conversion in ("BrainCog's reference", "gamma = 2")
-        curve = [p for p in points if p[2] == name]
-        ax.plot([p[0] for p in curve], [p[1] for p in curve], marker=".", markersize=4,
-                color=plt.cm.tab20((2 * networks.index(network) + other) % 20),
-                linestyle="--" if other else "-", label=name)
-        for x, y, _, t in curve:
-            if t in (1, 2, 4, 8, 16):
-                ax.annotate(f"{t}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    for x, y, name, t in points:
-        if t is None or t == 0:  # early exit in its network's hue; the ANN in gold
-            network = name.partition(", ")[0]
-            color = plt.cm.tab20(2 * networks.index(network)) if t is None else "gold"
-            ax.plot(x, y, marker="X" if t is None else "*", markersize=11 if t is None else 15,
-                    linestyle="none", color=color, markeredgecolor="k", label=name)
-    front = pareto_front(points)
-    ax.plot([p[0] for p in front], [p[1] for p in front], color="k", linewidth=2, alpha=0.5,
-            zorder=0, label="no other point has both less energy and more accuracy")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(plt.matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.set_xlabel("estimated energy per image, mean over the seeds (µJ; memory traffic ignored)")
-    ax.set_ylabel("test accuracy, mean over the seeds (%)")
-    top = max(p[1] for p in points)
-    ax.set_ylim(top - 3, top + 0.3)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
-    ax.set_title(f"Accuracy against energy over {len(study['seeds'])} seeds: each curve a "
-                 f"network and conversion after t = 1 .. {ENERGY_STEPS} steps (numbers: t)",
-                 fontsize=10)
-    save_figure(fig, path)
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -541,15 +477,14 @@ def main(argv=None):
         study = summarise(args.seeds, {seed: results[seed]() for seed in args.seeds},
                           args.timesteps) | {"threads": args.threads,
                                              "task_seconds": tasks.seconds}
-        study["pareto_front"] = [{"name": name, "t": t, "energy_uj": energy, "accuracy": accuracy}
-                                 for energy, accuracy, name, t in pareto_front(
-                                     energy_points(study)[0])]
+        made = fronts.fronts(study)
+        study["pareto_front"], study["memory_pareto_front"] = made["operations"], made["memory"]
         with cli.file_set(args.out_dir) as files:
             json_file, csv_file, figure, energy_figure = (files.path(name) for name in OUTPUTS)
             write_json(json_file, study)
             write_csv(csv_file, table_rows(study))
             plot_study(study, figure)
-            plot_energy(study, energy_figure)
+            fronts.plot_energy(study, energy_figure)
         print_summary(study)
         print(f"wrote {cli.and_list(OUTPUTS)} in {args.out_dir}")
         return study

@@ -122,6 +122,30 @@ def test_given_exit_threshold_skips_the_search(trained, tmp_path):
     assert record["deadline"] == 8  # --timesteps, unless --exit-deadline
 
 
+@pytest.mark.parametrize("rule, threshold, step", [("confidence", "0.05", 1),
+                                                  ("margin", "1e9", 8)])
+def test_early_exits_energy_with_memory_traffic_is_a_fixed_runs_of_its_steps(
+        trained, tmp_path, rule, threshold, step):
+    """Every image stops at t = 1 (of 10 classes, one has at least 0.1 of the softmax), or none
+    before T = 8: early exit then costs, with memory traffic, what a fixed run of that many
+    steps costs; its QNN is the one of the fixed T that reaches its accuracy."""
+    record = _early_exit_run(trained, tmp_path / "exit", "--exit-rule", rule, "--exit-threshold",
+                             threshold)
+    assert record["mean_steps"] == step
+
+    def fixed(steps):  # the last step's QNN is always run
+        return lenet_convert.main(["--checkpoint", str(trained), "--limit", "300", "--timesteps",
+                                   str(steps), "--data-dir", str(DATA), "--out-dir",
+                                   str(tmp_path / str(steps))])["energy_models"]
+    models = fixed(step)
+    assert record["memory_pj_per_image"] == pytest.approx(models["snn_memory_pj"][-1], rel=1e-9)
+    assert record["over_ann_memory"] == pytest.approx(models["snn_over_ann_memory"][-1], rel=1e-9)
+    qnn = fixed(record["fixed_timesteps"])["qnn"][-1]
+    assert record["qnn_memory_pj"] == qnn["memory_pj"]
+    assert record["over_qnn_memory"] == pytest.approx(
+        record["memory_pj_per_image"] / qnn["memory_pj"])
+
+
 def test_early_exit_without_a_validation_split_fails_before_simulating(trained, tmp_path, capsys):
     checkpoint = torch.load(trained, weights_only=True)
     del checkpoint["args"]["val_size"]

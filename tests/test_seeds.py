@@ -12,6 +12,7 @@ import lenet_convert
 
 sys.path.insert(0, str(ROOT / "bench"))
 
+import fronts  # noqa: E402
 import seeds  # noqa: E402
 import studies  # noqa: E402
 
@@ -67,6 +68,11 @@ def test_the_energies_with_memory_traffic_are_summarised_over_the_seeds(study):
         sum(q["snn_over_qnn_memory"] for q in per_seed_qnn) / 2)
     assert first["snn_compute_uj"]["per_seed"] == pytest.approx(
         [run["qcfs L=8: as given"]["snn_energy_pj"][0] / 1e6 for run in per_seed])
+    factors = [q["break_even_factor_by_layer"] for q in per_seed_qnn]  # and layer by layer
+    assert set(factors[0]) <= set(first["by_layer"])
+    for layer in factors[0]:
+        assert first["by_layer"][layer]["break_even_factor"]["per_seed"] == [
+            f[layer] for f in factors]
 
 
 def test_early_exit_and_levels_are_summarised_per_seed(study):
@@ -99,9 +105,25 @@ def test_pareto_front_table_and_figures(study):
     front = saved["pareto_front"]
     assert all(a["energy_uj"] <= b["energy_uj"] and a["accuracy"] < b["accuracy"]
                for a, b in zip(front, front[1:], strict=False))  # each buys accuracy
-    points = seeds.energy_points(saved)[0]
+    points = fronts.energy_points(saved)[0]
     assert not any(p[0] <= f["energy_uj"] and p[1] > f["accuracy"] for f in front
                    for p in points)  # no point beats a front point on both axes
+    memory_front = saved["memory_pareto_front"]
+    memory_points = fronts.energy_points(saved, "memory")[0]
+    assert not any(p[0] <= f["memory_uj"] and p[1] > f["accuracy"] for f in memory_front
+                   for p in memory_points)
+    ann = saved["summary"]["relu"]
+    for point in front + memory_front:  # the three ratios of each point, of the means
+        assert point["over_ann_compute"] == pytest.approx(
+            1e6 * point["energy_uj"] / ann["ann_energy_pj"])
+        assert point["over_ann_memory"] == pytest.approx(
+            1e6 * point["memory_uj"] / ann["ann_memory_pj"])
+        if point["t"] == 1:  # every seed ran the QNN of step 1
+            assert point["over_qnn_memory"] > 0
+    early = [p for p in memory_points if p[3] is None]
+    assert {p[2] for p in early} == {"ReLU, early exit (margin)", "QCFS L=8, early exit (margin)"}
+    exit_ = saved["early_exit"]["early exit (margin)"]
+    assert exit_["memory_pj_per_image"]["mean"] / 1e6 in [p[0] for p in early]
     rows = list(csv.DictReader((tmp / "out" / "seeds.csv").open()))
     assert len(rows) == 4 * (3 + 4 + len(saved["paired"]))
     for name in ("seeds.png", "seeds_energy.png"):

@@ -84,6 +84,7 @@ QCFS = "qcfs"  # the networks summarised: RELU, RELU_BRAINCOG and this
 # hold, all the way down, to be reused: every field the study reads, of its kind and range.
 FRACTION, AMOUNT = Number(0, 1), Number(0, math.inf)  # an accuracy; SynOps, pJ, seconds
 STEP, IMAGES = Number(1, MAX_TIMESTEPS, integer=True), Number(1, TEST_IMAGES, integer=True)
+PER_LAYER = lambda v: isinstance(v, dict) and all(AMOUNT(x) for x in v.values())  # noqa: E731
 CACHED = {
     "run": {"checkpoint_sha256": lambda v: isinstance(v, str),
             "settings": lambda v: isinstance(v, dict) and set(v) <= set(Settings._fields),
@@ -97,7 +98,12 @@ CACHED = {
     "synops_by_layer": lambda v: isinstance(v, dict) and all(
         cli.conforms(x, [AMOUNT]) for x in v.values()),
     "energy_models": {"snn_memory_pj": [AMOUNT], "ann_memory_pj": AMOUNT,
-                      "qnn": lambda v: isinstance(v, list) and bool(v)},
+                      "snn_over_ann_compute": [AMOUNT], "snn_over_ann_memory": [AMOUNT],
+                      "qnn": [{"t": STEP, "memory_pj": AMOUNT, "snn_over_qnn_memory": AMOUNT,
+                               "spike_rate": AMOUNT,
+                               "break_even_spike_rate": AMOUNT._replace(empty=True),
+                               **dict.fromkeys(("memory_by_layer_pj", "snn_memory_by_layer_pj",
+                                                "break_even_factor_by_layer"), PER_LAYER)}]},
 }
 CACHED_EARLY_EXIT = dict.fromkeys(early_exit.SUMMARY_KEYS, AMOUNT) | {
     "deadline": STEP, "fixed_timesteps": STEP, "mean_steps": Number(1, MAX_TIMESTEPS),
@@ -227,10 +233,13 @@ def _result(entry):
     if not cli.conforms(entry, CACHED):
         return False
     steps = entry["run"]["timesteps"]
+    models = entry["energy_models"]
     per_step = [entry["snn_accuracy"], entry["snn_energy_pj"], *entry["synops_by_layer"].values(),
-                entry["energy_models"]["snn_memory_pj"]]
+                *(models[key] for key in ("snn_memory_pj", "snn_over_ann_compute",
+                                          "snn_over_ann_memory"))]
     exits = entry["settings"]["exit_rule"] != "none"
     return (all(len(values) == steps for values in per_step)
+            and {1, entry[AT_ANN_LEVEL_KEY] or 1} <= {q["t"] for q in models["qnn"]}
             and (entry[AT_ANN_LEVEL_KEY] or 0) <= steps and exits == ("early_exit" in entry)
             and (not exits or cli.conforms(entry["early_exit"], CACHED_EARLY_EXIT)))
 

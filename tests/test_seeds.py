@@ -216,8 +216,8 @@ def _at(path, value):
         *outer, last = path.split("/")
         table = entry
         for key in outer:
-            table = table[key]
-        table[last] = value
+            table = table[int(key) if isinstance(table, list) else key]
+        table[int(last) if isinstance(table, list) else last] = value
         return entry
     return change
 
@@ -228,10 +228,18 @@ DEEP = ["run", "run/settings", "run/timesteps", "run/limit", "run/batch_size",
         "run/checkpoint_sha256", "settings", "settings/gamma", "settings/exit_rule",
         "settings/levels", "ann_accuracy", "snn_accuracy", "snn_energy_pj", "ann_energy_pj",
         lenet_convert.AT_ANN_LEVEL_KEY, "energy_pj_at_ann_level", "synops_by_layer",
-        "synops_by_layer/act1", "test_images", "checkpoint"]
+        "synops_by_layer/act1", "test_images", "checkpoint", "energy_models",
+        "energy_models/snn_memory_pj", "energy_models/ann_memory_pj",
+        "energy_models/snn_over_ann_compute", "energy_models/snn_over_ann_memory",
+        "energy_models/qnn", "energy_models/qnn/0", "energy_models/qnn/0/t",
+        "energy_models/qnn/0/memory_pj", "energy_models/qnn/0/spike_rate",
+        "energy_models/qnn/0/memory_by_layer_pj", "energy_models/qnn/0/break_even_factor_by_layer"]
+PER_LAYER_TABLES = ("energy_models/qnn/0/memory_by_layer_pj",  # a table of one layer "a" is one
+                    "energy_models/qnn/0/break_even_factor_by_layer")
 SPOILED_ENTRIES = [(GIVEN_KEY, _at(key, bad)) for key in DEEP
                    for bad in ([1], "x", 10**400, float("nan"), -1, {"a": 1})
-                   if not (key in ("run/checkpoint_sha256", "checkpoint") and bad == "x")]
+                   if not (key in ("run/checkpoint_sha256", "checkpoint") and bad == "x")
+                   and not (key in PER_LAYER_TABLES and bad == {"a": 1})]
 SPOILED_ENTRIES += [
     (GIVEN_KEY, _at("snn_accuracy", [0.5])),  # fewer steps than it was run for
     (GIVEN_KEY, _at("run/settings", {"gamma": 2, "new_knob": 1})),
@@ -240,6 +248,8 @@ SPOILED_ENTRIES += [
     (EXIT_KEY, _at("early_exit/fixed_seconds", 0)),  # a time ratio divides by it
     (EXIT_KEY, _at("early_exit/mean_steps", None)),
     (EXIT_KEY, _at("early_exit", [1])),
+    (EXIT_KEY, _at("early_exit/memory_pj_per_image", None)),  # from before early exit had it
+    (GIVEN_KEY, _at("energy_models/qnn/0/t", 2)),  # no QNN of step 1 left: the study reads it
 ]
 
 

@@ -40,6 +40,7 @@ Example:
 Writes (into --out-dir, default results/energy/):
     seed<S>.json   one seed's networks on validation and their conversions, as each is done
     energy.json    the runs, the validation summary and choice, the test summary, the fronts
+                   (each point with its energy with memory traffic and the SNN's three ratios)
     energy.csv     one row per conversion and step
     energy.png     mean test accuracy against mean energy per image, with the fronts
 """
@@ -58,7 +59,7 @@ from typing import NamedTuple  # noqa: E402
 
 import seeds  # noqa: E402
 import studies  # noqa: E402
-from fronts import pareto_front  # noqa: E402
+from fronts import pareto_front, with_ratios  # noqa: E402
 from studies import argv_path  # noqa: E402
 
 import energy_models  # noqa: E402
@@ -289,7 +290,8 @@ def summarise_test(seed_list, per_seed, relu_ann, ann_energy_pj):
             {key: results}, lenet_convert.AT_ANN_LEVEL_KEY).get(key)
         if "early_exit" in results[0]:
             entry["early_exit"] = {k: stats([r["early_exit"][k] for r in results])
-                                   for k in ("test_accuracy", "mean_steps", "energy_pj_per_image")}
+                                   for k in ("test_accuracy", "mean_steps", "energy_pj_per_image",
+                                             "memory_pj_per_image", "qnn_memory_pj")}
         entry["meets_target_at"] = next(
             (t for t in range(1, min(TARGET_STEPS, len(entry["snn_mean"])) + 1)
              if entry["snn_mean"][t - 1] >= statistics.fmean(relu_ann) - MARGIN
@@ -332,8 +334,24 @@ def fronts(test, levels_study):
     grid = [round(DOMINANCE[0] + 0.01 * i, 2)
             for i in range(round((DOMINANCE[1] - DOMINANCE[0]) / 0.01) + 1)]
     along = {name: [best_below(front, e) for e in grid] for name, front in made.items()}
-    return ({name: [{"name": n, "t": t, "energy_uj": e, "accuracy": a} for e, a, n, t in front]
-             for name, front in made.items()}, {"energy_uj": grid} | along)
+    given = {(f"levels study: {p['name']}", p["t"]): p for p in levels_study}
+    return ({name: [given.get((n, t)) or front_point(test[n], n, t, a)
+                    for _, a, n, t in front] for name, front in made.items()},
+            {"energy_uj": grid} | along)
+
+
+def front_point(entry, name, t, accuracy):
+    """A point of this study's fronts: network `name` after `t` steps (None: early exit), with
+    its energies and the SNN's three ratios (by operations and with memory traffic)."""
+    if t is None:
+        exit_ = entry["early_exit"]
+        energy, memory, qnn = (exit_[k]["mean"] for k in (
+            "energy_pj_per_image", "memory_pj_per_image", "qnn_memory_pj"))
+    else:
+        energy, memory = entry["energy_pj_mean"][t - 1], entry["memory_pj_mean"][t - 1]
+        qnn = entry["qnn_memory_pj_mean"].get(str(t))
+    return with_ratios({"name": name, "t": t, "accuracy": accuracy}, energy, memory, qnn,
+                       entry["ann_energy_pj"], entry["ann_memory_pj"])
 
 
 def table_rows(test):

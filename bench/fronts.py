@@ -48,6 +48,18 @@ def pareto_front(points):
     return front
 
 
+def with_ratios(point, energy, memory, qnn, ann_energy, ann_memory):
+    """A front `point` ({name, t, accuracy}) with its energies per image in µJ (`energy` by
+    operations, `memory` with memory traffic, in pJ) and the SNN's three ratios: to the float
+    ANN (`ann_energy`, `ann_memory`) both ways, and to its bit-matched QNN (`qnn`, with memory
+    traffic); None where a figure is not known."""
+    known = memory is not None
+    return point | {"energy_uj": energy / 1e6, "memory_uj": memory / 1e6 if known else None,
+                    "over_ann_compute": energy / ann_energy,
+                    "over_ann_memory": memory / ann_memory if known else None,
+                    "over_qnn_memory": memory / qnn if known and qnn else None}
+
+
 def fronts(study):
     """The front by each of MEASURES, each point with its energies and the SNN's three ratios
     (of the means over the seeds): to the float ANN by operations and with memory traffic, and
@@ -69,11 +81,9 @@ def fronts(study):
                 entry = curves[name]
                 energy, memory = entry["energy_pj_mean"][t - 1], entry["memory_pj_mean"][t - 1]
                 qnn = entry["qnn_memory_pj_mean"].get(str(t))
-            made[measure].append({
-                "name": name, "t": t, "accuracy": accuracy, "energy_uj": energy / 1e6,
-                "memory_uj": memory / 1e6, "over_ann_compute": energy / ann["ann_energy_pj"],
-                "over_ann_memory": memory / ann["ann_memory_pj"],
-                "over_qnn_memory": None if qnn is None else memory / qnn})
+            made[measure].append(with_ratios({"name": name, "t": t, "accuracy": accuracy},
+                                             energy, memory, qnn, ann["ann_energy_pj"],
+                                             ann["ann_memory_pj"]))
     return made
 
 

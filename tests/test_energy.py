@@ -100,6 +100,17 @@ def test_the_fronts_take_every_point_and_the_old_front_is_kept(sweep):
     assert all(p["name"].startswith("L=2, w=0:") for p in fronts["without the penalty"])
     for old, new in zip(along["levels study"], along["levels study and this one"], strict=True):
         assert old is None or new >= old  # one front of more points is never below
+    own = fronts["with the penalty"]  # this study's points: their energies and three ratios
+    for point in own:
+        entry = saved["test"][point["name"]]
+        t = point["t"]
+        memory = (entry["early_exit"]["memory_pj_per_image"]["mean"] if t is None
+                  else entry["memory_pj_mean"][t - 1])
+        assert point["memory_uj"] == pytest.approx(memory / 1e6)
+        assert point["over_ann_compute"] == pytest.approx(
+            1e6 * point["energy_uj"] / saved["ann_energy_pj"])
+        assert point["over_ann_memory"] == pytest.approx(memory / entry["ann_memory_pj"])
+    assert any(p["t"] == 1 and p["over_qnn_memory"] > 0 for p in own)
 
 
 def test_a_rerun_reuses_every_network_and_conversion(sweep, capsys):

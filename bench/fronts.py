@@ -31,11 +31,16 @@ def energy_points(study, measure="operations"):
         points += [(energy / 1e6, 100 * accuracy, name, t) for t, (energy, accuracy) in enumerate(
             zip(entry[curve_key], entry["snn_mean"], strict=True), 1) if t <= ENERGY_STEPS]
     for knob, entry in study["early_exit"].items():
-        network, _, rule = knob.rpartition(": ")  # "qcfs L=4: early exit (...)" or "early exit"
         points.append((entry[exit_key]["mean"] / 1e6, 100 * entry["test_accuracy"]["mean"],
-                       f"{network.replace('qcfs', 'QCFS') or 'ReLU'}, {rule}", None))
+                       exit_name(knob), None))
     points.append((summary[RELU][ann_key] / 1e6, 100 * summary[RELU]["ann_mean"], "ReLU ANN", 0))
     return points, curves
+
+
+def exit_name(knob):
+    """The name a point of early exit gets, from its knob in the study's early_exit."""
+    network, _, rule = knob.rpartition(": ")  # "qcfs L=4: early exit (...)" or "early exit"
+    return f"{network.replace('qcfs', 'QCFS') or 'ReLU'}, {rule}"
 
 
 def pareto_front(points):
@@ -66,14 +71,12 @@ def fronts(study):
     to the bit-matched QNN with memory traffic (early exit: the QNN of the fixed T reaching its
     accuracy; None where that step's QNN was not run on every seed, and for the ANN)."""
     curves, ann, made = energy_points(study)[1], study["summary"][RELU], {}
+    exits = {exit_name(knob): entry for knob, entry in study["early_exit"].items()}
     for measure in MEASURES:
         made[measure] = []
         for _, accuracy, name, t in pareto_front(energy_points(study, measure)[0]):
-            if t is None:  # early exit, named as energy_points names it
-                network, _, rule = name.partition(", ")
-                e = study["early_exit"][("" if network == "ReLU" else network.replace(
-                    "QCFS", "qcfs") + ": ") + rule]
-                energy, memory, qnn = (e[k]["mean"] for k in (
+            if t is None:  # early exit
+                energy, memory, qnn = (exits[name][k]["mean"] for k in (
                     "energy_pj_per_image", "memory_pj_per_image", "qnn_memory_pj"))
             elif t == 0:
                 energy, memory, qnn = ann["ann_energy_pj"], ann["ann_memory_pj"], None
